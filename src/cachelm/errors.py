@@ -1,0 +1,41 @@
+"""The exceptions cachelm raises.
+
+Every error derives from one root, so ``except CacheLMError`` catches them all::
+
+    CacheLMError
+     ├── ConfigError        bad argument or setting (also a ValueError)
+     ├── BackendError       a store, index or tier failed (server down, timeout, disk full)
+     ├── IntegrityError     a stored record failed its checksum or could not be decrypted
+     ├── TenantError        unknown tenant, bad API key, or an access across tenants
+     └── CheckpointError    a model or fuser checkpoint does not match what it is loaded into
+
+Backend libraries' own exceptions (``redis.ConnectionError``, ``sqlite3.OperationalError``…) are translated
+into ``BackendError`` at one boundary: the backend module that called them. On the serving path a
+``BackendError`` becomes a miss plus a counter, never a failed request.
+"""
+
+from __future__ import annotations
+
+
+class CacheLMError(Exception):
+    """Root of every cachelm exception."""
+
+
+class ConfigError(CacheLMError, ValueError):
+    """An argument or setting is invalid; the message names it in backticks and shows the bad value."""
+
+
+class BackendError(CacheLMError):
+    """A backend (store, vector index, KV tier, upstream) failed to answer."""
+
+
+class IntegrityError(CacheLMError):
+    """A stored record is corrupt: checksum mismatch, truncated payload, or failed decryption."""
+
+
+class TenantError(CacheLMError):
+    """A request names an unknown tenant, presents a bad key, or reaches across tenants."""
+
+
+class CheckpointError(CacheLMError):
+    """A checkpoint does not belong to the models or configuration it is loaded into."""

@@ -1,0 +1,263 @@
+"""Cache keys: canonical request fingerprints, semantic context keys, and chained KV block hashes.
+
+Response keys
+-------------
+A response key is SHA-256 over a canonical encoding of
+
+    (KEY_SCHEMA_VERSION, tenant salt, endpoint, model revision, every answer-changing request field)
+
+The canonical encoding is JSON with sorted keys, no insignificant whitespace, and numbers normalised
+(``1``, ``1.0`` and ``1e0`` encode the same; ``True`` stays a boolean). Text is hashed exactly as sent:
+whitespace is *not* normalised, because a changed space can change a model's answer.
+
+Which fields change the answer? Every field of the request does, except those in ``IGNORED_FIELDS``
+(transport and bookkeeping: ``stream``, ``user``, ``metadata``…). Unknown fields are therefore part of the
+key: a new upstream parameter can cost a hit but can never serve a wrong answer. Fields absent from the
+request and fields sent with their documented default (``DEFAULTS``) give the same key.
+
+Keys never contain raw text: only the digest leaves this module.
+
+KV block keys
+-------------
+``chain_block_hashes`` splits token ids into full blocks and hashes each block together with its parent's
+hash, the model fingerprint (id, revision, dtype) and the tenant salt, so equal hashes mean equal prefixes
+of the same model for the same tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NewType
+
+from cachelm.errors import ConfigError
+
+KEY_SCHEMA_VERSION = 1
+
+# Fields that never change the answer. Everything else in a request is part of its key.
+IGNORED_FIELDS: frozenset[str] = frozenset(
+    {
+        "stream",  # a cached answer can be replayed either way
+        "stream_options",
+        "user",  # identity is carried by the tenant salt, not the request body
+        "metadata",
+        "store",
+        "service_tier",
+        "timeout",
+        "extra_headers",
+        "extra_query",
+        "extra_body",
+        "cache",  # cachelm's own per-request cache control
+    }
+)
+
+# A field sent with its default value keys the same as an absent field (OpenAI's documented defaults).
+DEFAULTS: Mapping[str, Any] = {
+    "temperature": 1,
+    "top_p": 1,
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": False,
+    "parallel_tool_calls": True,
+}
+
+# The answer-changing fields cachelm knows by name (documentation and tests; the key uses all fields).
+ANSWER_CHANGING_FIELDS: tuple[str, ...] = (
+    "model",
+    "messages",
+    "prompt",
+    "suffix",
+    "input",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "reasoning_effort",
+    "echo",
+    "best_of",
+    "dimensions",
+    "encoding_format",
+)
+
+BlockHash = NewType("BlockHash", bytes)
+
+
+def _normalise(value: Any, path: str) -> Any:
+    """Return `value` in canonical form: integral floats become ints, mappings get string keys."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"`{path}` must be a finite number, got {value!r}")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"`{path}` keys must be strings, got {k!r}")
+            out[k] = _normalise(v, f"{path}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_normalise(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"`{path}` must be JSON-serialisable, got {type(value).__name__}")
+
+
+def canonical_json(value: Any) -> bytes:
+    """Encode `value` as canonical JSON bytes (sorted keys, compact, normalised numbers, UTF-8)."""
+    return json.dumps(
+        _normalise(value, "value"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def canonical_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer-changing part of `request`, normalised: ignored fields and default values removed."""
+    if not isinstance(request, Mapping):
+        raise ConfigError(f"`request` must be a mapping, got {type(request).__name__}")
+    out: dict[str, Any] = {}
+    for field, value in request.items():
+        if field in IGNORED_FIELDS or value is None:
+            continue
+        norm = _normalise(value, field)
+        if field in DEFAULTS and norm == DEFAULTS[field] and type(norm) is type(DEFAULTS[field]):
+            continue
+        out[field] = norm
+    return out
+
+
+def tenant_salt(tenant_id: str, secret: bytes = b"") -> bytes:
+    """A per-tenant salt: HMAC-SHA256(secret, tenant_id). Equal requests of two tenants never share a key."""
+    if not isinstance(tenant_id, str) or not tenant_id:
+        raise ConfigError(f"`tenant_id` must be a non-empty string, got {tenant_id!r}")
+    return hmac.new(secret, tenant_id.encode(), hashlib.sha256).digest()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        # Length-prefix each part so no two different part lists encode the same bytes.
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def request_key(
+    request: Mapping[str, Any],
+    *,
+    tenant_salt: bytes,
+    endpoint: str = "chat.completions",
+    model_revision: str = "",
+) -> str:
+    """The response key (64 hex chars) of `request` for one tenant, endpoint and model revision."""
+    body = canonical_json(canonical_request(request))
+    return _digest(
+        str(KEY_SCHEMA_VERSION).encode(), tenant_salt, endpoint.encode(), model_revision.encode(), body
+    )
+
+
+def is_sampled(request: Mapping[str, Any]) -> bool:
+    """True when `request` samples (temperature > 0, default 1): its answer is not unique."""
+    temperature = request.get("temperature", DEFAULTS["temperature"])
+    return temperature is None or float(temperature) > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SemanticQuery:
+    """A chat request split for semantic matching: free text to embed, and an exact key for the rest."""
+
+    text: str  # the last user turn, the only part matched by meaning
+    context_key: str  # digest of everything else: system prompt, earlier turns, model, parameters
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multi-part content: keep the text parts only
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return ""
+
+
+def semantic_query(
+    request: Mapping[str, Any], *, tenant_salt: bytes, endpoint: str = "chat.completions"
+) -> SemanticQuery | None:
+    """Split `request` into its last user turn and a context key; None when it has no user turn."""
+    canon = canonical_request(request)
+    messages = canon.get("messages")
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        if not isinstance(last, Mapping) or last.get("role") != "user":
+            return None
+        context = dict(canon, messages=[*messages[:-1], {"role": "user", "content": None}])
+        text = _message_text(last)
+    elif isinstance(canon.get("prompt"), str):
+        context = dict(canon, prompt=None)
+        text = canon["prompt"]
+    else:
+        return None
+    key = _digest(
+        b"semantic", str(KEY_SCHEMA_VERSION).encode(), tenant_salt, endpoint.encode(), canonical_json(context)
+    )
+    return SemanticQuery(text=text, context_key=key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFingerprint:
+    """What makes one model's KV cache different from another's."""
+
+    model_id: str
+    revision: str = ""
+    dtype: str = ""
+
+    def encode(self) -> bytes:
+        return canonical_json([self.model_id, self.revision, self.dtype])
+
+
+def hash_block(
+    parent: BlockHash | None, token_ids: Sequence[int], *, model: ModelFingerprint, tenant_salt: bytes
+) -> BlockHash:
+    """SHA-256 of (parent hash, block token ids, model fingerprint, tenant salt)."""
+    h = hashlib.sha256()
+    h.update(parent if parent is not None else b"\x00" * 32)
+    h.update(model.encode())
+    h.update(tenant_salt)
+    h.update(len(token_ids).to_bytes(4, "big"))
+    for token_id in token_ids:
+        h.update(int(token_id).to_bytes(4, "big"))
+    return BlockHash(h.digest())
+
+
+def chain_block_hashes(
+    token_ids: Sequence[int], block_size: int, *, model: ModelFingerprint, tenant_salt: bytes
+) -> list[BlockHash]:
+    """Chained hashes of the full blocks of `token_ids` (a trailing partial block is not hashed)."""
+    if block_size <= 0:
+        raise ConfigError(f"`block_size` must be > 0, got {block_size!r}")
+    hashes: list[BlockHash] = []
+    parent: BlockHash | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(
+            parent, token_ids[start : start + block_size], model=model, tenant_salt=tenant_salt
+        )
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,210 @@
+"""The record store interface every backend implements (memory, SQLite, Redis, PostgreSQL).
+
+A store maps a key (a hex digest from `cachelm.keys`) to a `Record`: an opaque value plus the metadata that
+invalidation needs (tenant, user, tags, model, timestamps). Contract, tested once for every backend in
+``tests/contract/test_store_contract.py``:
+
+- ``get`` of a missing, expired or corrupt record returns ``None`` (a miss), never raises for those cases;
+  a corrupt record also increments ``stats.corrupt_reads`` and is deleted.
+- ``get`` increments the record's hit count (``Record.hits``) and returns the record as stored before the hit.
+- ``put`` replaces any record under the same key, atomically: a reader sees the old or the new record.
+- ``purge(Match(...))`` deletes every record that matches all given fields and returns how many it deleted.
+- A backend failure (server down, timeout, disk full) raises ``BackendError``; callers on the serving path
+  turn it into a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+from cachelm.clock import Clock, wall_clock
+from cachelm.errors import ConfigError
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Record:
+    """One cached value and its metadata. `value` is opaque bytes (possibly encrypted)."""
+
+    key: str
+    value: bytes
+    tenant: str = DEFAULT_TENANT
+    user: str = ""
+    tags: frozenset[str] = frozenset()
+    model: str = ""
+    created: float = 0.0  # wall-clock seconds
+    expires: float | None = None  # wall-clock seconds; None never expires
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ConfigError(f"`key` must be a non-empty string, got {self.key!r}")
+        if not isinstance(self.value, bytes):
+            raise ConfigError(f"`value` must be bytes, got {type(self.value).__name__}")
+        if not isinstance(self.tenant, str) or not self.tenant:
+            raise ConfigError(f"`tenant` must be a non-empty string, got {self.tenant!r}")
+        if not isinstance(self.tags, frozenset):
+            object.__setattr__(self, "tags", frozenset(self.tags))
+        if self.expires is not None and self.expires < self.created:
+            raise ConfigError(f"`expires` ({self.expires}) is before `created` ({self.created})")
+
+    @property
+    def size(self) -> int:
+        """Bytes of the value (metadata not counted)."""
+        return len(self.value)
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
+    def with_hits(self, hits: int) -> Record:
+        return replace(self, hits=hits)
+
+    def meta_json(self) -> str:
+        """The metadata (everything but key, value and hits) as canonical JSON; backends persist it."""
+        return json.dumps(
+            {
+                "tenant": self.tenant,
+                "user": self.user,
+                "tags": sorted(self.tags),
+                "model": self.model,
+                "created": self.created,
+                "expires": self.expires,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def checksum(self) -> bytes:
+        """SHA-256 over key, metadata and value; a reader that recomputes a different one saw corruption."""
+        h = hashlib.sha256()
+        for part in (self.key.encode(), self.meta_json().encode(), self.value):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        return h.digest()
+
+
+def record_from_meta(key: str, value: bytes, meta_json: str, hits: int = 0) -> Record:
+    """Rebuild a record from what `Record.meta_json` wrote. Raises ValueError/KeyError on malformed input."""
+    meta = json.loads(meta_json)
+    return Record(
+        key=key,
+        value=value,
+        tenant=meta["tenant"],
+        user=meta["user"],
+        tags=frozenset(meta["tags"]),
+        model=meta["model"],
+        created=float(meta["created"]),
+        expires=None if meta["expires"] is None else float(meta["expires"]),
+        hits=hits,
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Match:
+    """A filter over record metadata; unset fields match anything. All set fields must match."""
+
+    tenant: str | None = None
+    user: str | None = None
+    tag: str | None = None
+    model: str | None = None
+    created_before: float | None = None  # wall-clock seconds: "older than"
+
+    def matches(self, record: Record) -> bool:
+        return (
+            (self.tenant is None or record.tenant == self.tenant)
+            and (self.user is None or record.user == self.user)
+            and (self.tag is None or self.tag in record.tags)
+            and (self.model is None or record.model == self.model)
+            and (self.created_before is None or record.created < self.created_before)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.tenant, self.user, self.tag, self.model, self.created_before))
+
+
+@dataclass(kw_only=True)
+class StoreStats:
+    """Counters a store keeps about itself (process-local)."""
+
+    corrupt_reads: int = 0
+    errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+
+class Store(ABC):
+    """A key → `Record` store. See the module docstring for the contract."""
+
+    url: str = ""
+
+    def __init__(self, *, clock: Clock = wall_clock) -> None:
+        self.clock = clock
+        self.stats = StoreStats()
+
+    @abstractmethod
+    def get(self, key: str) -> Record | None:
+        """The live record under `key`, or None (missing, expired or corrupt). Counts a hit."""
+
+    @abstractmethod
+    def put(self, record: Record) -> None:
+        """Store `record`, replacing any record under its key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete the record under `key`; True if one existed."""
+
+    @abstractmethod
+    def scan(self, where: Match | None = None) -> Iterator[Record]:
+        """Every live record matching `where` (all records when None), in no particular order."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of records stored (expired records not yet collected may be counted)."""
+
+    def peek(self, key: str) -> Record | None:
+        """Like `get`, without counting a hit. Backends may override with a cheaper read."""
+        for record in self.scan():
+            if record.key == key:
+                return record
+        return None
+
+    def purge(self, where: Match) -> int:
+        """Delete every record matching `where`; returns how many were deleted."""
+        if where.empty:
+            raise ConfigError("`where` must set at least one field; use `clear()` to delete everything")
+        return self._delete_many(r.key for r in list(self.scan(where)))
+
+    def clear(self) -> int:
+        """Delete every record; returns how many were deleted."""
+        return self._delete_many(r.key for r in list(self.scan()))
+
+    def expire(self) -> int:
+        """Delete every expired record now (stores also drop them lazily on read)."""
+        now = self.clock()
+        return self._delete_many(r.key for r in list(self._scan_all()) if r.expired(now))
+
+    def _scan_all(self) -> Iterator[Record]:
+        """Every record including expired ones; backends override when `scan` hides them."""
+        return self.scan()
+
+    def _delete_many(self, keys: Iterable[str]) -> int:
+        return sum(1 for key in keys if self.delete(key))
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends need it
+        """Release connections and files. The store must not be used afterwards."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+"""Shared fixtures: real services, GPU skipping, unique namespaces."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.services import RedisServer
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of a real Redis server (shared by tests; isolate with the `namespace` fixture)."""
+    return redis_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A unique key prefix, so tests sharing one Redis or Postgres never see each other's data."""
+    return f"t{uuid.uuid4().hex[:12]}"
