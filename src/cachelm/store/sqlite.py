@@ -1,0 +1,495 @@
+"""The embedded default record store: one SQLite file in WAL mode.
+
+Layout (schema version ``SCHEMA_VERSION``)::
+
+    settings(name PRIMARY KEY, value)          the settings the store was created with (JSON values)
+    records(id INTEGER PRIMARY KEY, key UNIQUE, value BLOB, meta JSON, checksum BLOB, hits,
+            tenant, user, model, created, expires)   indexed copies of the meta fields, for SQL purges
+    tags(tag, rid)                              one row per (tag, record); a trigger deletes a record's rows
+
+Why these choices:
+
+- WAL mode: readers never block the writer and a killed process leaves a consistent database (a transaction
+  is either in the WAL with its commit frame or ignored). ``synchronous=NORMAL`` (the default setting) can
+  lose the last transactions on *power* loss but never on a process crash; ``FULL`` survives power loss.
+- Hit counts are **eventually durable**: ``get`` counts a hit in memory and the counts are written in one
+  batch when ``hit_flush_threshold`` hits are pending, when ``hit_flush_interval_s`` has passed since the last
+  flush (checked on each call), and on ``close``. A hit therefore costs one indexed SELECT, not a write
+  transaction. Reads through this store object (``peek``, ``scan``) include the pending counts; another
+  process sees them after the flush; a crash loses at most the pending counts.
+- One connection per thread: Python's sqlite3 connections must not be used concurrently, and separate
+  connections let WAL serve reads in parallel. Writes from this process are serialised by a lock (SQLite
+  allows one writer anyway), which also orders hit flushes against puts and deletes.
+- Tags live in a side table with a (tag, rid) primary key, so purging a tag is an index range scan and a
+  record's tags are replaced without rewriting JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachelm.clock import Clock, wall_clock
+from cachelm.errors import BackendError, ConfigError
+from cachelm.store.base import Match, Record, Store, record_from_meta
+
+SCHEMA_VERSION = 1
+_SCAN_BATCH = 512  # rows per scan query: bounded memory, and no read transaction held across a generator
+
+_SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS records (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        value BLOB NOT NULL,
+        meta TEXT NOT NULL,
+        checksum BLOB NOT NULL,
+        hits INTEGER NOT NULL DEFAULT 0,
+        tenant TEXT NOT NULL,
+        user TEXT NOT NULL,
+        model TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS records_tenant_user ON records (tenant, user)",
+    "CREATE INDEX IF NOT EXISTS records_user ON records (user)",
+    "CREATE INDEX IF NOT EXISTS records_model ON records (model)",
+    "CREATE INDEX IF NOT EXISTS records_created ON records (created)",
+    "CREATE INDEX IF NOT EXISTS records_expires ON records (expires) WHERE expires IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, rid INTEGER NOT NULL, PRIMARY KEY (tag, rid)) "
+    "WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS tags_rid ON tags (rid)",
+    # A trigger, not a foreign key: foreign keys need a per-connection pragma, triggers always run.
+    "CREATE TRIGGER IF NOT EXISTS records_delete_tags AFTER DELETE ON records "
+    "BEGIN DELETE FROM tags WHERE rid = old.id; END",
+)
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SQLiteSettings:
+    """Settings persisted in the database's `settings` table and restored when it is reopened.
+
+    Arguments passed explicitly when opening override the stored ones (and are stored); the rest are read
+    back from the file, so a store reopened with no arguments behaves as it was created.
+    """
+
+    synchronous: str = "NORMAL"
+    busy_timeout_s: float = 5.0
+    hit_flush_interval_s: float = 1.0
+    hit_flush_threshold: int = 1000
+    max_size_bytes: int | None = None  # a cap on the file; writes past it raise BackendError (SQLITE_FULL)
+    cache_size_kib: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in _SYNCHRONOUS:
+            raise ConfigError(f"`synchronous` must be one of {_SYNCHRONOUS}, got {self.synchronous!r}")
+        for name in ("busy_timeout_s", "hit_flush_interval_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"`{name}` must be a number >= 0, got {value!r}")
+        if not isinstance(self.hit_flush_threshold, int) or self.hit_flush_threshold < 1:
+            raise ConfigError(f"`hit_flush_threshold` must be an int >= 1, got {self.hit_flush_threshold!r}")
+        if self.max_size_bytes is not None and (
+            not isinstance(self.max_size_bytes, int) or self.max_size_bytes < 64 * 1024
+        ):
+            raise ConfigError(
+                f"`max_size_bytes` must be None or an int >= 65536, got {self.max_size_bytes!r}"
+            )
+        if not isinstance(self.cache_size_kib, int) or self.cache_size_kib < 0:
+            raise ConfigError(f"`cache_size_kib` must be an int >= 0, got {self.cache_size_kib!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _backend_error(action: str, path: str, exc: sqlite3.Error) -> BackendError:
+    return BackendError(f"sqlite store {path!r}: {action} failed: {exc}")
+
+
+class SQLiteStore(Store):
+    """Records in one SQLite file (WAL). O(log n) get/put/delete; purge by any `Match` field is one DELETE.
+
+    A corrupt record (checksum mismatch or undecodable metadata) reads as a miss, is deleted, and counts in
+    ``stats.corrupt_reads``. Any ``sqlite3`` error (disk full, unreadable file, lock timeout) raises
+    ``BackendError``. Hit counts are eventually durable (see the module docstring).
+    """
+
+    def __init__(self, path: str | Path, *, clock: Clock = wall_clock, **settings: Any) -> None:
+        super().__init__(clock=clock)
+        unknown = set(settings) - set(SQLiteSettings.field_names())
+        if unknown:
+            raise ConfigError(
+                f"unknown sqlite setting(s) {sorted(unknown)}; known: {list(SQLiteSettings.field_names())}"
+            )
+        SQLiteSettings(**settings)  # validate the explicit ones before touching the file
+        self.path = str(path)
+        if self.path != ":memory:" and Path(self.path).is_dir():
+            raise ConfigError(f"`path` must be a file, got the directory {self.path!r}")
+        self.url = (
+            f"sqlite:///{Path(self.path).resolve()}" if self.path != ":memory:" else "sqlite://:memory:"
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._hits_lock = threading.Lock()
+        self._pending_hits: dict[str, int] = {}
+        self._pending_total = 0
+        self._last_flush = time.monotonic()
+        self._closed = False
+        # Bootstrap with defaults so the first connection can open; the stored settings replace them below.
+        self.settings = SQLiteSettings()
+        self.settings = self._init_schema(settings)
+        self._configure(self._conn())
+
+    # -- connections -------------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE blocks, so a writer
+            # takes the write lock up front instead of failing with SQLITE_BUSY on lock upgrade.
+            conn = sqlite3.connect(
+                self.path, timeout=self.settings.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._configure(conn)
+        except sqlite3.Error as exc:
+            raise _backend_error("open", self.path, exc) from exc
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        s = self.settings
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={s.synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(s.busy_timeout_s * 1000)}")
+        conn.execute(f"PRAGMA cache_size={-s.cache_size_kib}")
+        if s.max_size_bytes is not None:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count={max(1, s.max_size_bytes // page_size)}")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise BackendError(f"sqlite store {self.path!r} is closed")
+            conn = self._connect()
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _init_schema(self, explicit: dict[str, Any]) -> SQLiteSettings:
+        conn = self._conn()
+        try:
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                stored = dict(conn.execute("SELECT name, value FROM settings").fetchall())
+                version = json.loads(stored.pop("schema_version", str(SCHEMA_VERSION)))
+                if version != SCHEMA_VERSION:
+                    conn.execute("ROLLBACK")
+                    raise ConfigError(
+                        f"{self.path!r} has store schema version {version}; "
+                        f"this cachelm reads {SCHEMA_VERSION}"
+                    )
+                values = {k: json.loads(v) for k, v in stored.items() if k in SQLiteSettings.field_names()}
+                values.update(explicit)
+                settings = SQLiteSettings(**values)
+                rows = [("schema_version", json.dumps(SCHEMA_VERSION))]
+                rows += [(name, json.dumps(getattr(settings, name))) for name in SQLiteSettings.field_names()]
+                conn.executemany("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", rows)
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _backend_error("open", self.path, exc) from exc
+        return settings
+
+    # -- reads -------------------------------------------------------------------------------------------
+
+    def _decode(self, row: Sequence[Any]) -> Record | None:
+        """Row (key, value, meta, checksum, hits) → Record, or None when it fails its checksum."""
+        key, value, meta, checksum, hits = row
+        try:
+            record = record_from_meta(key, bytes(value), meta, hits)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return record if record.checksum() == checksum else None
+
+    def _corrupt(self, key: str) -> None:
+        self.stats.add("corrupt_reads")
+        self._delete_quietly(key)
+
+    def get(self, key: str) -> Record | None:
+        try:
+            row = (
+                self._conn()
+                .execute("SELECT key, value, meta, checksum, hits FROM records WHERE key = ?", (key,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            self.stats.add("errors")
+            raise _backend_error("get", self.path, exc) from exc
+        if row is None:
+            return None
+        record = self._decode(row)
+        if record is None:
+            self._corrupt(key)
+            return None
+        if record.expired(self.clock()):
+            self._delete_quietly(key)
+            return None
+        with self._hits_lock:
+            pending = self._pending_hits.get(key, 0)
+            self._pending_hits[key] = pending + 1
+            self._pending_total += 1
+            due = self._flush_due()
+        if due:
+            self.flush_hits(raise_errors=False)
+        return record.with_hits(record.hits + pending) if pending else record
+
+    def peek(self, key: str) -> Record | None:
+        try:
+            row = (
+                self._conn()
+                .execute("SELECT key, value, meta, checksum, hits FROM records WHERE key = ?", (key,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            self.stats.add("errors")
+            raise _backend_error("peek", self.path, exc) from exc
+        if row is None:
+            return None
+        record = self._decode(row)
+        if record is None:
+            self._corrupt(key)
+            return None
+        return None if record.expired(self.clock()) else self._with_pending(record)
+
+    def _with_pending(self, record: Record) -> Record:
+        pending = self._pending_hits.get(record.key, 0)
+        return record.with_hits(record.hits + pending) if pending else record
+
+    def scan(self, where: Match | None = None) -> Iterator[Record]:
+        sql, params = _where_sql(where or Match(), live_at=self.clock())
+        return self._scan(sql, params)
+
+    def _scan_all(self) -> Iterator[Record]:
+        return self._scan("1", [])
+
+    def _scan(self, where_sql: str, params: list[Any]) -> Iterator[Record]:
+        last_id = -1
+        while True:
+            try:
+                rows = (
+                    self._conn()
+                    .execute(
+                        f"SELECT id, key, value, meta, checksum, hits FROM records "
+                        f"WHERE id > ? AND ({where_sql}) ORDER BY id LIMIT {_SCAN_BATCH}",
+                        [last_id, *params],
+                    )
+                    .fetchall()
+                )
+            except sqlite3.Error as exc:
+                self.stats.add("errors")
+                raise _backend_error("scan", self.path, exc) from exc
+            for row in rows:
+                record = self._decode(row[1:])
+                if record is None:
+                    self._corrupt(row[1])
+                    continue
+                yield self._with_pending(record)
+            if len(rows) < _SCAN_BATCH:
+                return
+            last_id = rows[-1][0]
+
+    def __len__(self) -> int:
+        try:
+            return int(self._conn().execute("SELECT count(*) FROM records").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise _backend_error("count", self.path, exc) from exc
+
+    # -- writes ------------------------------------------------------------------------------------------
+
+    def _write(self, action: str, sql_steps: Any) -> Any:
+        """Run `sql_steps(conn)` in one BEGIN IMMEDIATE transaction; on error: roll back, BackendError."""
+        conn = self._conn()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                result = sql_steps(conn)
+                conn.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self.stats.add("errors")
+                raise _backend_error(action, self.path, exc) from exc
+
+    def put(self, record: Record) -> None:
+        if not isinstance(record, Record):
+            raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
+        row = (
+            record.key,
+            record.value,
+            record.meta_json(),
+            record.checksum(),
+            record.hits,
+            record.tenant,
+            record.user,
+            record.model,
+            record.created,
+            record.expires,
+        )
+
+        def steps(conn: sqlite3.Connection) -> None:
+            # An upsert keeps the row id, so the tags of the old record are replaced explicitly below.
+            (rid,) = conn.execute(
+                "INSERT INTO records (key, value, meta, checksum, hits, tenant, user, model, created, "
+                "expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "meta = excluded.meta, checksum = excluded.checksum, hits = excluded.hits, "
+                "tenant = excluded.tenant, user = excluded.user, model = excluded.model, "
+                "created = excluded.created, expires = excluded.expires RETURNING id",
+                row,
+            ).fetchone()
+            conn.execute("DELETE FROM tags WHERE rid = ?", (rid,))
+            if record.tags:
+                conn.executemany("INSERT INTO tags (tag, rid) VALUES (?, ?)", [(t, rid) for t in record.tags])
+
+        with self._write_lock:
+            self._write("put", steps)
+            self._drop_pending(record.key)  # hits counted on the replaced record must not move to the new one
+
+    def _drop_pending(self, key: str) -> None:
+        with self._hits_lock:
+            self._pending_total -= self._pending_hits.pop(key, 0)
+
+    def delete(self, key: str) -> bool:
+        with self._write_lock:
+            deleted = self._write(
+                "delete", lambda conn: conn.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount
+            )
+            self._drop_pending(key)
+        return bool(deleted)
+
+    def _delete_quietly(self, key: str) -> None:
+        """Delete on the read path (expired or corrupt record): a failure leaves it for the next reader."""
+        with contextlib.suppress(BackendError):
+            self.delete(key)
+
+    def purge(self, where: Match) -> int:
+        if not isinstance(where, Match):
+            raise ConfigError(f"`where` must be a Match, got {type(where).__name__}")
+        if where.empty:
+            raise ConfigError("`where` must set at least one field; use `clear()` to delete everything")
+        sql, params = _where_sql(where, live_at=self.clock())
+        return self._delete_where("purge", sql, params)
+
+    def expire(self) -> int:
+        return self._delete_where("expire", "expires IS NOT NULL AND expires <= ?", [self.clock()])
+
+    def clear(self) -> int:
+        now = self.clock()
+
+        def steps(conn: sqlite3.Connection) -> int:
+            live = conn.execute("SELECT count(*) FROM records WHERE expires IS NULL OR expires > ?", (now,))
+            count = int(live.fetchone()[0])
+            conn.execute("DELETE FROM records")
+            return count
+
+        with self._write_lock:
+            self.flush_hits(raise_errors=False)
+            return int(self._write("clear", steps))
+
+    def _delete_where(self, action: str, where_sql: str, params: list[Any]) -> int:
+        with self._write_lock:
+            # Flush first so no pending hit outlives its record and lands on a later record with the same key.
+            self.flush_hits(raise_errors=False)
+            return int(
+                self._write(
+                    action,
+                    lambda conn: conn.execute(f"DELETE FROM records WHERE {where_sql}", params).rowcount,
+                )
+            )
+
+    # -- hit counters ------------------------------------------------------------------------------------
+
+    def _flush_due(self) -> bool:
+        """Called with `_hits_lock` held."""
+        return (
+            self._pending_total >= self.settings.hit_flush_threshold
+            or time.monotonic() - self._last_flush >= self.settings.hit_flush_interval_s
+        )
+
+    def flush_hits(self, *, raise_errors: bool = True) -> int:
+        """Write the pending hit counts now; returns how many hits were written."""
+        with self._write_lock:
+            with self._hits_lock:
+                pending, self._pending_hits = self._pending_hits, {}
+                self._pending_total = 0
+                self._last_flush = time.monotonic()
+            if not pending:
+                return 0
+            try:
+                self._write(
+                    "flush hits",
+                    lambda conn: conn.executemany(
+                        "UPDATE records SET hits = hits + ? WHERE key = ?",
+                        [(n, k) for k, n in pending.items()],
+                    ),
+                )
+            except BackendError:
+                with self._hits_lock:  # keep them for the next flush
+                    for key, n in pending.items():
+                        self._pending_hits[key] = self._pending_hits.get(key, 0) + n
+                        self._pending_total += n
+                if raise_errors:
+                    raise
+                return 0
+            return sum(pending.values())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush_hits(raise_errors=False)
+        finally:
+            self._closed = True
+            with self._connections_lock:
+                connections, self._connections = self._connections, []
+            for conn in connections:
+                conn.close()
+            self._local = threading.local()
+
+
+def _where_sql(where: Match, *, live_at: float | None) -> tuple[str, list[Any]]:
+    """SQL condition over `records` for `where` (and, when `live_at` is set, not expired at that time)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column in ("tenant", "user", "model"):
+        value = getattr(where, column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if where.tag is not None:
+        clauses.append("id IN (SELECT rid FROM tags WHERE tag = ?)")
+        params.append(where.tag)
+    if where.created_before is not None:
+        clauses.append("created < ?")
+        params.append(where.created_before)
+    if live_at is not None:
+        clauses.append("(expires IS NULL OR expires > ?)")
+        params.append(live_at)
+    return (" AND ".join(clauses) or "1"), params
