@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,28 +15,41 @@ from typing import Any
 import pytest
 
 from cachelm.clock import ManualClock
-from cachelm.errors import ConfigError
+from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import request_key, tenant_salt
 from cachelm.metrics import CacheMetrics
 from cachelm.response.exact import CachedResponse, ExactCache, cacheable_response
 from cachelm.store.base import Match, Record, Store
 from cachelm.store.memory import MemoryStore
+from cachelm.store.redis import RedisStore
+from cachelm.store.sqlite import SQLiteStore
 
-T0 = 1_700_000_000.0
+# Near real time: Redis drops records by its own clock (PEXPIREAT), so logical times must not lie in the past.
+T0 = float(int(time.time()))
 
 # Every store the exact cache must work on; each is a real backend.
-STORE_KINDS = ["memory"]
+STORE_KINDS = ["memory", "sqlite", "redis"]
 
 
 @contextlib.contextmanager
 def make_store(kind: str, request: pytest.FixtureRequest, *, clock: ManualClock) -> Iterator[Store]:
+    """A fresh, empty store of `kind` (SQLite in a temporary file, Redis under a unique namespace)."""
+    store: Store
     if kind == "memory":
-        store: Store = MemoryStore(clock=clock)
+        store = MemoryStore(clock=clock)
+    elif kind == "sqlite":
+        tmp = request.getfixturevalue("tmp_path")
+        store = SQLiteStore(tmp / "cache.db", clock=clock)
+    elif kind == "redis":
+        url, ns = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
+        store = RedisStore.from_url(url, namespace=ns, clock=clock)
     else:
         raise AssertionError(kind)
     try:
         yield store
     finally:
+        if kind == "redis":
+            store.clear()
         store.close()
 
 
@@ -200,6 +214,23 @@ def test_bad_arguments_raise_config_errors(cache: ExactCache, store: Store) -> N
         cache.lookup(["not", "a", "mapping"])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="`response`"):
         cache.store(chat("q"), {**answer(chat("q")), "x": float("nan")})
+
+
+def test_a_dead_backend_is_a_miss_and_an_error_count_not_a_failure(clock: ManualClock) -> None:
+    # A real Redis client pointed at a port where nothing listens: every command fails fast.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.2, clock=clock)
+    cache = ExactCache(dead, clock=clock)
+    req = chat("q")
+    assert cache.lookup(req) is None
+    assert cache.store(req, answer(req)) is None
+    response, hit = cache.get_or_compute(req, lambda: answer(req))
+    assert (response, hit) == (answer(req), False)
+    assert cache.metrics.count("errors", layer="exact", kind="backend") == 5  # 2 gets, 1 recheck, 2 puts
+    with pytest.raises(BackendError):
+        cache.invalidate_tag("faq")  # administrative calls must report that they did not happen
 
 
 # -- get_or_compute and single-flight ---------------------------------------------------------------------

@@ -367,6 +367,7 @@ class ExactCache:
         try:
             record = self.backend.get(key)
         except BackendError:
+            self.metrics.error(LAYER, "backend")
             return None
         cached = None if record is None else self._decode(record)
         return None if cached is None else cached.response
