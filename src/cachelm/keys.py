@@ -127,7 +127,7 @@ def canonical_json(value: Any) -> bytes:
     """Encode `value` as canonical JSON bytes (sorted keys, compact, normalised numbers, UTF-8)."""
     return json.dumps(
         _normalise(value, "value"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
+    ).encode("utf-8", "surrogatepass")  # JSON bodies may carry lone surrogates ("\ud800")
 
 
 def canonical_request(request: Mapping[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def _redis_dump(client: redis.Redis, namespace: str) -> Iterator[bytes]:
         assert dumped is not None
         yield name + b"\n" + dumped
         if client.type(name) == b"hash":
-            yield b"".join(k + v for k, v in client.hgetall(name).items())
+            fields: dict[bytes, bytes] = client.hgetall(name)  # type: ignore[assignment]
+            yield b"".join(k + v for k, v in fields.items())
 
 
 def _redis_scan(redis_url: str, namespace: str, keyring: Keyring | None) -> list[bytes]:
