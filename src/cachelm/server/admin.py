@@ -1,0 +1,174 @@
+"""The admin API and the dashboard page. Every ``/admin/*`` call needs an admin key.
+
+- ``GET  /admin/stats``        cache and server counters, entries stored, uptime
+- ``GET  /admin/timeseries``   the dashboard's buckets (hit rate, latency, savings over time)
+- ``GET  /admin/entries``      the entry browser: ``?tenant=&limit=`` → metadata of stored entries
+- ``POST /admin/purge``        ``{"tenant", "user", "tag", "model", "older_than"}`` → ``{"deleted": n}``
+- ``POST /admin/erase``        ``{"tenant", "user"?}``: right to erasure for one user, or a whole tenant
+- ``GET  /dashboard``          the dashboard page (static; it asks for the admin key and calls the API)
+
+Purges also drop the matching entries from every replica's L1 (pub/sub) and from the semantic index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from importlib import resources
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.server.proxy import JSON
+from cachelm.server.runtime import Runtime
+from cachelm.store.base import Match
+
+MAX_ENTRIES = 500
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status_code=status, media_type=JSON)
+
+
+def _error(status: int, message: str) -> Response:
+    return _json(
+        {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}},
+        status,
+    )
+
+
+def routes(runtime: Runtime) -> list[Route]:
+    from cachelm.server.app import bearer
+
+    def guard(request: Request) -> Response | None:
+        if runtime.registry.is_admin(bearer(request) or request.headers.get("x-cachelm-admin-key")):
+            return None
+        return _error(403, "admin key required: send `Authorization: Bearer <admin key>`")
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > 65_536:
+            raise ConfigError("admin request body exceeds 64 KiB")
+        data = orjson.loads(raw or b"{}")
+        if not isinstance(data, dict):
+            raise ConfigError("admin request body must be a JSON object")
+        return data
+
+    async def stats(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        try:
+            entries: int | None = await asyncio.to_thread(len, runtime.records)
+        except BackendError:
+            entries = None
+        return _json(
+            {
+                "cache": runtime.cache.metrics.snapshot(),
+                "requests": runtime.metrics.totals,
+                "upstream_calls": runtime.proxy.upstream_calls,
+                "entries": entries,
+                "tenants": runtime.registry.tenant_ids(),
+                "uptime_s": time.time() - runtime.metrics.started,
+                "origin": runtime.origin,
+            }
+        )
+
+    async def timeseries(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        return _json(
+            {"interval_s": runtime.metrics.series.interval_s, "points": runtime.metrics.series.points()}
+        )
+
+    async def entries(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        tenant = request.query_params.get("tenant") or None
+        try:
+            limit = min(MAX_ENTRIES, max(1, int(request.query_params.get("limit", "100"))))
+        except ValueError:
+            return _error(400, "`limit` must be an integer")
+
+        def browse() -> list[dict[str, Any]]:
+            now = time.time()
+            out = []
+            for record in itertools.islice(
+                runtime.records.scan(Match(tenant=tenant) if tenant else None), limit
+            ):
+                out.append(
+                    {
+                        "key": record.key[:16],
+                        "tenant": record.tenant,
+                        "user": record.user,
+                        "model": record.model,
+                        "tags": sorted(record.tags),
+                        "age_s": round(now - record.created, 1),
+                        "hits": record.hits,
+                        "bytes": record.size,
+                        "expires_in_s": None if record.expires is None else round(record.expires - now, 1),
+                    }
+                )
+            return out
+
+        try:
+            return _json({"tenant": tenant, "entries": await asyncio.to_thread(browse)})
+        except BackendError as exc:
+            return _error(503, f"store unavailable: {exc}")
+
+    async def purge(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        try:
+            spec = await body_of(request)
+            unknown = set(spec) - {"tenant", "user", "tag", "model", "older_than"}
+            if unknown:
+                raise ConfigError(f"unknown purge fields: {sorted(unknown)}")
+            deleted = await asyncio.to_thread(runtime.cache.purge, **spec)
+        except (ConfigError, orjson.JSONDecodeError, TypeError) as exc:
+            return _error(400, str(exc))
+        except BackendError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        await runtime.invalidate(
+            tenant=spec.get("tenant"), user=spec.get("user"), all=bool(set(spec) - {"tenant", "user"})
+        )
+        return _json({"deleted": deleted})
+
+    async def erase(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        try:
+            spec = await body_of(request)
+            tenant, user = spec.get("tenant"), spec.get("user")
+            if not isinstance(tenant, str) or not tenant:
+                raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+            if user is None:
+                deleted = await asyncio.to_thread(runtime.cache.erase_tenant, tenant)
+            else:
+                deleted = await asyncio.to_thread(runtime.cache.erase_user, tenant, user)
+            if runtime.semantic is not None and hasattr(runtime.semantic, "erase"):
+                await asyncio.to_thread(runtime.semantic.erase, tenant=tenant, user=user)
+        except (ConfigError, orjson.JSONDecodeError) as exc:
+            return _error(400, str(exc))
+        except BackendError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        await runtime.invalidate(tenant=tenant, user=user)
+        return _json({"deleted": deleted})
+
+    page = resources.files("cachelm.server").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    return [
+        Route("/admin/stats", stats, methods=["GET"]),
+        Route("/admin/timeseries", timeseries, methods=["GET"]),
+        Route("/admin/entries", entries, methods=["GET"]),
+        Route("/admin/purge", purge, methods=["POST"]),
+        Route("/admin/erase", erase, methods=["POST"]),
+        Route("/dashboard", dashboard, methods=["GET"]),
+    ]

@@ -1,0 +1,124 @@
+"""``cachelm serve``: run the OpenAI-compatible caching proxy.
+
+Environment variables are read here and nowhere deeper (STYLE.md): ``CACHELM_API_KEYS``
+(``tenant:key,…``), ``CACHELM_ADMIN_KEY``, ``CACHELM_TENANTS_FILE``, ``CACHELM_UPSTREAM_API_KEY``,
+``CACHELM_REDIS_URL``, ``CACHELM_STORE``, ``CACHELM_KEYRING`` (``id:base64key,…``),
+``CACHELM_KEY_SECRET``. Keys given in clear are hashed at start-up; only digests are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cachelm.errors import CacheLMError
+from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
+from cachelm.server.tenants import TenantRegistry, hash_key
+
+
+def default_store_url() -> str:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cachelm"
+    return f"sqlite:///{root / 'responses.db'}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachelm serve", description="OpenAI-compatible caching proxy.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--upstream",
+        default=LOCAL_UPSTREAM,
+        help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1), or 'local' (default): "
+        "the packaged SmolLM2 on the local engine",
+    )
+    p.add_argument("--store", default=None, help="record store URL (default: SQLite under ~/.cache/cachelm)")
+    p.add_argument(
+        "--redis", default=None, help="shared mode: Redis URL for records, locks and L1 invalidation"
+    )
+    p.add_argument("--namespace", default="cachelm", help="key prefix on the shared Redis")
+    p.add_argument("--tenants", default=None, help="tenant config JSON (API key digests, admin key digests)")
+    p.add_argument("--l1-entries", type=int, default=10_000, help="in-process L1 size (0: no L1)")
+    p.add_argument("--semantic", action="store_true", help="semantic lookup on by default")
+    p.add_argument("--ttl", type=float, default=None, help="default entry lifetime in seconds")
+    p.add_argument("--hit-floor-ms", type=float, default=0.0, help="pad every hit to at least this latency")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--upstream-timeout", type=float, default=120.0)
+    p.add_argument("--lease-ms", type=int, default=10_000, help="cross-replica lock lease")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--hash-key", metavar="KEY", help="print the digest to put in a tenant config, and exit")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]:
+    env = os.environ
+    tenants_file = args.tenants or env.get("CACHELM_TENANTS_FILE")
+    registry = TenantRegistry.from_file(tenants_file) if tenants_file else TenantRegistry()
+    registry.merge_env(env.get("CACHELM_API_KEYS"), env.get("CACHELM_ADMIN_KEY"))
+    config = ServerConfig(
+        upstream=args.upstream,
+        upstream_api_key=env.get("CACHELM_UPSTREAM_API_KEY"),
+        store_url=args.store or env.get("CACHELM_STORE") or default_store_url(),
+        redis_url=args.redis or env.get("CACHELM_REDIS_URL"),
+        namespace=args.namespace,
+        l1_entries=args.l1_entries,
+        semantic=args.semantic,
+        default_ttl=args.ttl,
+        hit_floor_ms=args.hit_floor_ms,
+        max_body_bytes=args.max_body_bytes,
+        upstream_timeout_s=args.upstream_timeout,
+        lease_ms=args.lease_ms,
+        key_secret=env.get("CACHELM_KEY_SECRET", "").encode(),
+        keyring=env.get("CACHELM_KEYRING"),
+        access_log=not args.no_access_log,
+    )
+    return config, registry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the proxy until interrupted; returns the exit status (2 for a configuration error)."""
+    args = parser().parse_args(argv)
+    if args.hash_key:
+        print(hash_key(args.hash_key))
+        return 0
+    import uvicorn
+
+    from cachelm.server.app import build_app
+    from cachelm.server.observability import setup_logging
+    from cachelm.server.runtime import Runtime
+
+    setup_logging(args.log_level)
+    try:
+        config, registry = config_from(args)
+        if config.store_url.startswith("sqlite:///"):
+            Path(config.store_url[len("sqlite://") :].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        runtime = Runtime(config, registry)
+    except CacheLMError as exc:
+        print(f"cachelm serve: {exc}", file=sys.stderr)
+        return 2
+    fast = (
+        importlib.util.find_spec("uvloop") is not None and importlib.util.find_spec("httptools") is not None
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(runtime),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop" if fast else "asyncio",
+            http="httptools" if fast else "h11",
+            lifespan="on",
+            timeout_keep_alive=30,
+        )
+    )
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Settings of one proxy process. Built by the CLI from flags and environment; validated here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachelm.errors import ConfigError
+
+LOCAL_UPSTREAM = "local"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything `build_app` needs. `upstream` is an http(s) URL or ``"local"`` (the packaged engine)."""
+
+    upstream: str = LOCAL_UPSTREAM
+    upstream_api_key: str | None = None
+    store_url: str = "sqlite:///cachelm-cache.db"
+    redis_url: str | None = None  # shared mode: records, locks and invalidation on this Redis
+    namespace: str = "cachelm"
+    l1_entries: int = 10_000
+    semantic: bool = False  # semantic lookup on by default for every request
+    semantic_threshold: float = 0.9
+    pg_url: str | None = None  # semantic index on PostgreSQL + pgvector (shared mode)
+    default_ttl: float | None = None
+    hit_floor_ms: float = 0.0  # constant-latency padding of hits (0: off)
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_timeout_s: float = 120.0
+    lease_ms: int = 10_000
+    key_secret: bytes = b""
+    keyring: str | None = None  # at-rest encryption: 'id:base64key,...' (crypto.Keyring.parse)
+    access_log: bool = True
+    local_model: str = "smollm2"
+
+    def __post_init__(self) -> None:
+        if self.upstream != LOCAL_UPSTREAM and not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"`upstream` must be an http(s) URL or 'local', got {self.upstream!r}")
+        if self.l1_entries < 0:
+            raise ConfigError(f"`l1_entries` must be >= 0, got {self.l1_entries!r}")
+        if not 0 <= self.hit_floor_ms <= 10_000:
+            raise ConfigError(f"`hit_floor_ms` must be in [0, 10000], got {self.hit_floor_ms!r}")
+        if not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise ConfigError(f"`max_body_bytes` must be in [1 KiB, 1 GiB], got {self.max_body_bytes!r}")
+        if self.upstream_timeout_s <= 0:
+            raise ConfigError(f"`upstream_timeout_s` must be > 0, got {self.upstream_timeout_s!r}")
+        if not 0 < self.semantic_threshold <= 1:
+            raise ConfigError(f"`semantic_threshold` must be in (0, 1], got {self.semantic_threshold!r}")
+        if self.default_ttl is not None and self.default_ttl <= 0:
+            raise ConfigError(f"`default_ttl` must be > 0 or None, got {self.default_ttl!r}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"`redis_url` must be a redis:// URL, got {self.redis_url!r}")

@@ -1,0 +1,437 @@
+"""The proxy's request path: exact lookup → semantic lookup → single-flight miss → upstream → store.
+
+`Proxy.complete` serves ``/v1/chat/completions`` and ``/v1/completions``. The hit path is kept short on
+purpose (one key computation, one L1 read, one JSON encode); everything a miss needs lives in `_lead`.
+
+In-process single-flight is a dict of futures rather than `response.singleflight.AsyncSingleFlight`: the
+leader of a *streaming* miss must forward chunks to its own client while the computation runs, which a
+result-only flight cannot express. Followers wait for the leader's `Outcome` and replay it. Across
+replicas the leader additionally takes the Redis lock (`shared.RedisLocks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from cachelm.errors import BackendError
+from cachelm.keys import is_sampled
+from cachelm.response.exact import CachedResponse, ExactCache, cacheable_response
+from cachelm.server.control import CacheControl
+from cachelm.server.observability import ServerMetrics
+from cachelm.server.shared import Invalidator, Lease, RedisLocks
+from cachelm.server.sse import StreamRecorder, frame, replay
+from cachelm.server.tenants import Tenant
+from cachelm.server.upstream import Upstream, UpstreamError
+
+log = logging.getLogger("cachelm.server")
+
+PATHS = {"chat.completions": "chat/completions", "completions": "completions"}
+JSON = "application/json"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a flight ended. `response` is set for a successful answer (stored or not)."""
+
+    status: int
+    body: bytes  # what a non-streaming caller receives
+    response: dict[str, Any] | None = None
+    created: float | None = None  # set when the answer came from the store (another replica's flight)
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on the completion path."""
+
+    endpoint: str
+    body: dict[str, Any]
+    raw: bytes
+    tenant: Tenant
+    user: str
+    control: CacheControl
+    request_id: str
+    start: float
+    saved_tokens: int = 0  # tokens a hit saved (for the dashboard's time series)
+    saved_cost: float = 0.0
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, Mapping) and options.get("include_usage") is True
+
+    def upstream_body(self) -> bytes:
+        """The body sent upstream: as received, minus cachelm's own ``cache`` field."""
+        if "cache" not in self.body:
+            return self.raw
+        return orjson.dumps({k: v for k, v in self.body.items() if k != "cache"})
+
+
+def error_body(message: str, *, kind: str = "upstream_error", code: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+class Proxy:
+    """Everything a completion request touches. Built by `app.build_app`."""
+
+    def __init__(
+        self,
+        *,
+        cache: ExactCache,
+        upstream: Upstream,
+        metrics: ServerMetrics,
+        hit_floor_ms: float = 0.0,
+        semantic: Any = None,
+        semantic_default: bool = False,
+        locks: RedisLocks | None = None,
+        invalidator: Invalidator | None = None,
+        origin: str = "",
+    ) -> None:
+        self.cache = cache
+        self.upstream = upstream
+        self.metrics = metrics
+        self.hit_floor_s = hit_floor_ms / 1000
+        self.semantic = semantic
+        self.semantic_default = semantic_default
+        self.locks = locks
+        self.invalidator = invalidator
+        self.origin = origin
+        self._flights: dict[str, asyncio.Future[Outcome]] = {}
+        self.upstream_calls = 0
+
+    # -- entry -----------------------------------------------------------------------------------------
+
+    async def complete(self, call: Call) -> tuple[Response, str]:
+        """Answer `call`; returns the response and its cache outcome (hit, semantic-hit, miss, bypass)."""
+        control = call.control
+        if control.bypass or (is_sampled(call.body) and not control.sampled):
+            if not control.bypass:
+                self.cache.metrics.bypass("exact", "sampled")
+            return await self._forward(call), "bypass"
+        if not control.refresh:
+            cached = self.cache.lookup(
+                call.body, tenant=call.tenant.tenant_id, endpoint=call.endpoint, allow_sampled=control.sampled
+            )
+            if cached is not None:
+                return await self._serve_hit(call, cached, "hit"), "hit"
+            if self._semantic_on(call):
+                found = await self._semantic_lookup(call)
+                if found is not None:
+                    return await self._serve_hit(call, found, "semantic-hit"), "semantic-hit"
+        return await self._miss(call), "miss"
+
+    def _semantic_on(self, call: Call) -> bool:
+        wanted = call.control.semantic if call.control.semantic is not None else self.semantic_default
+        return wanted and self.semantic is not None
+
+    # -- hits ------------------------------------------------------------------------------------------
+
+    async def _serve_hit(self, call: Call, cached: CachedResponse, kind: str) -> Response:
+        usage = cached.response.get("usage")
+        if isinstance(usage, Mapping):
+            prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
+            call.saved_tokens = prompt + completion
+            price = self.cache.metrics.price(cached.model)
+            call.saved_cost = 0.0 if price is None else price.cost(prompt, completion)
+        headers = {
+            "x-cachelm-cache": kind,
+            "x-cachelm-age": str(int(cached.age(time.time()))),
+            "x-request-id": call.request_id,
+        }
+        floor = call.tenant.hit_floor_ms / 1000 if call.tenant.hit_floor_ms is not None else self.hit_floor_s
+        if floor:
+            # Constant-latency padding: every hit takes at least `floor`, so hit timing says less about
+            # which tier answered (or whether another caller of the tenant asked before).
+            remaining = floor - (time.perf_counter() - call.start)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+        if call.stream:
+            frames = replay(call.endpoint, cached.response, include_usage=call.include_usage)
+            return StreamingResponse(
+                _iterate(frames), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+            )
+        return Response(orjson.dumps(cached.response), media_type=JSON, headers=headers)
+
+    async def _semantic_lookup(self, call: Call) -> CachedResponse | None:
+        """A semantic hit served from the entry it points at; None on a miss or any failure."""
+        try:
+            hit = await asyncio.to_thread(
+                self.semantic.lookup, call.body, tenant=call.tenant.tenant_id, delta=call.control.delta
+            )
+        except BackendError:
+            self.cache.metrics.error("semantic", "backend")
+            return None
+        if hit is None:
+            return None
+        record = self._peek(hit.response_key)
+        if record is None or record.tenant != call.tenant.tenant_id:
+            return None  # the entry was evicted, or (defence in depth) belongs to another tenant
+        return record
+
+    def _peek(self, key: str) -> CachedResponse | None:
+        """The stored answer under `key` without counting a hit; None when absent or unreadable."""
+        try:
+            record = self.cache.backend.peek(key)
+            response = None if record is None else orjson.loads(record.value)
+        except (BackendError, orjson.JSONDecodeError):
+            return None
+        if record is None or not isinstance(response, dict):
+            return None
+        return CachedResponse(
+            key=key,
+            response=response,
+            created=record.created,
+            hits=record.hits,
+            tenant=record.tenant,
+            model=record.model,
+            tags=record.tags,
+            expires=record.expires,
+        )
+
+    # -- bypass ----------------------------------------------------------------------------------------
+
+    async def _forward(self, call: Call) -> Response:
+        """Call upstream without touching the cache (bypass, or a sampled request)."""
+        headers = {"x-cachelm-cache": "bypass", "x-request-id": call.request_id}
+        self.upstream_calls += 1
+        self.metrics.upstream_calls.labels(call.endpoint).inc()
+        path = PATHS[call.endpoint]
+        if not call.stream:
+            try:
+                status, body = await self.upstream.post(path, call.upstream_body())
+            except UpstreamError as exc:
+                return Response(
+                    error_body(str(exc)), status_code=exc.status, media_type=JSON, headers=headers
+                )
+            return Response(body, status_code=status, media_type=JSON, headers=headers)
+        events = self.upstream.stream(path, call.upstream_body())
+        try:
+            first = await anext(events)
+        except UpstreamError as exc:
+            return Response(
+                exc.body or error_body(str(exc)), status_code=exc.status, media_type=JSON, headers=headers
+            )
+        except StopAsyncIteration:
+            return Response(
+                error_body("upstream sent an empty stream"), status_code=502, media_type=JSON, headers=headers
+            )
+
+        async def relay() -> AsyncIterator[bytes]:
+            yield frame(first)
+            try:
+                async for payload in events:
+                    yield frame(payload)
+            except UpstreamError as exc:
+                yield frame(error_body(str(exc)))
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+
+    # -- misses ----------------------------------------------------------------------------------------
+
+    async def _miss(self, call: Call) -> Response:
+        key = self.cache.key_for(call.body, tenant=call.tenant.tenant_id, endpoint=call.endpoint)
+        headers = {"x-cachelm-cache": "miss", "x-cachelm-age": "0", "x-request-id": call.request_id}
+        flight = self._flights.get(key)
+        if flight is not None:  # follower: wait for the leader's outcome, then replay it
+            self.cache.metrics.coalesced("exact")
+            outcome = await asyncio.shield(flight)
+            headers["x-cachelm-cache"], headers["x-cachelm-coalesced"] = "hit", "1"
+            return self._outcome_response(call, outcome, headers)
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        sink: asyncio.Queue[bytes | Outcome] | None = asyncio.Queue() if call.stream else None
+        task = asyncio.ensure_future(self._lead(key, call, sink))
+        task.add_done_callback(lambda t: self._land(key, flight, t))
+        if sink is None:
+            return self._outcome_response(call, await asyncio.shield(flight), headers)
+        first = await sink.get()
+        if isinstance(first, Outcome):  # failed before the first event: a plain HTTP error
+            return Response(first.body, status_code=first.status, media_type=JSON, headers=headers)
+        return StreamingResponse(
+            _drain(first, sink), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+        )
+
+    def _land(self, key: str, flight: asyncio.Future[Outcome], task: asyncio.Task[Outcome]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if task.cancelled():
+            flight.set_result(Outcome(status=503, body=error_body("request cancelled")))
+        elif task.exception() is not None:
+            exc = task.exception()
+            log.error("flight failed", exc_info=exc)
+            flight.set_result(Outcome(status=500, body=error_body(f"internal error: {type(exc).__name__}")))
+        else:
+            flight.set_result(task.result())
+
+    def _outcome_response(self, call: Call, outcome: Outcome, headers: dict[str, str]) -> Response:
+        if outcome.created is not None:
+            headers["x-cachelm-age"] = str(int(max(0.0, time.time() - outcome.created)))
+        if call.stream and outcome.response is not None:
+            frames = replay(call.endpoint, outcome.response, include_usage=call.include_usage)
+            return StreamingResponse(
+                _iterate(frames), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+            )
+        return Response(outcome.body, status_code=outcome.status, media_type=JSON, headers=headers)
+
+    async def _lead(self, key: str, call: Call, sink: asyncio.Queue[bytes | Outcome] | None) -> Outcome:
+        """Compute the answer once (across replicas when shared), store it if cacheable, report it."""
+        lease: Lease | None = None
+        try:
+            if self.locks is not None:
+                lease, found = await self._acquire(key, refresh=call.control.refresh)
+                if found is not None:
+                    return self._emit(sink, found, call)
+            outcome = await (self._compute_stream(call, sink) if sink is not None else self._compute(call))
+            if outcome.response is not None:
+                await self._store(key, call, outcome.response, lease)
+            return outcome
+        finally:
+            if sink is not None:
+                sink.put_nowait(_END)
+            if lease is not None:
+                await lease.release()
+
+    async def _acquire(self, key: str, *, refresh: bool) -> tuple[Lease | None, Outcome | None]:
+        """Take the cross-replica lock of `key`, or wait for its holder's answer. Redis trouble → no lock."""
+        assert self.locks is not None
+        polls = self.locks.polls()
+        try:
+            while True:
+                lease = await self.locks.try_acquire(key)
+                if lease is not None:
+                    found = None if refresh else self._peek(key)  # landed between our miss and our lock
+                    if found is not None:
+                        await lease.release()
+                        return None, self._found(found)
+                    return lease, None
+                if await anext(polls, None) is None:
+                    self.metrics.degraded.labels("lock_wait_timeout").inc()
+                    return None, None
+                found = None if refresh else self._peek(key)
+                if found is not None:
+                    self.cache.metrics.coalesced("exact")
+                    return None, self._found(found)
+        except BackendError:
+            self.metrics.degraded.labels("lock").inc()
+            return None, None
+
+    @staticmethod
+    def _found(found: CachedResponse) -> Outcome:
+        return Outcome(
+            status=200, body=orjson.dumps(found.response), response=found.response, created=found.created
+        )
+
+    def _emit(self, sink: asyncio.Queue[bytes | Outcome] | None, outcome: Outcome, call: Call) -> Outcome:
+        if sink is not None and outcome.response is not None:
+            for chunk in replay(call.endpoint, outcome.response, include_usage=call.include_usage):
+                sink.put_nowait(chunk)
+        elif sink is not None:
+            sink.put_nowait(outcome)
+        return outcome
+
+    async def _compute(self, call: Call) -> Outcome:
+        self.upstream_calls += 1
+        self.metrics.upstream_calls.labels(call.endpoint).inc()
+        started = time.perf_counter()
+        try:
+            status, body = await self.upstream.post(PATHS[call.endpoint], call.upstream_body())
+        except UpstreamError as exc:
+            return Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
+        self.cache.metrics.observe_compute("exact", time.perf_counter() - started)
+        if status != 200:
+            return Outcome(status=status, body=body)
+        try:
+            response = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return Outcome(status=502, body=error_body("upstream answered with invalid JSON"))
+        ok = isinstance(response, dict) and cacheable_response(response, call.endpoint)
+        return Outcome(status=200, body=body, response=response if ok else None)
+
+    async def _compute_stream(self, call: Call, sink: asyncio.Queue[bytes | Outcome]) -> Outcome:
+        self.upstream_calls += 1
+        self.metrics.upstream_calls.labels(call.endpoint).inc()
+        started = time.perf_counter()
+        recorder = StreamRecorder(call.endpoint)
+        sent = False
+        try:
+            async for payload in self.upstream.stream(PATHS[call.endpoint], call.upstream_body()):
+                recorder.feed(payload)
+                sink.put_nowait(frame(payload))
+                sent = True
+        except UpstreamError as exc:
+            failed = Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
+            # Before the first event the client still gets a plain HTTP error; after it, an error event
+            # (the OpenAI SDK raises on it), so a cut stream is never mistaken for a short answer.
+            sink.put_nowait(frame(error_body(str(exc))) if sent else failed)
+            return failed
+        self.cache.metrics.observe_compute("exact", time.perf_counter() - started)
+        if not recorder.complete:
+            if not sent:
+                failed = Outcome(status=502, body=error_body("upstream sent an empty stream"))
+                sink.put_nowait(failed)
+                return failed
+            return Outcome(status=502, body=error_body("upstream stream ended incomplete"))
+        response = recorder.response()
+        return Outcome(status=200, body=orjson.dumps(response), response=response)
+
+    async def _store(self, key: str, call: Call, response: dict[str, Any], lease: Lease | None) -> None:
+        if lease is not None and not await lease.holds():
+            # Our lease ran out and another replica took the key over: its answer is the one to keep.
+            self.metrics.degraded.labels("fenced_write").inc()
+            return
+        stored = self.cache.store(
+            call.body,
+            response,
+            tenant=call.tenant.tenant_id,
+            user=call.user,
+            tags=call.control.tags,
+            ttl=call.control.ttl,
+            endpoint=call.endpoint,
+            allow_sampled=call.control.sampled,
+        )
+        if stored is None:
+            return
+        if call.control.refresh and self.invalidator is not None:
+            await self.invalidator.publish({"key": key, "origin": self.origin})
+        if self.semantic is not None:
+            try:
+                await asyncio.to_thread(self.semantic.add, call.body, stored, tenant=call.tenant.tenant_id)
+            except BackendError:
+                self.cache.metrics.error("semantic", "backend")
+
+
+class _End:
+    """Marks the end of a sink."""
+
+
+_END: Any = _End()
+
+
+async def _iterate(frames: Any) -> AsyncIterator[bytes]:
+    for chunk in frames:
+        yield chunk
+
+
+async def _drain(first: bytes, sink: asyncio.Queue[bytes | Outcome]) -> AsyncIterator[bytes]:
+    yield first
+    while True:
+        item = await sink.get()
+        if item is _END or isinstance(item, Outcome):
+            return
+        yield item
+
+
+def _tokens(usage: Mapping[str, Any], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -1,0 +1,214 @@
+"""Assembles one proxy process from a `ServerConfig`: stores, L1, cache, upstream, shared mode, metrics.
+
+Embedded default: SQLite records behind an in-process L1, in-process single-flight, the local engine as
+upstream. Shared mode (``redis_url``): Redis records behind the L1, the L1 kept coherent by pub/sub, and
+cross-replica single-flight on Redis locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.metrics import CacheMetrics
+from cachelm.response.exact import ExactCache
+from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
+from cachelm.server.observability import ServerMetrics
+from cachelm.server.proxy import Proxy
+from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
+from cachelm.server.tenants import TenantRegistry
+from cachelm.server.upstream import HTTPUpstream, Upstream, UpstreamError
+from cachelm.store.base import Match, Store
+from cachelm.store.url import open_store
+
+log = logging.getLogger("cachelm.server")
+
+
+def _open_records(config: ServerConfig) -> Store:
+    keyring = None
+    if config.keyring:
+        from cachelm.crypto import Keyring
+
+        keyring = Keyring.parse(config.keyring)
+    if config.redis_url is not None:
+        return open_store(config.redis_url, namespace=config.namespace, keyring=keyring)
+    return open_store(config.store_url, keyring=keyring)
+
+
+def _with_l1(l2: Store, entries: int) -> tuple[Store, Store | None]:
+    """`l2` behind a bounded in-process LRU tier; (store, l1). Without L1 when `entries` is 0."""
+    if entries == 0:
+        return l2, None
+    try:
+        from cachelm.policy.lru import LRUPolicy
+        from cachelm.store.memory import MemoryStore
+        from cachelm.store.tiered import BoundedStore, TieredStore
+    except ImportError as exc:
+        log.warning("no in-process L1", extra={"reason": str(exc)})
+        return l2, None
+
+    l1 = BoundedStore(MemoryStore(), LRUPolicy(max_entries=entries))
+    return TieredStore(l1, l2), l1
+
+
+def _local_upstream(config: ServerConfig) -> Upstream:
+    try:
+        from cachelm.server.local import LocalEngineUpstream
+    except ImportError as exc:
+        raise ConfigError(
+            f"the local engine upstream is not available ({exc}); start with `--upstream URL` "
+            "to proxy an OpenAI-compatible endpoint instead"
+        ) from exc
+    return LocalEngineUpstream.load(config.local_model)
+
+
+class Runtime:
+    """The live components of one proxy process."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: TenantRegistry,
+        *,
+        upstream: Upstream | None = None,
+        semantic: Any = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.origin = uuid.uuid4().hex[:12]
+        self.records = _open_records(config)
+        self.store, self.l1 = _with_l1(self.records, config.l1_entries)
+        self.cache = ExactCache(
+            self.store, default_ttl=config.default_ttl, metrics=CacheMetrics(), key_secret=config.key_secret
+        )
+        self.metrics = ServerMetrics(self.cache.metrics)
+        if upstream is None:
+            upstream = (
+                _local_upstream(config)
+                if config.upstream == LOCAL_UPSTREAM
+                else HTTPUpstream(
+                    config.upstream, api_key=config.upstream_api_key, read_timeout=config.upstream_timeout_s
+                )
+            )
+        self.upstream = upstream
+        self.redis: Any = None
+        self.locks: RedisLocks | None = None
+        self.invalidator: Invalidator | None = None
+        if config.redis_url is not None:
+            shared = SharedConfig(
+                redis_url=config.redis_url, namespace=config.namespace, lease_ms=config.lease_ms
+            )
+            self.redis = connect(shared)
+            self.locks = RedisLocks(self.redis, shared)
+            self.invalidator = Invalidator(self.redis, shared, drop=self._drop_local, reset=self._reset_local)
+        self.semantic = semantic
+        self.proxy = Proxy(
+            cache=self.cache,
+            upstream=self.upstream,
+            metrics=self.metrics,
+            hit_floor_ms=config.hit_floor_ms,
+            semantic=semantic,
+            semantic_default=config.semantic,
+            locks=self.locks,
+            invalidator=self.invalidator,
+            origin=self.origin,
+        )
+        self.embeddings: Any = None
+        self._models: tuple[float, dict[str, Any]] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.invalidator is not None:
+            self.invalidator.start()
+        log.info(
+            "started",
+            extra={
+                "origin": self.origin,
+                "upstream": self.upstream.name,
+                "store": self.records.url,
+                "shared": self.redis is not None,
+            },
+        )
+
+    async def aclose(self) -> None:
+        if self.invalidator is not None:
+            await self.invalidator.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.upstream.aclose()
+        self.store.close()
+
+    # -- L1 coherence ----------------------------------------------------------------------------------
+
+    def _drop_local(self, message: dict[str, object]) -> None:
+        if self.l1 is None or message.get("origin") == self.origin:
+            return
+        key, tenant, user = message.get("key"), message.get("tenant"), message.get("user")
+        if isinstance(key, str):
+            self.l1.delete(key)
+        elif message.get("all"):
+            self.l1.clear()
+        elif isinstance(tenant, str):
+            self.l1.purge(Match(tenant=tenant, user=user if isinstance(user, str) else None))
+
+    def _reset_local(self) -> None:
+        if self.l1 is not None:
+            self.l1.clear()
+
+    async def invalidate(
+        self, *, tenant: str | None = None, user: str | None = None, all: bool = False
+    ) -> None:
+        """Tell the other replicas to drop what a purge just deleted from the shared store."""
+        if self.invalidator is not None:
+            message: dict[str, object] = {"origin": self.origin}
+            if all or tenant is None:
+                message["all"] = True
+            else:
+                message.update(tenant=tenant, user=user)
+            await self.invalidator.publish(message)
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"status": "ok", "upstream": self.upstream.name, "origin": self.origin}
+        try:
+            await asyncio.to_thread(self.records.peek, "0" * 64)
+            report["store"] = "ok"
+        except BackendError as exc:
+            report["store"], report["status"] = f"error: {exc}", "degraded"
+        if self.redis is not None:
+            try:
+                await self.redis.ping()
+                report["redis"] = "ok"
+            except Exception as exc:  # any client error means "not reachable now"
+                report["redis"], report["status"] = f"error: {type(exc).__name__}", "degraded"
+            report["invalidation"] = (
+                "subscribed" if self.invalidator and self.invalidator.connected.is_set() else "down"
+            )
+        return report
+
+    async def models(self) -> dict[str, Any]:
+        """The upstream's model list, remembered for a minute."""
+        now = time.monotonic()
+        if self._models is not None and now - self._models[0] < 60:
+            return self._models[1]
+        listing: dict[str, Any] = {"object": "list", "data": []}
+        getter = getattr(self.upstream, "get", None)
+        if getter is not None:
+            try:
+                status, body = await getter("models")
+                if status == 200:
+                    listing = orjson.loads(body)
+            except (UpstreamError, orjson.JSONDecodeError):
+                pass
+        else:
+            listing = await self.upstream.models()  # type: ignore[attr-defined]
+        self._models = (now, listing)
+        return listing

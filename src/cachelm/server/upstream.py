@@ -1,0 +1,119 @@
+"""Upstreams the proxy calls on a miss: any OpenAI-compatible HTTP endpoint, or the local engine.
+
+An upstream answers two calls:
+
+- ``post(path, body)`` → ``(status, body bytes)``: a non-streaming call. A non-2xx status is *returned*
+  (the proxy passes it through and never caches it); transport failures (refused, timeout, reset) raise
+  ``UpstreamError`` with the status the client should see (502, or 504 for a timeout).
+- ``stream(path, body)`` → an async iterator over SSE ``data:`` payloads (bytes, ``[DONE]`` included). An
+  error status before the first event raises ``UpstreamError`` carrying the upstream's status and body; a
+  stream cut mid-way raises ``UpstreamError`` from the iterator, so the caller knows it is incomplete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import httpx
+
+from cachelm.errors import BackendError, ConfigError
+
+
+class UpstreamError(BackendError):
+    """The upstream failed; `status` and `body` are what the client is told."""
+
+    def __init__(self, message: str, *, status: int = 502, body: bytes | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class Upstream(Protocol):
+    """What the proxy needs from whatever computes a miss."""
+
+    name: str
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]: ...
+
+    def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HTTPUpstream:
+    """An OpenAI-compatible endpoint over HTTP with a pooled `httpx.AsyncClient`.
+
+    `base_url` includes the version prefix, as the OpenAI SDK's ``base_url`` does
+    (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"`upstream` must be an http(s) URL, got {base_url!r}")
+        if read_timeout <= 0 or connect_timeout <= 0:
+            raise ConfigError(f"timeouts must be > 0, got {connect_timeout!r}/{read_timeout!r}")
+        self.name = base_url.rstrip("/")
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=self.name + "/",
+            headers=headers,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            response = await self._client.post(path, content=body)
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(f"upstream timed out: {type(exc).__name__}", status=504) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
+        return response.status_code, response.content
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            response = await self._client.get(path)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
+        return response.status_code, response.content
+
+    async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+        request = self._client.build_request("POST", path, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(f"upstream timed out: {type(exc).__name__}", status=504) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
+        try:
+            if response.status_code != 200:
+                raise UpstreamError(
+                    f"upstream answered {response.status_code}",
+                    status=response.status_code,
+                    body=await response.aread(),
+                )
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    yield line[5:].strip().encode()
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(f"upstream stream timed out: {type(exc).__name__}", status=504) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream stream cut: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
