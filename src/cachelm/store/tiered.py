@@ -1,0 +1,128 @@
+"""`TieredStore`: a read-through L1 (in-process) over an L2 (SQLite, Redis…).
+
+- ``get``: L1 first; on an L1 miss, L2, and an L2 hit fills L1. An L2 failure (`BackendError`) is a miss and
+  increments ``stats.l2_errors`` (and ``stats.errors``): a failing shared tier never fails a request. L1 is
+  in-process and expected not to fail; if it does, it counts in ``stats.l1_errors`` and is treated as a miss.
+- ``put`` writes L2 first (the source of truth), then L1. If L2 fails, L1's copy of the key is dropped and the
+  `BackendError` propagates (the caller decides; the exact cache counts it and serves the computed answer).
+- ``delete`` / ``purge`` / ``clear`` / ``expire`` apply to both tiers; counts returned are L2's.
+- ``invalidate_local(key)`` / ``clear_local()`` drop L1 entries only: a pub/sub listener calls them when
+  another replica writes or deletes a key, so L1 stays coherent with a shared L2.
+
+L1 is typically ``BoundedStore(MemoryStore(), LRUPolicy(max_entries=...))``. Hit counts (`Record.hits`) in L2
+count L2 reads only: an L1 hit never reaches L2. Counters: ``stats.l1_hits``, ``l2_hits``, ``misses``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.store.base import Match, Record, Store, StoreStats
+
+
+@dataclass(kw_only=True)
+class TieredStats(StoreStats):
+    """`StoreStats` plus where reads were answered."""
+
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0
+    l1_errors: int = 0
+    l2_errors: int = 0
+
+
+class TieredStore(Store):
+    """`l1` in front of `l2`; see the module docstring."""
+
+    def __init__(self, l1: Store, l2: Store) -> None:
+        for name, store in (("l1", l1), ("l2", l2)):
+            if not isinstance(store, Store):
+                raise ConfigError(f"`{name}` must be a Store, got {type(store).__name__}")
+        if l1 is l2:
+            raise ConfigError("`l1` and `l2` must be different stores")
+        super().__init__(clock=l2.clock)
+        self.l1, self.l2 = l1, l2
+        self.stats: TieredStats = TieredStats()
+        self.url = l2.url
+
+    def _l1(self, action: str, *args: object) -> object:
+        try:
+            return getattr(self.l1, action)(*args)
+        except BackendError:
+            self.stats.add("l1_errors")
+            self.stats.add("errors")
+            return None
+
+    def get(self, key: str) -> Record | None:
+        record = self._l1("get", key)
+        if isinstance(record, Record):
+            self.stats.add("l1_hits")
+            return record
+        try:
+            record = self.l2.get(key)
+        except BackendError:
+            self.stats.add("l2_errors")
+            self.stats.add("errors")
+            return None
+        if record is None:
+            self.stats.add("misses")
+            return None
+        self.stats.add("l2_hits")
+        self._l1("put", record)
+        return record
+
+    def peek(self, key: str) -> Record | None:
+        record = self._l1("peek", key)
+        if isinstance(record, Record):
+            return record
+        return self.l2.peek(key)
+
+    def put(self, record: Record) -> None:
+        if not isinstance(record, Record):
+            raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
+        try:
+            self.l2.put(record)
+        except BackendError:
+            self._l1("delete", record.key)  # never leave L1 holding a value L2 did not take
+            raise
+        self._l1("put", record)
+
+    def delete(self, key: str) -> bool:
+        local = self._l1("delete", key)
+        return bool(self.l2.delete(key)) or bool(local)
+
+    def invalidate_local(self, key: str) -> bool:
+        """Drop `key` from L1 only (another replica changed it in L2); True if L1 held it."""
+        return bool(self._l1("delete", key))
+
+    def clear_local(self) -> None:
+        """Drop all of L1 (e.g. after a pub/sub reconnect, when invalidations may have been missed)."""
+        self._l1("clear")
+
+    def scan(self, where: Match | None = None) -> Iterator[Record]:
+        return self.l2.scan(where)
+
+    def purge(self, where: Match) -> int:
+        if not isinstance(where, Match) or where.empty:
+            raise ConfigError("`where` must be a Match with at least one field; use `clear()` to delete all")
+        self._l1("purge", where)
+        return self.l2.purge(where)
+
+    def clear(self) -> int:
+        self._l1("clear")
+        return self.l2.clear()
+
+    def expire(self) -> int:
+        self._l1("expire")
+        return self.l2.expire()
+
+    def __len__(self) -> int:
+        return len(self.l2)
+
+    def close(self) -> None:
+        with contextlib.suppress(BackendError):
+            self.l1.close()
+        self.l2.close()
