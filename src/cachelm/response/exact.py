@@ -144,7 +144,8 @@ class ExactCache:
 
     # -- serving path ----------------------------------------------------------------------------------
 
-    def _eligible(self, request: Mapping[str, Any], allow_sampled: bool) -> bool:
+    def eligible(self, request: Mapping[str, Any], *, allow_sampled: bool = False) -> bool:
+        """True when `request` may be served from and stored in the cache; a False is counted as a bypass."""
         if not isinstance(request, Mapping):
             raise ConfigError(f"`request` must be a mapping, got {type(request).__name__}")
         temperature = request.get("temperature")
@@ -166,7 +167,7 @@ class ExactCache:
         allow_sampled: bool = False,
     ) -> CachedResponse | None:
         """The cached answer to `request`, or None (miss, not eligible, or the store failed)."""
-        if not self._eligible(request, allow_sampled):
+        if not self.eligible(request, allow_sampled=allow_sampled):
             return None
         return self._lookup_key(self.key_for(request, tenant=tenant, endpoint=endpoint), tenant)
 
@@ -228,7 +229,7 @@ class ExactCache:
         """Store `response` as the answer to `request`; returns its key, or None when it was not stored
         (a sampled request without `allow_sampled`, an error or incomplete answer, or a store failure)."""
         _check_ttl(ttl)
-        if not self._eligible(request, allow_sampled):
+        if not self.eligible(request, allow_sampled=allow_sampled):
             return None
         key = self.key_for(request, tenant=tenant, endpoint=endpoint)
         return self._store_key(key, request, response, tenant, user, tags, ttl, endpoint)
@@ -305,7 +306,7 @@ class ExactCache:
         ``(response, hit)``; `hit` is False only for the caller whose own `compute` ran (a caller served
         by a concurrent identical computation gets True and counts as ``coalesced``)."""
         _check_ttl(ttl)
-        if not self._eligible(request, allow_sampled):
+        if not self.eligible(request, allow_sampled=allow_sampled):
             return dict(compute()), False
         key = self.key_for(request, tenant=tenant, endpoint=endpoint)
         cached = self._lookup_key(key, tenant)
@@ -342,7 +343,7 @@ class ExactCache:
         a network store's latency is the price of one round trip per request either way.
         """
         _check_ttl(ttl)
-        if not self._eligible(request, allow_sampled):
+        if not self.eligible(request, allow_sampled=allow_sampled):
             return dict(await acompute()), False
         key = self.key_for(request, tenant=tenant, endpoint=endpoint)
         cached = self._lookup_key(key, tenant)

@@ -1,0 +1,274 @@
+"""The `openai` SDK wrapper, over real HTTP against a local OpenAI-protocol server (tests/upstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from cachelm.errors import ConfigError
+from cachelm.response.exact import ExactCache
+from cachelm.response.openai_client import cached, request_of
+from cachelm.response.streaming import assemble_chat
+from cachelm.store.sqlite import SQLiteStore
+from tests.upstream import OpenAIUpstream, chat_answer
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[OpenAIUpstream]:
+    server = OpenAIUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, upstream: OpenAIUpstream) -> Iterator[ExactCache]:
+    upstream.reset()
+    with SQLiteStore(tmp_path / "cache.db") as store:
+        yield ExactCache(store)
+
+
+@pytest.fixture
+def raw(upstream: OpenAIUpstream) -> openai.OpenAI:
+    return openai.OpenAI(base_url=upstream.base_url, api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def araw(upstream: OpenAIUpstream) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=upstream.base_url, api_key="test", max_retries=0)
+
+
+def ask(text: str, **params: Any) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": text}],
+        "temperature": 0,
+        **params,
+    }
+
+
+def _content(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_second_call_is_served_from_the_cache(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    first = client.chat.completions.create(**ask("what is a cache?"))
+    second = client.chat.completions.create(**ask("what is a cache?"))
+    assert upstream.count(CHAT_PATH) == 1
+    assert isinstance(first, ChatCompletion) and isinstance(second, ChatCompletion)
+    assert second.to_dict() == first.to_dict()
+    # The reused answer is the one a fresh upstream call gives.
+    fresh = raw.chat.completions.create(**ask("what is a cache?"))
+    assert second.choices[0].message.content == fresh.choices[0].message.content
+    assert second.choices[0].message.content == "Echo from gpt-4o-mini: what is a cache?"
+    assert cache.metrics.count("hits", layer="exact") == 1
+
+
+def test_a_cached_answer_is_replayed_as_a_stream(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    full = client.chat.completions.create(**ask("stream me"))
+    stream = client.chat.completions.create(
+        **ask("stream me"), stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert upstream.count(CHAT_PATH) == 1
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert _content(chunks) == full.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens  # type: ignore[union-attr]
+    # The replayed chunks add up to the cached answer, as a live stream would.
+    assert assemble_chat([c.to_dict() for c in chunks]) == {
+        **full.to_dict(),
+        "choices": [
+            {
+                **full.to_dict()["choices"][0],
+                "message": {"role": "assistant", "content": full.choices[0].message.content},
+            }
+        ],
+    }
+
+
+def test_a_streamed_miss_is_passed_through_recorded_and_stored(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    with client.chat.completions.create(**ask("tell me more"), stream=True) as stream:
+        live = list(stream)
+    assert len(live) > 3  # one chunk per word: really streamed
+    assert _content(live) == chat_answer(ask("tell me more"))["choices"][0]["message"]["content"]
+    again = client.chat.completions.create(**ask("tell me more"))
+    assert upstream.count(CHAT_PATH) == 1
+    assert again.choices[0].message.content == _content(live)
+    replay = list(client.chat.completions.create(**ask("tell me more"), stream=True))
+    assert _content(replay) == _content(live) and upstream.count(CHAT_PATH) == 1
+
+
+@pytest.mark.parametrize("fault", ["cut=3", "truncate=3"])
+def test_a_cut_stream_is_never_cached(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream, fault: str
+) -> None:
+    client = cached(raw, cache)
+    received: list[ChatCompletionChunk] = []
+    stream = client.chat.completions.create(
+        **ask("a long answer please"), stream=True, extra_headers={"X-Upstream-Fault": fault}
+    )
+    if fault.startswith("cut"):
+        with pytest.raises(openai.APIConnectionError):
+            for chunk in stream:
+                received.append(chunk)
+    else:
+        received.extend(stream)  # ends "normally", but no choice finished
+    assert len(received) == 3
+    assert len(cache.backend) == 0
+    answer = client.chat.completions.create(**ask("a long answer please"))
+    assert upstream.count(CHAT_PATH) == 2
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_a_stream_abandoned_by_the_caller_is_not_cached(raw: openai.OpenAI, cache: ExactCache) -> None:
+    client = cached(raw, cache)
+    with client.chat.completions.create(**ask("one two three four"), stream=True) as stream:
+        next(stream)
+        next(stream)
+    assert len(cache.backend) == 0
+
+
+def test_upstream_errors_propagate_and_are_not_cached(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    upstream.inject("status=503")
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(**ask("flaky"))
+    assert len(cache.backend) == 0
+    assert (
+        client.chat.completions.create(**ask("flaky")).choices[0].message.content
+        == "Echo from gpt-4o-mini: flaky"
+    )
+    assert upstream.count(CHAT_PATH) == 2
+
+
+def test_sampled_requests_go_upstream_unless_allowed(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    sampled = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a poem"}]}
+    client = cached(raw, cache)
+    client.chat.completions.create(**sampled)
+    client.chat.completions.create(**sampled, temperature=0.8)
+    client.chat.completions.create(**sampled, temperature=0.8)
+    assert upstream.count(CHAT_PATH) == 3 and len(cache.backend) == 0
+    permissive = cached(raw, cache, allow_sampled=True)
+    permissive.chat.completions.create(**sampled, temperature=0.8)
+    permissive.chat.completions.create(**sampled, temperature=0.8)
+    assert upstream.count(CHAT_PATH) == 4
+
+
+def test_extra_body_is_part_of_the_key_and_transport_options_are_not(
+    raw: openai.OpenAI, cache: ExactCache
+) -> None:
+    base = ask("q")
+    assert request_of({**base, "extra_body": {"top_k": 5}, "timeout": 3.0}) == {**base, "top_k": 5}
+    client = cached(raw, cache)
+    client.chat.completions.create(**base, extra_body={"top_k": 5})
+    client.chat.completions.create(
+        **base, extra_body={"top_k": 5}, timeout=30, extra_headers={"X-Trace": "1"}
+    )
+    client.chat.completions.create(**base, extra_body={"top_k": 6})
+    assert cache.metrics.count("hits", layer="exact") == 1
+    assert cache.metrics.count("misses", layer="exact") == 2
+
+
+def test_tenants_do_not_share_answers(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    cached(raw, cache, tenant="acme").chat.completions.create(**ask("shared?"))
+    cached(raw, cache, tenant="globex").chat.completions.create(**ask("shared?"))
+    assert upstream.count(CHAT_PATH) == 2
+
+
+def test_n_choices_stream_is_assembled_per_choice(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    list(client.chat.completions.create(**ask("pick", n=2), stream=True))
+    hit = client.chat.completions.create(**ask("pick", n=2))
+    assert upstream.count(CHAT_PATH) == 1
+    assert [c.message.content for c in hit.choices] == [
+        c["message"]["content"] for c in chat_answer(ask("pick", n=2))["choices"]
+    ]
+
+
+def test_legacy_completions_cached_and_replayed(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    params = {"model": "gpt-4o-mini", "prompt": "once upon", "temperature": 0, "max_tokens": 3}
+    first = client.completions.create(**params)
+    second = client.completions.create(**params)
+    chunks = list(client.completions.create(**params, stream=True))
+    assert upstream.count("/v1/completions") == 1
+    assert isinstance(second, Completion) and second.to_dict() == first.to_dict()
+    assert first.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
+
+
+def test_other_endpoints_pass_through_uncached(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)
+    for _ in range(2):
+        vector = client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding
+    assert len(vector) == 8 and upstream.count("/v1/embeddings") == 2
+    assert client.models.list().data[0].id == "gpt-4o-mini"
+
+
+async def test_async_client_hits_streams_and_coalesces(
+    araw: openai.AsyncOpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(araw, cache)
+    upstream.inject("delay=0.2")  # the first call is slow, so the other four arrive while it runs
+    answers = await asyncio.gather(*(client.chat.completions.create(**ask("async q")) for _ in range(5)))
+    assert upstream.count(CHAT_PATH) == 1
+    assert {a.choices[0].message.content for a in answers} == {"Echo from gpt-4o-mini: async q"}
+    assert all(isinstance(a, ChatCompletion) for a in answers)
+    replay = [c async for c in await client.chat.completions.create(**ask("async q"), stream=True)]
+    assert _content(replay) == "Echo from gpt-4o-mini: async q"
+    live = [c async for c in await client.chat.completions.create(**ask("async stream"), stream=True)]
+    hit = await client.chat.completions.create(**ask("async stream"))
+    assert hit.choices[0].message.content == _content(live)
+    assert upstream.count(CHAT_PATH) == 2
+
+
+async def test_async_cut_stream_is_not_cached(araw: openai.AsyncOpenAI, cache: ExactCache) -> None:
+    client = cached(araw, cache)
+    stream = await client.chat.completions.create(
+        **ask("async cut please"), stream=True, extra_headers={"X-Upstream-Fault": "cut=2"}
+    )
+    with pytest.raises(openai.APIConnectionError):
+        async for _ in stream:
+            pass
+    assert len(cache.backend) == 0
+
+
+def test_bad_arguments(raw: openai.OpenAI, cache: ExactCache) -> None:
+    with pytest.raises(ConfigError, match="`client`"):
+        cached(object(), cache)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="`cache`"):
+        cached(raw, object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="`tenant`"):
+        cached(raw, cache, tenant="")
