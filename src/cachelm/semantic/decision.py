@@ -1,0 +1,414 @@
+"""Decision rules: given the nearest cached entry and its similarity, serve it or not.
+
+Three rules share one small protocol (`DecisionRule`):
+
+(a) `StaticThreshold`: serve when similarity >= t. GPTCache's default is reproduced by
+    ``StaticThreshold.gptcache_default()``: GPTCache keeps ``similarity_threshold = 0.8`` of the range of its
+    ``SearchDistanceEvaluation`` (max_distance 4.0) over faiss ``IndexFlatL2`` (squared L2) distances, i.e. a
+    hit when ``4 - d >= 0.8 * 4``, ``d <= 0.8``; for unit vectors ``d = 2 - 2 cos``, so cos >= 0.6.
+(b) `calibrate_threshold`: a threshold chosen offline on labelled pairs, for the best F1 or for a target
+    precision (optionally with a Clopper–Pearson lower confidence bound on that precision).
+(c) `BoundedErrorPolicy`: online, error-bounded in the spirit of vCache (arXiv 2502.03771). Statistics below.
+
+The δ-bounded policy
+--------------------
+The caller sets δ, the largest acceptable *false-hit rate*: the probability that a lookup is answered from
+the cache with a wrong answer, ``FHR(t) = P(s >= t and wrong)`` over lookups, for threshold t on the
+similarity s of the nearest entry. (Per lookup, as in vCache; 1 − precision is FHR / hit rate.)
+
+Estimation sample. Each lookup is drawn into a *verification sample* with probability ε_τ that depends
+only on time τ, never on the lookup: ε_τ = 1 while no threshold is certified (every lookup is a miss then,
+and a miss calls the upstream anyway, so verifying it is free), ε afterwards (`explore_rate`). A sampled
+lookup with s >= `floor` is verified: the caller compares the upstream answer with the entry's cached
+answer and reports ``correct``; if the lookup would have been a hit it is *not* served (exploration; this
+is the only cost of the policy). A sampled lookup with s < floor, or with no candidate, can be a wrong hit
+at no threshold >= floor, and enters the sample as a non-event without any verification. Because selection
+is independent of the lookup, the sample is an i.i.d. draw of lookups (under a stationary stream), and for
+every t the count ``k(t) = #{sampled, s >= t, wrong}`` is Binomial(n, FHR(t)), n = sample size.
+
+Certification. Candidate thresholds ``t_1 > t_2 > … > t_m`` (a grid down to `floor`) are tested in that
+fixed order: H_j: FHR(t_j) > δ is rejected when the one-sided Clopper–Pearson upper bound
+``U(k(t_j), n; α) = Beta⁻¹(1 − α; k + 1, n − k) <= δ``. Testing stops at the first failure and the
+certified threshold t* is the last rejected t_j. FHR(t) is non-increasing in t, and fixed-sequence
+testing controls the family-wise error at α without a multiplicity correction (Learn-then-Test,
+Angelopoulos et al. 2021), so with probability >= 1 − α every threshold the policy serves at has
+FHR <= δ. Only the most recent `window` samples are used, so the estimate follows a growing cache.
+
+Per-entry boundaries. Every verified outcome of an entry (sampled or not — misses are verified for
+free when the caller does so) updates that entry's own boundary: the highest similarity at which it was
+wrong. The entry is served only above ``max(t*, boundary)``. This only ever removes hits, so it cannot raise
+the false-hit rate that the certificate bounds; it removes repeat mistakes the global boundary allows. An
+entry reported wrong without a pending lookup (e.g. a user complaint) is never served again.
+
+Guarantee, stated honestly: FHR <= δ with probability >= 1 − α, *assuming the lookup stream is stationary
+over the window and the caller's correctness judgement is right*; before n is large enough, nothing is
+certified and the policy serves no hits at all.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from cachelm.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decision:
+    """What to do with the nearest entry of one lookup.
+
+    serve: answer from the cache. verify: do not serve; call the upstream, compare its answer with the
+    entry's cached answer, and report the outcome (`SemanticCache.feedback`). A miss has both False.
+    """
+
+    serve: bool
+    verify: bool
+    rule: str
+    threshold: float  # the boundary applied to this entry (nan: none certified yet)
+    reason: str  # above-threshold | below-threshold | explore | warmup | entry-veto | no-candidate
+    bound: float | None = None  # certified upper bound on FHR at the global threshold (bounded rule)
+    sampled: bool = False  # part of the bounded rule's verification sample
+
+
+@runtime_checkable
+class DecisionRule(Protocol):
+    """Decides per lookup; learns from verified outcomes (rules that do not learn ignore them)."""
+
+    name: str
+
+    def decide(self, similarity: float | None, *, entry_id: str | None, region: str) -> Decision: ...
+
+    def observe(
+        self, similarity: float, correct: bool, *, entry_id: str, region: str, sampled: bool
+    ) -> None: ...
+
+    def forget(self, entry_ids: Iterable[str]) -> None: ...
+
+
+def _check_similarity(similarity: float | None) -> None:
+    if similarity is not None and not (isinstance(similarity, float | int) and math.isfinite(similarity)):
+        raise ConfigError(f"`similarity` must be a finite number or None, got {similarity!r}")
+
+
+class StaticThreshold:
+    """(a) Serve when similarity >= `threshold`. Learns nothing."""
+
+    name = "static"
+
+    def __init__(self, threshold: float) -> None:
+        if not isinstance(threshold, float | int) or not -1.0 <= threshold <= 1.0:
+            raise ConfigError(f"`threshold` must be a number in [-1, 1], got {threshold!r}")
+        self.threshold = float(threshold)
+
+    @classmethod
+    def gptcache_default(cls) -> StaticThreshold:
+        """GPTCache's default hit rule on unit vectors: cosine >= 0.6 (see the module docstring)."""
+        max_distance, similarity_threshold = 4.0, 0.8
+        max_squared_l2 = max_distance - max_distance * similarity_threshold  # 0.8
+        return cls(1.0 - max_squared_l2 / 2.0)
+
+    def decide(self, similarity: float | None, *, entry_id: str | None, region: str) -> Decision:
+        _check_similarity(similarity)
+        if similarity is None:
+            return Decision(
+                serve=False, verify=False, rule=self.name, threshold=self.threshold, reason="no-candidate"
+            )
+        serve = similarity >= self.threshold
+        return Decision(
+            serve=serve,
+            verify=False,
+            rule=self.name,
+            threshold=self.threshold,
+            reason="above-threshold" if serve else "below-threshold",
+        )
+
+    def observe(self, similarity: float, correct: bool, *, entry_id: str, region: str, sampled: bool) -> None:
+        """A static rule does not learn."""
+
+    def forget(self, entry_ids: Iterable[str]) -> None:
+        """Nothing per entry to forget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Result of `calibrate_threshold` on the calibration split."""
+
+    threshold: float
+    objective: str
+    precision: float
+    recall: float
+    f1: float
+    num_pairs: int
+
+
+def clopper_pearson_upper(k: np.ndarray | int, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """One-sided (1 − alpha) upper bound on a binomial rate: Beta⁻¹(1 − α; k + 1, n − k); 1 if k = n."""
+    from scipy.special import betaincinv  # type: ignore[import-untyped,unused-ignore]
+
+    k_arr = np.asarray(k, dtype=np.float64)
+    n_arr = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        upper = betaincinv(k_arr + 1.0, np.maximum(n_arr - k_arr, 1e-12), 1.0 - alpha)
+    return np.where((k_arr >= n_arr) | (n_arr <= 0), 1.0, upper)
+
+
+def clopper_pearson_lower(k: np.ndarray | int, n: np.ndarray | int, alpha: float) -> np.ndarray:
+    """One-sided (1 − alpha) lower bound on a binomial proportion; 0 when k = 0."""
+    k_arr = np.asarray(k, dtype=np.float64)
+    n_arr = np.asarray(n, dtype=np.float64)
+    return 1.0 - clopper_pearson_upper(n_arr - k_arr, n_arr, alpha)
+
+
+def threshold_curve(similarities: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """For every distinct score t (descending): tp, fp, fn at "predict positive when s >= t"."""
+    s = np.asarray(similarities, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    tp = np.cumsum(y_sorted)
+    fp = np.cumsum(~y_sorted)
+    last = np.r_[s_sorted[1:] != s_sorted[:-1], True]  # keep the last row of each tie group
+    return {"threshold": s_sorted[last], "tp": tp[last], "fp": fp[last], "fn": y.sum() - tp[last]}
+
+
+def calibrate_threshold(
+    similarities: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    objective: str = "f1",
+    target_precision: float = 0.95,
+    alpha: float | None = None,
+) -> Calibration:
+    """(b) Threshold from labelled pairs (label 1 = same answer).
+
+    objective "f1": the threshold with the best F1. objective "precision": the lowest threshold whose
+    precision is >= `target_precision` (with `alpha`, whose Clopper–Pearson lower bound at level 1 − alpha
+    is); the highest-recall such threshold.
+    """
+    s = np.asarray(similarities, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.ndim != 1 or s.shape != y.shape or s.size == 0:
+        raise ConfigError(
+            f"`similarities` and `labels` must be equal-length 1-D arrays, got {s.shape}, {y.shape}"
+        )
+    if not set(np.unique(y).tolist()) <= {0, 1}:
+        raise ConfigError("`labels` must be 0 or 1")
+    if objective not in ("f1", "precision"):
+        raise ConfigError(f"`objective` must be 'f1' or 'precision', got {objective!r}")
+    if not 0 < target_precision < 1:
+        raise ConfigError(f"`target_precision` must be in (0, 1), got {target_precision!r}")
+    c = threshold_curve(s, y)
+    tp, fp, fn = c["tp"].astype(float), c["fp"].astype(float), c["fn"].astype(float)
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / np.maximum(tp + fn, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    if objective == "f1":
+        best = int(np.argmax(f1))
+    else:
+        ok_precision = precision if alpha is None else clopper_pearson_lower(tp, tp + fp, alpha)
+        ok = np.flatnonzero(ok_precision >= target_precision)
+        if ok.size == 0:
+            raise ConfigError(f"no threshold reaches precision {target_precision} on these pairs")
+        best = int(ok[np.argmax(recall[ok])])
+    return Calibration(
+        threshold=float(c["threshold"][best]),
+        objective=objective,
+        precision=float(precision[best]),
+        recall=float(recall[best]),
+        f1=float(f1[best]),
+        num_pairs=int(s.size),
+    )
+
+
+@dataclass
+class _Region:
+    samples: deque[tuple[float, bool]]  # (similarity, wrong); -inf for non-events
+    threshold: float = math.nan
+    bound: float | None = None
+    dirty: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundedErrorConfig:
+    """Settings of `BoundedErrorPolicy`; see the module docstring for what each means."""
+
+    delta: float = 0.02  # max false-hit rate per lookup
+    alpha: float = 0.05  # 1 − confidence of the certificate
+    explore_rate: float = 0.1  # ε once a threshold is certified
+    floor: float = 0.5  # lowest candidate threshold
+    grid_step: float = 0.005
+    window: int = 20_000  # most recent samples used
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "delta": 0 < self.delta < 1,
+            "alpha": 0 < self.alpha < 1,
+            "explore_rate": 0 < self.explore_rate <= 1,
+            "floor": -1 <= self.floor < 1,
+            "grid_step": 0 < self.grid_step < 0.5,
+            "window": self.window >= 10,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"`{name}` is out of range: {getattr(self, name)!r}")
+
+
+@dataclass
+class BoundedErrorStats:
+    decisions: int = 0
+    served: int = 0
+    explored: int = 0
+    verifications: int = 0
+    samples: int = 0
+    entry_vetoes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class BoundedErrorPolicy:
+    """(c) Serve only while the certified false-hit rate stays <= δ; learns from verified outcomes.
+
+    Regions are independent certificates (the facade uses one per tenant). Thread-safe.
+    """
+
+    name = "bounded"
+
+    def __init__(self, config: BoundedErrorConfig | None = None) -> None:
+        self.config = config or BoundedErrorConfig()
+        if not isinstance(self.config, BoundedErrorConfig):
+            raise ConfigError(f"`config` must be a BoundedErrorConfig, got {type(self.config).__name__}")
+        c = self.config
+        self._grid = np.arange(1.0 - c.grid_step, c.floor - 1e-9, -c.grid_step)  # descending
+        self._regions: dict[str, _Region] = {}
+        self._entry_boundary: dict[str, float] = {}
+        self._rng = random.Random(c.seed)
+        self._lock = threading.Lock()
+        self.stats = BoundedErrorStats()
+
+    @property
+    def delta(self) -> float:
+        return self.config.delta
+
+    def _region(self, region: str) -> _Region:
+        r = self._regions.get(region)
+        if r is None:
+            r = self._regions[region] = _Region(samples=deque(maxlen=self.config.window))
+        return r
+
+    def threshold(self, region: str) -> float:
+        """The certified threshold t* of `region` (nan while none is certified)."""
+        with self._lock:
+            return self._refit(self._region(region)).threshold
+
+    def decide(self, similarity: float | None, *, entry_id: str | None, region: str) -> Decision:
+        _check_similarity(similarity)
+        with self._lock:
+            r = self._refit(self._region(region))
+            self.stats.decisions += 1
+            certified = not math.isnan(r.threshold)
+            sampled = self._rng.random() < (self.config.explore_rate if certified else 1.0)
+            if similarity is None or similarity < self.config.floor:
+                if sampled:  # a non-event: cannot be a wrong hit at any candidate threshold
+                    r.samples.append((-math.inf, False))
+                    r.dirty = True
+                    self.stats.samples += 1
+                return Decision(
+                    serve=False,
+                    verify=False,
+                    rule=self.name,
+                    threshold=r.threshold,
+                    reason="no-candidate" if similarity is None else "below-threshold",
+                    bound=r.bound,
+                    sampled=sampled,
+                )
+            boundary = max(r.threshold, self._entry_boundary.get(entry_id or "", -math.inf))
+            above = certified and similarity >= boundary
+            vetoed = certified and similarity >= r.threshold and not above
+            if above and not sampled:
+                self.stats.served += 1
+                return Decision(
+                    serve=True,
+                    verify=False,
+                    rule=self.name,
+                    threshold=boundary,
+                    reason="above-threshold",
+                    bound=r.bound,
+                    sampled=False,
+                )
+            if above:
+                self.stats.explored += 1
+            self.stats.verifications += 1
+            self.stats.entry_vetoes += vetoed
+            reason = (
+                "explore"
+                if above
+                else "entry-veto"
+                if vetoed
+                else "warmup"
+                if not certified
+                else ("below-threshold")
+            )
+            # Every miss with a candidate is verified: free (the upstream is called anyway) and it teaches
+            # the entry's own boundary; only `sampled` outcomes enter the certificate.
+            return Decision(
+                serve=False,
+                verify=True,
+                rule=self.name,
+                threshold=boundary,
+                reason=reason,
+                bound=r.bound,
+                sampled=sampled,
+            )
+
+    def observe(self, similarity: float, correct: bool, *, entry_id: str, region: str, sampled: bool) -> None:
+        """A verified outcome of a lookup that `decide` asked to verify (with that decision's `sampled`)."""
+        _check_similarity(similarity)
+        with self._lock:
+            if not correct:
+                old = self._entry_boundary.get(entry_id, -math.inf)
+                # Wrong at this similarity, so (monotonicity) at any lower one too: serve above it only.
+                self._entry_boundary[entry_id] = max(old, math.nextafter(float(similarity), math.inf))
+            if sampled:
+                r = self._region(region)
+                r.samples.append((float(similarity), not correct))
+                r.dirty = True
+                self.stats.samples += 1
+
+    def veto(self, entry_id: str) -> None:
+        """Never serve `entry_id` again (a wrong answer reported outside a verification)."""
+        with self._lock:
+            self._entry_boundary[entry_id] = math.inf
+
+    def forget(self, entry_ids: Iterable[str]) -> None:
+        with self._lock:
+            for entry_id in entry_ids:
+                self._entry_boundary.pop(entry_id, None)
+
+    def _refit(self, r: _Region) -> _Region:
+        """Recompute t* by fixed-sequence testing down the grid (only when new samples arrived)."""
+        if not r.dirty:
+            return r
+        r.dirty = False
+        n = len(r.samples)
+        if n == 0:
+            r.threshold, r.bound = math.nan, None
+            return r
+        sims = np.fromiter((s for s, _ in r.samples), dtype=np.float64, count=n)
+        wrong = np.fromiter((w for _, w in r.samples), dtype=bool, count=n)
+        wrong_sims = np.sort(sims[wrong])
+        k = wrong_sims.size - np.searchsorted(wrong_sims, self._grid, side="left")  # k(t) for each t
+        upper = clopper_pearson_upper(k, n, self.config.alpha)
+        failed = np.flatnonzero(upper > self.config.delta)
+        last_ok = (failed[0] if failed.size else self._grid.size) - 1
+        if last_ok < 0:
+            r.threshold, r.bound = math.nan, None
+        else:
+            r.threshold, r.bound = float(self._grid[last_ok]), float(upper[last_ok])
+        return r

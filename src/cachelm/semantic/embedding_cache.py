@@ -1,0 +1,169 @@
+"""The embedding cache: (tenant, model id, content hash) → vector, on any cachelm `Store`.
+
+It serves the semantic cache (each lookup embeds the last user turn) and the proxy's ``/v1/embeddings``
+(batches of inputs), so the main entry point is a batch call that returns vectors in input order with a
+hit/miss flag per item.
+
+Keys: SHA-256 over (``b"embedding"``, key-schema version, tenant, model id, text); raw text never reaches the
+store. The tenant is part of the key so one tenant cannot learn from hit timing whether another tenant
+embedded a text; pass the same tenant everywhere to share vectors deliberately.
+
+Values: the vector as little-endian float32 bytes, prefixed by its dimension (uint32). A value whose length
+or dimension does not match the embedder is treated as a miss and overwritten.
+
+Failures: a store that raises `BackendError` turns into misses (counted in `stats.errors`); the vectors are
+still computed, so an embedding request never fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.keys import KEY_SCHEMA_VERSION
+from cachelm.semantic.embedder import Embedder, Vectors, check_texts
+from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store
+
+_HEADER = struct.Struct("<I")  # dimension
+
+
+def embedding_key(text: str, *, model_id: str, tenant: str = DEFAULT_TENANT) -> str:
+    """The store key (64 hex chars) of `text` embedded by `model_id` for `tenant`."""
+    h = hashlib.sha256()
+    for part in (b"embedding", str(KEY_SCHEMA_VERSION).encode(), tenant.encode(), model_id.encode()):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    h.update(text.encode())
+    return h.hexdigest()
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    flat = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
+    return _HEADER.pack(flat.shape[0]) + flat.tobytes()
+
+
+def decode_vector(value: bytes, dim: int) -> np.ndarray | None:
+    """The vector in `value`, or None when it is not a `dim`-dimensional encoding."""
+    if len(value) != _HEADER.size + 4 * dim or _HEADER.unpack_from(value)[0] != dim:
+        return None
+    return np.frombuffer(value, dtype="<f4", offset=_HEADER.size).astype(np.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingBatch:
+    """Result of `EmbeddingCache.embed_many`: ``vectors[i]`` embeds ``texts[i]``; ``hits[i]``: was cached."""
+
+    vectors: Vectors  # (n, dim) float32, unit norm
+    hits: tuple[bool, ...]
+
+    @property
+    def num_hits(self) -> int:
+        return sum(self.hits)
+
+
+@dataclass(kw_only=True)
+class EmbeddingCacheStats:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # store failures turned into misses
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, hits: int = 0, misses: int = 0, errors: int = 0) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+            self.errors += errors
+
+
+class EmbeddingCache:
+    """Caches `embedder`'s vectors in `store`. Thread-safe as far as the store and embedder are."""
+
+    def __init__(self, store: Store, embedder: Embedder, *, ttl: float | None = None) -> None:
+        if not isinstance(store, Store):
+            raise ConfigError(f"`store` must be a cachelm Store, got {type(store).__name__}")
+        if not isinstance(embedder, Embedder):
+            raise ConfigError(f"`embedder` must implement Embedder, got {type(embedder).__name__}")
+        if ttl is not None and not ttl > 0:
+            raise ConfigError(f"`ttl` must be None or > 0 seconds, got {ttl!r}")
+        self.store = store
+        self.embedder = embedder
+        self.ttl = ttl
+        self.stats = EmbeddingCacheStats()
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def key(self, text: str, *, tenant: str = DEFAULT_TENANT) -> str:
+        return embedding_key(text, model_id=self.model_id, tenant=tenant)
+
+    def embed_many(self, texts: Sequence[str], *, tenant: str = DEFAULT_TENANT) -> EmbeddingBatch:
+        """Vectors of `texts` in input order; cached ones read, the rest embedded in one batch and stored."""
+        items = check_texts(texts)
+        _check_tenant(tenant)
+        keys = [self.key(t, tenant=tenant) for t in items]
+        found: dict[str, np.ndarray] = {}
+        errors = 0
+        for key in dict.fromkeys(keys):  # each distinct text read once
+            try:
+                record = self.store.get(key)
+            except BackendError:
+                errors += 1
+                continue
+            vector = None if record is None else decode_vector(record.value, self.dim)
+            if vector is not None:
+                found[key] = vector
+        missing = {k: t for k, t in zip(keys, items, strict=True) if k not in found}
+        if missing:
+            computed = self.embedder.embed(list(missing.values()))  # (m, dim)
+            for (key, _text), vector in zip(missing.items(), computed, strict=True):
+                found[key] = vector
+                errors += self._put(key, tenant, vector)
+        hits = tuple(k not in missing for k in keys)
+        self.stats.add(hits=sum(hits), misses=len(hits) - sum(hits), errors=errors)
+        vectors = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
+        return EmbeddingBatch(vectors=np.ascontiguousarray(vectors, dtype=np.float32), hits=hits)
+
+    def embed(self, text: str, *, tenant: str = DEFAULT_TENANT) -> tuple[np.ndarray, bool]:
+        """``(vector, hit)`` for one text; vector shape ``(dim,)``."""
+        if not isinstance(text, str):
+            raise ConfigError(f"`text` must be a str, got {type(text).__name__}")
+        batch = self.embed_many([text], tenant=tenant)
+        return batch.vectors[0], batch.hits[0]
+
+    def remove_tenant(self, tenant: str) -> int:
+        """Delete every cached vector of `tenant`; returns how many."""
+        _check_tenant(tenant)
+        return self.store.purge(Match(tenant=tenant, tag="embedding"))
+
+    def _put(self, key: str, tenant: str, vector: np.ndarray) -> int:
+        now = self.store.clock()
+        record = Record(
+            key=key,
+            value=encode_vector(vector),
+            tenant=tenant,
+            model=self.model_id,
+            tags=frozenset({"embedding"}),
+            created=now,
+            expires=None if self.ttl is None else now + self.ttl,
+        )
+        try:
+            self.store.put(record)
+        except BackendError:
+            return 1
+        return 0
+
+
+def _check_tenant(tenant: str) -> None:
+    if not isinstance(tenant, str) or not tenant:
+        raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")

@@ -1,0 +1,476 @@
+"""In-process HNSW index, optionally persisted beside the embedded store and crash-consistent.
+
+Partitions
+----------
+Each (tenant, context_key) partition starts as an exact `FlatPartition`; when it reaches
+`HNSWConfig.min_graph_size` vectors it is rebuilt as an HNSW graph (`GraphPartition`). Below a thousand or so
+vectors a mat-vec is faster than a graph walk and exact, and most partitions (one per conversation context)
+stay small. The graph library is pluggable (usearch, hnswlib, faiss) so benchmarks/semantic_perf.py can
+compare them on identical data; the default, usearch, won that comparison (docs/BENCHMARKS.md).
+
+Durability (``HNSWIndex(path=...)``)
+------------------------------------
+- ``<path>.semantic.sqlite`` (SQLite, WAL) holds every entry, vector included: it is the source of truth.
+  An entry is committed there *before* it is inserted in memory, and removed there before it leaves memory.
+  Each entry has an integer label (never reused: a high-water mark is kept in the ``meta`` table), the
+  same integer the graph uses.
+- ``<path>.semantic.hnsw/`` holds graph snapshots written by `flush` / `close` (and every
+  `HNSWConfig.snapshot_every` mutations): one graph file and one label file per large partition, then a
+  ``manifest.json`` (file names, SHA-256 of each file, graph settings), replaced atomically last. Files are
+  named by snapshot number, so a crash mid-snapshot leaves the previous manifest and its files intact.
+- Opening reads all entries, then for each large partition loads its snapshot graph if the manifest names
+  one whose checksum and settings match, and *reconciles* it with the table: labels in the graph but not in
+  the table are removed (deleted after the snapshot), labels in the table but not in the graph are added
+  (inserted after the snapshot). A missing, corrupt or foreign snapshot costs a rebuild from the table,
+  never a wrong answer. After a SIGKILL the index therefore holds exactly the committed entries.
+- One process owns the files at a time (an exclusive ``fcntl`` lock on the SQLite file's ``.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.semantic.index import FlatPartition, IndexEntry, Partition, PartitionedIndex, PartitionKey
+
+BACKENDS = ("usearch", "hnswlib", "faiss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HNSWConfig:
+    """Graph settings. `connectivity` is HNSW's M; `expansion_*` are ef_construction / ef_search."""
+
+    backend: str = "usearch"
+    connectivity: int = 16
+    expansion_add: int = 128
+    expansion_search: int = 64
+    min_graph_size: int = 1024  # a partition below this is searched exactly
+    snapshot_every: int = 50_000  # mutations between automatic snapshots (persisted index only)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("connectivity", "expansion_add", "expansion_search", "min_graph_size", "snapshot_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"`{name}` must be an int >= 1, got {value!r}")
+
+
+class GraphPartition:
+    """One partition as an HNSW graph of the configured library. Labels are the index's integer labels."""
+
+    def __init__(self, dim: int, config: HNSWConfig, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.config = config
+        self.backend = config.backend
+        self._count = 0
+        self._dead: set[int] = set()  # faiss's HNSW cannot delete: removed labels are skipped in results
+        self._labels: set[int] = set()
+        self.graph: Any = self._make(capacity)
+
+    def _make(self, capacity: int) -> Any:
+        c = self.config
+        if self.backend == "usearch":
+            from usearch.index import Index
+
+            return Index(
+                ndim=self.dim,
+                metric="ip",
+                dtype="f32",
+                connectivity=c.connectivity,
+                expansion_add=c.expansion_add,
+                expansion_search=c.expansion_search,
+            )
+        if self.backend == "hnswlib":
+            import hnswlib
+
+            graph = hnswlib.Index(space="ip", dim=self.dim)
+            graph.init_index(
+                max_elements=capacity,
+                M=c.connectivity,
+                ef_construction=c.expansion_add,
+                allow_replace_deleted=True,
+            )
+            graph.set_ef(c.expansion_search)
+            return graph
+        import faiss
+
+        inner = faiss.IndexHNSWFlat(self.dim, c.connectivity, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = c.expansion_add
+        inner.hnsw.efSearch = c.expansion_search
+        return faiss.IndexIDMap2(inner)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def labels(self) -> set[int]:
+        return self._labels
+
+    def add_many(self, labels: Sequence[int], vectors: np.ndarray) -> None:
+        """Insert `labels` with `vectors` (n, dim); labels must be new to this partition."""
+        if len(labels) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(labels), self.dim)
+        if self.backend == "usearch":
+            self.graph.add(np.asarray(labels, dtype=np.uint64), vectors)
+        elif self.backend == "hnswlib":
+            needed = self.graph.element_count + len(labels)
+            if needed > self.graph.get_max_elements():
+                self.graph.resize_index(max(needed, 2 * self.graph.get_max_elements()))
+            self.graph.add_items(vectors, np.asarray(labels, dtype=np.int64), replace_deleted=True)
+        else:
+            self.graph.add_with_ids(vectors, np.asarray(labels, dtype=np.int64))
+        self._labels.update(int(x) for x in labels)
+
+    def add(self, label: int, vector: np.ndarray) -> None:
+        if label in self._labels:
+            self.remove(label)
+        self.add_many([label], vector.reshape(1, -1))
+
+    def remove(self, label: int) -> bool:
+        if label not in self._labels:
+            return False
+        self._labels.discard(label)
+        if self.backend == "usearch":
+            self.graph.remove(label)
+        elif self.backend == "hnswlib":
+            self.graph.mark_deleted(label)
+        else:
+            self._dead.add(label)
+        return True
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        n = len(self._labels)
+        if n == 0:
+            return []
+        k = min(k, n)
+        if self.backend == "usearch":
+            matches = self.graph.search(query, k)
+            return [
+                (int(key), 1.0 - float(d)) for key, d in zip(matches.keys, matches.distances, strict=True)
+            ]
+        if self.backend == "hnswlib":
+            labels, dists = self.graph.knn_query(query.reshape(1, -1), k=k)
+            return [(int(key), 1.0 - float(d)) for key, d in zip(labels[0], dists[0], strict=True)]
+        wanted = min(k + len(self._dead), self.graph.ntotal)
+        sims, labels = self.graph.search(query.reshape(1, -1), wanted)
+        hits = [(int(key), float(s)) for key, s in zip(labels[0], sims[0], strict=True) if key >= 0]
+        return [(key, s) for key, s in hits if key not in self._dead][:k]
+
+    def save(self, path: Path) -> None:
+        if self.backend == "usearch":
+            self.graph.save(str(path))
+        elif self.backend == "hnswlib":
+            self.graph.save_index(str(path))
+        else:
+            import faiss
+
+            faiss.write_index(self.graph, str(path))
+
+    @classmethod
+    def load(cls, path: Path, labels: Iterable[int], dim: int, config: HNSWConfig) -> GraphPartition:
+        """Load a saved graph whose live labels (as saved) are `labels`."""
+        part = cls(dim, config, capacity=1)
+        if config.backend == "usearch":
+            part.graph.load(str(path))
+        elif config.backend == "hnswlib":
+            part.graph.load_index(str(path), allow_replace_deleted=True)
+            part.graph.set_ef(config.expansion_search)
+        else:
+            import faiss
+
+            part.graph = faiss.read_index(str(path))
+            part.graph.index.hnsw.efSearch = config.expansion_search
+            stored = set(faiss.vector_to_array(part.graph.id_map).tolist())
+            part._dead = stored - set(labels)
+        part._labels = {int(x) for x in labels}
+        return part
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    label INTEGER PRIMARY KEY,
+    entry_id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    context_key TEXT NOT NULL,
+    response_key TEXT NOT NULL,
+    created REAL NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _partition_file_id(key: PartitionKey) -> str:
+    return hashlib.sha256(f"{key[0]}\x00{key[1]}".encode()).hexdigest()[:24]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HNSWIndex(PartitionedIndex):
+    """Partitioned HNSW (see module docstring). In memory, or durable when `path` is given.
+
+    `path` is the embedded store's file (e.g. ``cache.sqlite``); the index writes ``cache.sqlite.semantic.*``
+    beside it. Settings (dim, graph parameters) are persisted and must match on reopen.
+    """
+
+    def __init__(
+        self, dim: int, *, config: HNSWConfig | None = None, path: str | os.PathLike[str] | None = None
+    ):
+        super().__init__(dim)
+        self.config = config or HNSWConfig()
+        if not isinstance(self.config, HNSWConfig):
+            raise ConfigError(f"`config` must be an HNSWConfig, got {type(self.config).__name__}")
+        self._db: sqlite3.Connection | None = None
+        self._mutations = 0
+        self.recovery: dict[str, int] = {"loaded": 0, "rebuilt": 0, "reconciled": 0}
+        if path is not None:
+            self._open(Path(path))
+
+    # -- partitions -------------------------------------------------------------------------------
+    def _maybe_upgrade(self, part: FlatPartition | Partition) -> FlatPartition | Partition:
+        if isinstance(part, FlatPartition) and len(part) >= self.config.min_graph_size:
+            graph = GraphPartition(self._dim, self.config, capacity=2 * len(part))
+            graph.add_many(part.labels, part.vectors[: len(part)])
+            return graph
+        return part
+
+    def graph_partitions(self) -> int:
+        with self._lock:
+            return sum(isinstance(p, GraphPartition) for p in self._partitions.values())
+
+    # -- durability -------------------------------------------------------------------------------
+    def _open(self, path: Path) -> None:
+        self._base = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(f"{path}.semantic.lock", "a+b")  # noqa: SIM115 - held for the index's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock_file.close()
+            raise BackendError(f"semantic index {path} is open in another process") from exc
+        try:
+            self._db = sqlite3.connect(
+                f"{path}.semantic.sqlite", isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a process crash loses nothing committed; only a power cut can lose the
+            # last transactions, which then simply are not in the cache.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._check_settings()
+            self._load_entries()
+        except sqlite3.Error as exc:
+            raise BackendError(f"semantic index {path}: {exc}") from exc
+
+    @property
+    def _snap_dir(self) -> Path:
+        return Path(f"{self._base}.semantic.hnsw")
+
+    def _check_settings(self) -> None:
+        assert self._db is not None
+        rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if "dim" in rows and int(rows["dim"]) != self._dim:
+            raise ConfigError(
+                f"`dim` is {self._dim} but the index at {self._base} was created with {rows['dim']}"
+            )
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(self._dim),))
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_label', '1')")
+
+    def _load_entries(self) -> None:
+        assert self._db is not None
+        by_part: dict[PartitionKey, list[tuple[int, IndexEntry]]] = {}
+        for label, entry_id, tenant, ctx, rkey, created, blob in self._db.execute(
+            "SELECT label, entry_id, tenant, context_key, response_key, created, vector FROM entries"
+        ):
+            vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            entry = IndexEntry(
+                entry_id=entry_id,
+                tenant=tenant,
+                context_key=ctx,
+                response_key=rkey,
+                vector=vector,
+                created=created,
+            )
+            by_part.setdefault(entry.partition, []).append((label, entry))
+        (next_label,) = self._db.execute("SELECT value FROM meta WHERE key='next_label'").fetchone()
+        manifest = self._read_manifest()
+        for key, items in by_part.items():
+            graph = (
+                self._load_graph(key, items, manifest) if len(items) >= self.config.min_graph_size else None
+            )
+            if graph is not None:
+                self._partitions[key] = graph
+            for label, entry in items:
+                if graph is None:
+                    self._insert(label, entry)
+                else:  # the graph already holds the vector: only the maps are filled
+                    self._index_meta(label, entry)
+        self._next_label = max(self._next_label, int(next_label))
+
+    def _index_meta(self, label: int, entry: IndexEntry) -> None:
+        from cachelm.semantic.index import _Meta
+
+        self._meta[label] = _Meta(entry.entry_id, entry.partition, entry.response_key)
+        self._labels[entry.entry_id] = label
+        self._by_response.setdefault((entry.tenant, entry.response_key), set()).add(label)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            manifest = json.loads((self._snap_dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("config") != asdict(self.config)
+            or manifest.get("dim") != self._dim
+        ):
+            return {}  # another backend or other graph settings: rebuild rather than guess
+        return manifest
+
+    def _load_graph(
+        self, key: PartitionKey, items: list[tuple[int, IndexEntry]], manifest: dict[str, Any]
+    ) -> GraphPartition:
+        live = {label: entry.vector for label, entry in items}
+        info = manifest.get("partitions", {}).get(_partition_file_id(key))
+        graph = None
+        if isinstance(info, dict):
+            with contextlib.suppress(Exception):  # any unreadable snapshot means: rebuild
+                gpath, lpath = self._snap_dir / info["graph"], self._snap_dir / info["labels"]
+                if (
+                    _sha256_file(gpath) == info["graph_sha256"]
+                    and _sha256_file(lpath) == info["labels_sha256"]
+                ):
+                    saved = np.load(lpath).tolist()
+                    graph = GraphPartition.load(gpath, saved, self._dim, self.config)
+        if graph is None:
+            graph = GraphPartition(self._dim, self.config, capacity=2 * len(items))
+            graph.add_many(list(live), np.stack(list(live.values())))
+            self.recovery["rebuilt"] += 1
+            return graph
+        stale = [label for label in graph.labels if label not in live]
+        fresh = [label for label in live if label not in graph.labels]
+        for label in stale:
+            graph.remove(label)
+        if fresh:
+            graph.add_many(fresh, np.stack([live[label] for label in fresh]))
+        self.recovery["reconciled" if stale or fresh else "loaded"] += 1
+        return graph
+
+    def _journal_add(self, labelled: Sequence[tuple[int, IndexEntry]]) -> None:
+        if self._db is None:
+            return
+        rows = [
+            (
+                label,
+                e.entry_id,
+                e.tenant,
+                e.context_key,
+                e.response_key,
+                e.created,
+                np.ascontiguousarray(e.vector, dtype="<f4").tobytes(),
+            )
+            for label, e in labelled
+        ]
+        high = max(label for label, _ in labelled) + 1
+        self._write(
+            lambda db: (
+                db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?)", rows),
+                db.execute(
+                    "UPDATE meta SET value=? WHERE key='next_label' AND CAST(value AS INT) < ?",
+                    (str(high), high),
+                ),
+            ),
+            len(rows),
+        )
+
+    def _journal_remove(self, labels: Sequence[int]) -> None:
+        if self._db is None:
+            return
+        self._write(
+            lambda db: db.executemany("DELETE FROM entries WHERE label=?", [(x,) for x in labels]),
+            len(labels),
+        )
+
+    def _write(self, body: Any, count: int) -> None:
+        assert self._db is not None
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                body(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise BackendError(f"semantic index {self._base}: {exc}") from exc
+        self._mutations += count
+        if self._mutations >= self.config.snapshot_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write a snapshot of every graph partition (no-op for an in-memory index)."""
+        if self._db is None:
+            return
+        with self._lock:
+            self._mutations = 0
+            snap = self._snap_dir
+            snap.mkdir(exist_ok=True)
+            old = self._read_manifest()
+            number = int(old.get("snapshot", 0)) + 1
+            parts: dict[str, dict[str, str]] = {}
+            for key, part in self._partitions.items():
+                if not isinstance(part, GraphPartition):
+                    continue
+                fid = _partition_file_id(key)
+                gname, lname = f"{fid}-{number}.graph", f"{fid}-{number}.labels.npy"
+                part.save(snap / gname)
+                np.save(snap / lname, np.asarray(sorted(part.labels), dtype=np.int64))
+                parts[fid] = {
+                    "graph": gname,
+                    "labels": lname,
+                    "graph_sha256": _sha256_file(snap / gname),
+                    "labels_sha256": _sha256_file(snap / lname),
+                }
+            manifest = {
+                "snapshot": number,
+                "dim": self._dim,
+                "config": asdict(self.config),
+                "partitions": parts,
+            }
+            tmp = snap / "manifest.json.tmp"
+            with tmp.open("w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, snap / "manifest.json")  # the commit point of a snapshot
+            keep = {"manifest.json"} | {name for p in parts.values() for name in (p["graph"], p["labels"])}
+            for file in snap.iterdir():
+                if file.name not in keep:
+                    file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._db is None:
+            return
+        self.flush()
+        self._db.close()
+        self._db = None
+        self._lock_file.close()  # releases the flock

@@ -1,0 +1,182 @@
+"""The shared-tier vector index: PostgreSQL + pgvector, HNSW over inner product.
+
+One table per index (name chosen by the caller, so tests and deployments can share a database):
+
+    entry_id text PRIMARY KEY, tenant text, context_key text, response_key text, created float8,
+    embedding vector(dim)
+    + btree (tenant, context_key), btree (tenant, response_key), hnsw (embedding vector_ip_ops)
+
+Search is one statement::
+
+    SELECT ... WHERE tenant = $1 AND context_key = $2 ORDER BY embedding <#> $3 LIMIT $k
+
+so the tenant and context filter is applied by the database inside the search; no row of another partition
+is ever read into the result. pgvector >= 0.8's iterative index scan (``hnsw.iterative_scan``) is switched on
+per connection so a selective filter on an HNSW scan still returns `k` rows; on older pgvector the planner
+falls back to the btree on (tenant, context_key) plus an exact sort, which is also correct.
+
+Errors from psycopg are translated to `BackendError` here, at the one boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.semantic.index import IndexEntry, Neighbor, check_entries, check_query
+
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,50}")
+
+
+class PgVectorIndex:
+    """A `VectorIndex` in PostgreSQL. Thread-safe: one connection, statements serialised by a lock."""
+
+    def __init__(
+        self,
+        url: str,
+        dim: int,
+        *,
+        table: str = "cachelm_semantic",
+        connectivity: int = 16,
+        expansion_add: int = 64,
+        expansion_search: int = 100,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(f"`url` must be a postgresql:// URL, got {url!r}")
+        if not isinstance(dim, int) or not 1 <= dim <= 16000:
+            raise ConfigError(f"`dim` must be an int in [1, 16000], got {dim!r}")
+        if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
+            raise ConfigError(f"`table` must match {_TABLE_NAME.pattern}, got {table!r}")
+        for name, value in (
+            ("connectivity", connectivity),
+            ("expansion_add", expansion_add),
+            ("expansion_search", expansion_search),
+        ):
+            if not isinstance(value, int) or value < 2:
+                raise ConfigError(f"`{name}` must be an int >= 2, got {value!r}")
+        self._dim = dim
+        self.table = table
+        self._lock = threading.Lock()
+        try:
+            import psycopg
+            from pgvector.psycopg import register_vector
+        except ImportError as exc:
+            raise ConfigError("PgVectorIndex needs `pip install cachelm[postgres]`") from exc
+        self._psycopg = psycopg
+        try:
+            self._conn: Any = psycopg.connect(
+                url, autocommit=True, connect_timeout=int(max(1, connect_timeout))
+            )
+            self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            register_vector(self._conn)
+            self._create(connectivity, expansion_add)
+            self._conn.execute(f"SET hnsw.ef_search = {int(expansion_search)}")
+            # pgvector < 0.8 lacks iterative scans: the btree + exact sort fallback is still correct.
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SET hnsw.iterative_scan = relaxed_order")
+        except psycopg.Error as exc:
+            raise BackendError(f"pgvector index {table}: {exc}") from exc
+
+    def _create(self, connectivity: int, expansion_add: int) -> None:
+        t = self.table
+        self._conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {t} (entry_id text PRIMARY KEY, tenant text NOT NULL,"
+            f" context_key text NOT NULL, response_key text NOT NULL, created float8 NOT NULL,"
+            f" embedding vector({self._dim}) NOT NULL)"
+        )
+        row = self._conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attname = 'embedding'",
+            (t,),
+        ).fetchone()
+        if row is None or row[0] != f"vector({self._dim})":
+            raise ConfigError(f"`dim` is {self._dim} but table {t} stores {row[0] if row else 'nothing'}")
+        self._conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_part ON {t} (tenant, context_key)")
+        self._conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_resp ON {t} (tenant, response_key)")
+        self._conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_ip_ops)"
+            f" WITH (m = {int(connectivity)}, ef_construction = {int(expansion_add)})"
+        )
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _run(self, sql: str, params: Any = None, *, many: bool = False) -> Any:
+        with self._lock:
+            try:
+                if many:
+                    with self._conn.cursor() as cur:
+                        cur.executemany(sql, params)
+                        return cur.rowcount
+                return self._conn.execute(sql, params)
+            except self._psycopg.Error as exc:
+                raise BackendError(f"pgvector index {self.table}: {exc}") from exc
+
+    def add(self, entries: Sequence[IndexEntry]) -> None:
+        items = check_entries(entries, self._dim)
+        if not items:
+            return
+        rows = [(e.entry_id, e.tenant, e.context_key, e.response_key, e.created, e.vector) for e in items]
+        self._run(
+            f"INSERT INTO {self.table} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (entry_id) DO UPDATE SET"
+            " tenant = EXCLUDED.tenant, context_key = EXCLUDED.context_key,"
+            " response_key = EXCLUDED.response_key, created = EXCLUDED.created,"
+            " embedding = EXCLUDED.embedding",
+            rows,
+            many=True,
+        )
+
+    def search(self, vector: np.ndarray, *, tenant: str, context_key: str, k: int = 1) -> list[Neighbor]:
+        query = check_query(vector, self._dim, k, tenant, context_key)
+        rows = self._run(
+            f"SELECT entry_id, response_key, -(embedding <#> %s) AS sim FROM {self.table}"
+            " WHERE tenant = %s AND context_key = %s ORDER BY embedding <#> %s LIMIT %s",
+            (query, tenant, context_key, query, k),
+        ).fetchall()
+        # relaxed_order may return rows slightly out of order: sort here.
+        found = [Neighbor(entry_id=r[0], response_key=r[1], similarity=float(r[2])) for r in rows]
+        return sorted(found, key=lambda n: -n.similarity)
+
+    def remove(self, entry_ids: Iterable[str]) -> int:
+        ids = list(dict.fromkeys(entry_ids))
+        if not ids:
+            return 0
+        return int(self._run(f"DELETE FROM {self.table} WHERE entry_id = ANY(%s)", (ids,)).rowcount)
+
+    def remove_tenant(self, tenant: str) -> int:
+        return int(self._run(f"DELETE FROM {self.table} WHERE tenant = %s", (tenant,)).rowcount)
+
+    def remove_response_keys(self, tenant: str, response_keys: Iterable[str]) -> int:
+        keys = list(dict.fromkeys(response_keys))
+        if not keys:
+            return 0
+        return int(
+            self._run(
+                f"DELETE FROM {self.table} WHERE tenant = %s AND response_key = ANY(%s)", (tenant, keys)
+            ).rowcount
+        )
+
+    def get(self, entry_id: str) -> tuple[tuple[str, str], str] | None:
+        row = self._run(
+            f"SELECT tenant, context_key, response_key FROM {self.table} WHERE entry_id = %s", (entry_id,)
+        ).fetchone()
+        return None if row is None else ((row[0], row[1]), row[2])
+
+    def __len__(self) -> int:
+        return int(self._run(f"SELECT count(*) FROM {self.table}").fetchone()[0])
+
+    def drop(self) -> None:
+        """Drop the table (tests and `cachelm purge --all`)."""
+        self._run(f"DROP TABLE IF EXISTS {self.table}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
