@@ -381,7 +381,9 @@ class Proxy:
                 failed = Outcome(status=502, body=error_body("upstream sent an empty stream"))
                 sink.put_nowait(failed)
                 return failed
-            return Outcome(status=502, body=error_body("upstream stream ended incomplete"))
+            incomplete = error_body("upstream stream ended before it was complete")
+            sink.put_nowait(frame(incomplete))  # the client must not take a truncated answer for a whole one
+            return Outcome(status=502, body=incomplete)
         response = recorder.response()
         return Outcome(status=200, body=orjson.dumps(response), response=response)
 

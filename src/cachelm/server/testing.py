@@ -50,15 +50,23 @@ class ProxyThread:
     """A proxy served by uvicorn in a daemon thread of this process. ``url`` has no ``/v1`` suffix."""
 
     def __init__(
-        self, config: ServerConfig, registry: TenantRegistry | None = None, *, upstream: Upstream | None = None
+        self,
+        config: ServerConfig,
+        registry: TenantRegistry | None = None,
+        *,
+        upstream: Upstream | None = None,
     ) -> None:
         self.runtime = Runtime(config, registry or TenantRegistry(), upstream=upstream)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(
             uvicorn.Config(
-                build_app(self.runtime), host="127.0.0.1", port=self.port, log_level="critical",
-                access_log=False, lifespan="on",
+                build_app(self.runtime),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="critical",
+                access_log=False,
+                lifespan="on",
             )
         )
         self._thread = threading.Thread(target=self._server.run, name="cachelm-proxy", daemon=True)
