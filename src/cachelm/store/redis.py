@@ -29,7 +29,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -180,7 +180,9 @@ class RedisStore(Store):
         for name, value in timeouts.items():
             if value <= 0:
                 raise ConfigError(f"`{name}` must be > 0 seconds, got {value!r}")
-        clean = urlunsplit(parts._replace(query=urlencode(query)))
+        # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path", which redis-py rejects.
+        base = url.split("?", 1)[0]
+        clean = f"{base}?{urlencode(query)}" if query else base
         try:
             client = redis.Redis.from_url(
                 clean,
@@ -189,7 +191,7 @@ class RedisStore(Store):
             )
         except (ValueError, redis.RedisError) as exc:
             raise ConfigError(f"`url` {url!r} is not a valid Redis URL: {exc}") from exc
-        shown = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))  # hide the password
+        shown = base.replace(parts.netloc, parts.netloc.rsplit("@", 1)[-1], 1)  # hide the password
         return cls(client, namespace=namespace, clock=clock, sweep_every=sweep_every, url=shown)
 
     # -- keys --------------------------------------------------------------------------------------------
