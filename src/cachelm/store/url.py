@@ -54,6 +54,8 @@ def _open_sqlite(url: str, kwargs: dict[str, Any]) -> Store:
     parts = urlsplit(url)
     # sqlite:///abs/path → netloc "" and path "/abs/path"; sqlite://rel.db → netloc "rel.db".
     path = parts.netloc + parts.path
+    if path.startswith("//"):  # sqlite:////abs/path (SQLAlchemy's spelling) means the same file
+        path = "/" + path.lstrip("/")
     if not path or path == "/":
         raise ConfigError(f"`url` {url!r} names no database file (sqlite:///abs/path.db or sqlite://rel.db)")
     types = {f.name: f.type for f in dataclasses.fields(SQLiteSettings)}
