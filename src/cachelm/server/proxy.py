@@ -315,7 +315,7 @@ class Proxy:
                         await lease.release()
                         return None, self._found(found)
                     return lease, None
-                if await anext(polls, None) is None:
+                if await anext(polls, -1) < 0:
                     self.metrics.degraded.labels("lock_wait_timeout").inc()
                     return None, None
                 found = None if refresh else self._peek(key)

@@ -24,7 +24,11 @@ from cachelm.server.proxy import Proxy
 from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
 from cachelm.server.tenants import TenantRegistry
 from cachelm.server.upstream import HTTPUpstream, Upstream, UpstreamError
+from cachelm.policy.lru import LRUPolicy
 from cachelm.store.base import Match, Store
+from cachelm.store.bounded import BoundedStore
+from cachelm.store.memory import MemoryStore
+from cachelm.store.tiered import TieredStore
 from cachelm.store.url import open_store
 
 log = logging.getLogger("cachelm.server")
@@ -41,20 +45,12 @@ def _open_records(config: ServerConfig) -> Store:
     return open_store(config.store_url, keyring=keyring)
 
 
-def _with_l1(l2: Store, entries: int) -> tuple[Store, Store | None]:
-    """`l2` behind a bounded in-process LRU tier; (store, l1). Without L1 when `entries` is 0."""
+def _with_l1(l2: Store, entries: int) -> tuple[Store, TieredStore | None]:
+    """`l2` behind a bounded in-process LRU tier; (store, tiered). Without L1 when `entries` is 0."""
     if entries == 0:
         return l2, None
-    try:
-        from cachelm.policy.lru import LRUPolicy
-        from cachelm.store.memory import MemoryStore
-        from cachelm.store.tiered import BoundedStore, TieredStore
-    except ImportError as exc:
-        log.warning("no in-process L1", extra={"reason": str(exc)})
-        return l2, None
-
-    l1 = BoundedStore(MemoryStore(), LRUPolicy(max_entries=entries))
-    return TieredStore(l1, l2), l1
+    tiered = TieredStore(BoundedStore(MemoryStore(), LRUPolicy(max_entries=entries)), l2)
+    return tiered, tiered
 
 
 def _local_upstream(config: ServerConfig) -> Upstream:
@@ -83,7 +79,7 @@ class Runtime:
         self.registry = registry
         self.origin = uuid.uuid4().hex[:12]
         self.records = _open_records(config)
-        self.store, self.l1 = _with_l1(self.records, config.l1_entries)
+        self.store, self.tiered = _with_l1(self.records, config.l1_entries)
         self.cache = ExactCache(
             self.store, default_ttl=config.default_ttl, metrics=CacheMetrics(), key_secret=config.key_secret
         )
@@ -148,19 +144,20 @@ class Runtime:
     # -- L1 coherence ----------------------------------------------------------------------------------
 
     def _drop_local(self, message: dict[str, object]) -> None:
-        if self.l1 is None or message.get("origin") == self.origin:
-            return
+        tiered = self.tiered
+        if tiered is None or message.get("origin") == self.origin:
+            return  # our own writes already updated our L1
         key, tenant, user = message.get("key"), message.get("tenant"), message.get("user")
         if isinstance(key, str):
-            self.l1.delete(key)
-        elif message.get("all"):
-            self.l1.clear()
-        elif isinstance(tenant, str):
-            self.l1.purge(Match(tenant=tenant, user=user if isinstance(user, str) else None))
+            tiered.invalidate_local(key)
+        elif isinstance(tenant, str) and not message.get("all"):
+            tiered.l1.purge(Match(tenant=tenant, user=user if isinstance(user, str) else None))
+        else:
+            tiered.clear_local()
 
     def _reset_local(self) -> None:
-        if self.l1 is not None:
-            self.l1.clear()
+        if self.tiered is not None:
+            self.tiered.clear_local()
 
     async def invalidate(
         self, *, tenant: str | None = None, user: str | None = None, all: bool = False

@@ -149,15 +149,17 @@ class RedisLocks:
         except RedisError as exc:
             raise BackendError(f"redis exists failed: {exc}") from exc
 
-    async def polls(self) -> AsyncIterator[None]:
-        """Yields at a growing interval until `wait_timeout_s` has passed (then stops)."""
+    async def polls(self) -> AsyncIterator[int]:
+        """Yields 0, 1, 2… at a growing interval until `wait_timeout_s` has passed (then stops)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.wait_timeout_s
         delay = self.config.poll_initial_s
+        attempt = 0
         while loop.time() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.config.poll_max_s)
-            yield
+            yield attempt
+            attempt += 1
 
 
 class Invalidator:
@@ -212,7 +214,7 @@ class Invalidator:
                 log.warning("invalidation channel down", extra={"error": str(exc)})
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
