@@ -1,0 +1,273 @@
+"""The `cachelm` command: stats, purge, export, import, pass-through commands, and its error contract."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachelm import cli
+from cachelm.response.exact import ExactCache
+from cachelm.store.redis import RedisStore
+from cachelm.store.sqlite import SQLiteStore
+
+
+def chat(text: str, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {"model": model, "temperature": 0, "messages": [{"role": "user", "content": text}]}
+
+
+def answer(text: str) -> dict[str, Any]:
+    message = {"role": "assistant", "content": f"re: {text}"}
+    return {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }
+
+
+SPEC = [  # name, tenant, user, tags, model, age in seconds
+    ("a1", "acme", "ann", ["faq"], "gpt-4o-mini", 10 * 86400),
+    ("a2", "acme", "bob", ["faq", "billing"], "gpt-4o", 3 * 86400),
+    ("g1", "globex", "ann", ["faq"], "gpt-4o-mini", 60),
+    ("d1", "default", "", [], "gpt-4o", 30),
+]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """A SQLite store with four entries of known metadata; returns its URL."""
+    path = tmp_path / "cache.db"
+    with SQLiteStore(path) as store:
+        cache = ExactCache(store)
+        now = time.time()
+        for name, tenant, user, tags, model, age in SPEC:
+            req = chat(name, model)
+            record = cache.make_record(
+                cache.key_for(req, tenant=tenant), req, answer(name), tenant=tenant, user=user, tags=tags,
+                created=now - age,
+            )  # fmt: skip
+            store.put(record)
+    return f"sqlite:///{path}"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def names_left(url: str) -> set[str]:
+    with SQLiteStore(url[len("sqlite://") :]) as store:
+        contents = {json.loads(r.value)["choices"][0]["message"]["content"] for r in store.scan()}
+    return {c.removeprefix("re: ") for c in contents}
+
+
+def test_stats_table_and_json(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["stats", "--store", db, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["entries"] == 4
+    assert report["tenants"]["acme"]["entries"] == 2
+    assert report["models"]["gpt-4o"]["entries"] == 2
+    assert report["tags"]["faq"]["entries"] == 3
+    assert report["bytes"] == sum(row["bytes"] for row in report["tenants"].values()) > 0
+    assert report["oldest_age_s"] == pytest.approx(10 * 86400, abs=60)
+    code, out, _ = run(["stats", "--store", db], capsys)
+    assert code == 0 and "entries  4" in out and "acme" in out and "globex" in out
+
+
+@pytest.mark.parametrize(
+    ("filters", "left"),
+    [
+        (["--tenant", "acme"], {"g1", "d1"}),
+        (["--user", "ann"], {"a2", "d1"}),
+        (["--tag", "faq", "--tenant", "acme"], {"g1", "d1"}),
+        (["--model", "gpt-4o"], {"a1", "g1"}),
+        (["--older-than", "2d"], {"g1", "d1"}),
+        (["--older-than", "45"], {"d1"}),
+        (["--all"], set()),
+    ],
+)
+def test_purge(db: str, capsys: pytest.CaptureFixture[str], filters: list[str], left: set[str]) -> None:
+    code, out, _ = run(["purge", "--store", db, *filters], capsys)
+    assert code == 0
+    assert out == f"purged {4 - len(left)} entries\n"
+    assert names_left(db) == left
+
+
+def test_purge_refuses_to_run_without_a_filter(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["purge", "--store", db], capsys)
+    assert code == 2 and err.startswith("cachelm: error: purge needs a filter") and err.count("\n") == 1
+    code, _, err = run(["purge", "--store", db, "--all", "--tenant", "acme"], capsys)
+    assert code == 2 and "--all cannot be combined" in err
+    assert len(names_left(db)) == 4
+
+
+def test_durations() -> None:
+    assert cli.parse_duration("90") == 90
+    assert cli.parse_duration("15m") == 900
+    assert cli.parse_duration("1.5h") == 5400
+    assert cli.parse_duration("7d") == 7 * 86400
+    with pytest.raises(Exception, match="`--older-than`"):
+        cli.parse_duration("yesterday")
+
+
+def test_bad_duration_is_a_usage_error(db: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cachelm.cli", "purge", "--store", db, "--older-than", "soon"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--older-than" in result.stderr
+
+
+def test_export_then_import_into_another_store(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dump = tmp_path / "dump.jsonl"
+    code, _, err = run(["export", "--store", db, "--out", str(dump)], capsys)
+    assert code == 0 and "exported 4 entries" in err
+    assert len(dump.read_text().splitlines()) == 4
+    target = f"sqlite:///{tmp_path / 'copy.db'}"
+    code, out, _ = run(["import", "--store", target, str(dump)], capsys)
+    assert (code, out) == (0, "imported 4 entries\n")
+    assert names_left(target) == {"a1", "a2", "g1", "d1"}
+    with SQLiteStore(tmp_path / "copy.db") as store:
+        hit = ExactCache(store).lookup(chat("g1"), tenant="globex")
+    assert hit is not None and hit.response == answer("g1")
+
+
+def test_export_to_stdout_with_a_filter(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["export", "--store", db, "--tenant", "acme", "--tag", "billing"], capsys)
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(x["tenant"], x["user"]) for x in lines] == [("acme", "bob")]
+
+
+def test_import_seed_lines_uses_the_server_key_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHELM_KEY_SECRET", "s3cret")
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(
+        json.dumps({"request": chat("hours?"), "response": answer("hours?"), "tags": ["faq"]}) + "\n"
+    )
+    url = f"sqlite:///{tmp_path / 'seeded.db'}"
+    assert run(["import", "--store", url, str(seed)], capsys)[0] == 0
+    with SQLiteStore(tmp_path / "seeded.db") as store:
+        assert ExactCache(store, key_secret=b"s3cret").lookup(chat("hours?")) is not None
+        assert ExactCache(store).lookup(chat("hours?")) is None  # keys depend on the secret
+
+
+def test_a_malformed_jsonl_line_is_reported_with_its_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"request": chat("x"), "response": answer("x")})
+    bad.write_text(f"{good}\n{good}\n{{oops\n")
+    url = f"sqlite:///{tmp_path / 'target.db'}"
+    code, _, err = run(["import", "--store", url, str(bad)], capsys)
+    assert code == 2
+    assert err.startswith("cachelm: error: line 3: not valid JSON") and err.count("\n") == 1
+    assert "nothing was imported" in err
+    with SQLiteStore(tmp_path / "target.db") as store:
+        assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["stats", "--store", "bogus://x"], "unknown scheme 'bogus'"),
+        (["stats", "--store", "not a url"], "`url` must look like scheme://"),
+        (["import", "--store", "memory://", "/no/such/file.jsonl"], "cannot read '/no/such/file.jsonl'"),
+        (["export", "--store", "memory://", "--out", "/no/such/dir/x.jsonl"], "cannot write"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err and err.startswith("cachelm: error: ") and err.count("\n") == 1
+
+
+def test_an_unreadable_binary_file_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "dump.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = run(["import", "--store", "memory://", str(binary)], capsys)
+    assert code == 2 and "not UTF-8" in err
+
+
+def test_a_dead_store_is_exit_status_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = run(["stats", "--store", f"redis://127.0.0.1:{port}/0?socket_connect_timeout=0.2"], capsys)
+    assert code == 1 and err.startswith("cachelm: store error:")
+
+
+def test_redis_store_by_url(redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = RedisStore.from_url(redis_url, namespace=namespace)
+    try:
+        ExactCache(store).store(chat("r"), answer("r"), tenant="acme")
+        sep = "&" if "?" in redis_url else "?"
+        url = f"{redis_url}{sep}namespace={namespace}"
+        code, out, _ = run(["stats", "--store", url, "--json"], capsys)
+        assert code == 0 and json.loads(out)["tenants"] == {
+            "acme": {"entries": 1, "bytes": json.loads(out)["bytes"], "hits": 0}
+        }
+        assert run(["purge", "--store", url, "--tenant", "acme"], capsys)[1] == "purged 1 entries\n"
+    finally:
+        store.clear()
+        store.close()
+
+
+def test_store_from_environment_and_default_location(
+    tmp_path: Path, db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHELM_STORE", db)
+    code, out, _ = run(["stats", "--json"], capsys)
+    assert code == 0 and json.loads(out)["entries"] == 4
+    monkeypatch.delenv("CACHELM_STORE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    code, out, _ = run(["stats", "--json"], capsys)
+    assert code == 0 and json.loads(out)["entries"] == 0
+    assert (tmp_path / "xdg" / "cachelm" / "responses.db").exists()
+
+
+def test_passthrough_runs_the_other_layers_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["models", "--cache-dir", str(tmp_path), "list"], capsys)
+    assert code == 0 and "not pulled" in out
+
+
+def test_passthrough_with_a_missing_extra_names_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module that is not installed stands for an extra that is not installed.
+    monkeypatch.setitem(cli.PASSTHROUGH, "serve", ("absent_dep_for_tests", "main", "server", ""))
+    code, _, err = run(["serve", "--port", "1"], capsys)
+    assert code == 2 and "pip install 'cachelm[server]'" in err and err.count("\n") == 1
+    monkeypatch.setitem(cli.PASSTHROUGH, "c2c", ("cachelm.no_such_module", "main", "engine", ""))
+    code, _, err = run(["c2c"], capsys)
+    assert code == 2 and "`cachelm c2c` is not available" in err
+
+
+def test_bench_lists_scripts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["bench"], capsys)
+    assert code == 0
+    scripts = sorted(p.name for p in (Path(cli.__file__).parents[2] / "benchmarks").glob("[!_]*.py"))
+    for name in scripts:
+        assert name in out
+
+
+def test_console_entry_point(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cachelm.cli", "stats", "--store", "bogus://"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("cachelm: error:") and result.stderr.count("\n") == 1
