@@ -271,3 +271,13 @@ def test_console_entry_point(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("cachelm: error:") and result.stderr.count("\n") == 1
+
+
+def test_the_demo_runs_offline_and_passes_its_own_checks(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cachelm.demo", "--keep", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout and "FAIL" not in result.stdout
+    assert (tmp_path / "cache.db").exists() and (tmp_path / "export.jsonl").exists()
