@@ -1,4 +1,4 @@
-"""Cache metrics: hits, misses, errors, latencies, tokens and cost saved, bytes written.
+"""Cache metrics: hits, misses, errors, latencies, tokens and cost saved, bytes written and stored.
 
 `CacheMetrics` keeps Prometheus collectors in its *own* `CollectorRegistry` (never the process-global one),
 so several caches, tests and servers can live in one process without name clashes. The server exposes
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cachelm.errors import ConfigError
 
@@ -154,6 +154,13 @@ class CacheMetrics:
         self._bytes = Counter(
             "bytes_written", "Bytes of values written to the cache.", ["layer"], namespace=ns, registry=r
         )
+        self._entries = Gauge(
+            "entries", "Entries in the cache when last measured.", ["layer"], namespace=ns, registry=r
+        )
+        self._stored = Gauge(
+            "bytes_stored", "Bytes of values in the cache when last measured.", ["layer"], namespace=ns,
+            registry=r,
+        )  # fmt: skip
 
     # -- recording -------------------------------------------------------------------------------------
 
@@ -189,6 +196,11 @@ class CacheMetrics:
     def bytes_written(self, layer: str, num_bytes: int) -> None:
         self._bytes.labels(layer).inc(num_bytes)
 
+    def set_size(self, layer: str, *, entries: int, num_bytes: int) -> None:
+        """Record a measurement of the cache's size (entries and bytes of values currently stored)."""
+        self._entries.labels(layer).set(entries)
+        self._stored.labels(layer).set(num_bytes)
+
     def saved(self, layer: str, *, model: str, usage: Mapping[str, Any]) -> None:
         """Credit the tokens of `usage` (prompt/completion or input/output) and their estimated cost."""
         input_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
@@ -216,12 +228,12 @@ class CacheMetrics:
     # -- reading ---------------------------------------------------------------------------------------
 
     def _values(self, name: str) -> dict[tuple[str, ...], float]:
-        """Values of counter `name` (``"hits"``…), keyed by their label values in declaration order."""
+        """Values of counter or gauge `name` (``"hits"``…), keyed by label values in declaration order."""
         out: dict[tuple[str, ...], float] = {}
         for family in self.registry.collect():
             if family.name == f"{self._ns}_{name}":
                 for sample in family.samples:
-                    if sample.name.endswith("_total"):
+                    if family.type == "gauge" or sample.name.endswith("_total"):
                         out[tuple(sample.labels.values())] = sample.value
         return out
 
@@ -260,6 +272,10 @@ class CacheMetrics:
             layer(name)["cost_saved_usd"] = v
         for (name,), v in self._values("bytes_written").items():
             layer(name)["bytes_written"] = int(v)
+        for (name,), v in self._values("entries").items():
+            layer(name)["entries"] = int(v)
+        for (name,), v in self._values("bytes_stored").items():
+            layer(name)["bytes_stored"] = int(v)
         with self._lock:
             windows = dict(self._windows)
         for (kind, name), series in windows.items():

@@ -13,13 +13,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cachelm.clock import ManualClock
+from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import request_key, tenant_salt
 from cachelm.metrics import CacheMetrics
 from cachelm.response.exact import CachedResponse, ExactCache, cacheable_response
 from cachelm.store.base import Match, Record, Store
+from cachelm.store.encrypted import EncryptedStore
 from cachelm.store.memory import MemoryStore
 from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
@@ -28,7 +32,7 @@ from cachelm.store.sqlite import SQLiteStore
 T0 = float(int(time.time()))
 
 # Every store the exact cache must work on; each is a real backend.
-STORE_KINDS = ["memory", "sqlite", "redis"]
+STORE_KINDS = ["memory", "sqlite", "redis", "encrypted-sqlite"]
 
 
 @contextlib.contextmanager
@@ -40,6 +44,9 @@ def make_store(kind: str, request: pytest.FixtureRequest, *, clock: ManualClock)
     elif kind == "sqlite":
         tmp = request.getfixturevalue("tmp_path")
         store = SQLiteStore(tmp / "cache.db", clock=clock)
+    elif kind == "encrypted-sqlite":
+        tmp = request.getfixturevalue("tmp_path")
+        store = EncryptedStore(SQLiteStore(tmp / "sealed.db", clock=clock), Keyring.generate())
     elif kind == "redis":
         url, ns = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
         store = RedisStore.from_url(url, namespace=ns, clock=clock)
@@ -513,3 +520,50 @@ def test_import_skips_expired_entries(cache: ExactCache, clock: ManualClock) -> 
     live = {"key": "k2", "created": T0 - 100, "expires": T0 + 100, "response": {"a": 2}}
     assert cache.import_jsonl(io.StringIO(json.dumps(line) + "\n" + json.dumps(live))) == 1
     assert cache.backend.peek("k1") is None and cache.backend.peek("k2") is not None
+
+
+# -- property: reuse equals recompute, and hits happen exactly when a live entry exists ---------------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("ask"), st.integers(0, 5), st.sampled_from(["acme", "globex"])),
+        st.tuples(st.just("invalidate_tag"), st.sampled_from(["even", "odd"]), st.none()),
+        st.tuples(st.just("erase_tenant"), st.sampled_from(["acme", "globex"]), st.none()),
+        st.tuples(st.just("advance"), st.sampled_from([1.0, 5.0, 30.0]), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS)
+def test_reuse_equals_recompute_against_a_dict_model(ops: list[tuple[str, Any, Any]]) -> None:
+    clock = ManualClock(T0)
+    cache = ExactCache(MemoryStore(clock=clock), clock=clock, default_ttl=20)
+    model: dict[tuple[int, str], tuple[float, str]] = {}  # (question, tenant) → (expires, tag)
+    computed: list[int] = []
+    for op, arg, tenant in ops:
+        if op == "ask":
+            req = chat(f"question {arg}")
+            tag = "even" if arg % 2 == 0 else "odd"
+
+            def compute(req: dict[str, Any] = req, arg: int = arg) -> dict[str, Any]:
+                computed.append(arg)
+                return answer(req)
+
+            live = (arg, tenant) in model and model[(arg, tenant)][0] > clock()
+            response, hit = cache.get_or_compute(req, compute, tenant=tenant, tags=[tag])
+            assert response == answer(req)  # a reused answer is exactly the recomputed one
+            assert hit == live
+            if not hit:
+                model[(arg, tenant)] = (clock() + 20, tag)
+        elif op == "invalidate_tag":
+            cache.invalidate_tag(arg)
+            model = {k: v for k, v in model.items() if v[1] != arg}
+        elif op == "erase_tenant":
+            cache.erase_tenant(arg)
+            model = {k: v for k, v in model.items() if k[1] != arg}
+        else:
+            clock.advance(arg)
+    misses = sum(1 for op, *_ in ops if op == "ask") - cache.metrics.count("hits", layer="exact")
+    assert len(computed) == misses

@@ -126,3 +126,21 @@ def test_bad_configuration_is_rejected() -> None:
         Price(input=-1.0, output=0.0)
     with pytest.raises(ConfigError, match="`prices`"):
         CacheMetrics(prices={"m": (1.0, 2.0)})  # type: ignore[dict-item]
+
+
+def test_size_gauges_from_a_measured_cache() -> None:
+    from cachelm.response.exact import ExactCache
+    from cachelm.store.memory import MemoryStore
+
+    cache = ExactCache(MemoryStore())
+    for i in range(3):
+        req = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": str(i)}]}
+        cache.store(
+            req, {"choices": [{"index": 0, "message": {"content": "x" * i}, "finish_reason": "stop"}]}
+        )
+    entries, num_bytes = cache.measure()
+    assert entries == 3 and num_bytes == sum(r.size for r in cache.backend.scan())
+    snap = cache.metrics.snapshot()["layers"]["exact"]
+    assert (snap["entries"], snap["bytes_stored"]) == (3, num_bytes)
+    assert snap["bytes_written"] == num_bytes  # nothing was overwritten
+    assert b"cachelm_bytes_stored{" in cache.metrics.exposition()

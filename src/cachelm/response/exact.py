@@ -381,6 +381,16 @@ class ExactCache:
         # Followers get their own copy: callers may mutate the dict they are handed.
         return copy.deepcopy(response), True
 
+    def measure(self) -> tuple[int, int]:
+        """Count the live entries and their value bytes (one full scan: O(entries)), record them in the
+        ``entries`` / ``bytes_stored`` gauges, and return ``(entries, bytes)``. Raises on a store failure."""
+        entries = num_bytes = 0
+        for record in self.backend.scan():
+            entries += 1
+            num_bytes += record.size
+        self.metrics.set_size(LAYER, entries=entries, num_bytes=num_bytes)
+        return entries, num_bytes
+
     # -- invalidation and erasure (administrative: errors raise) ---------------------------------------
 
     def invalidate(self, key: str) -> bool:
