@@ -150,8 +150,10 @@ def routes(runtime: Runtime) -> list[Route]:
                 deleted = await asyncio.to_thread(runtime.cache.erase_tenant, tenant)
             else:
                 deleted = await asyncio.to_thread(runtime.cache.erase_user, tenant, user)
-            if runtime.semantic is not None and hasattr(runtime.semantic, "erase"):
-                await asyncio.to_thread(runtime.semantic.erase, tenant=tenant, user=user)
+            if runtime.semantic is not None and user is None:
+                # A user's semantic entries point at the answers just erased: a lookup finds no answer
+                # behind them and misses. A whole tenant's entries are removed from the index.
+                await asyncio.to_thread(runtime.semantic.remove_tenant, tenant)
         except (ConfigError, orjson.JSONDecodeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:

@@ -3,7 +3,7 @@
 Environment variables are read here and nowhere deeper (STYLE.md): ``CACHELM_API_KEYS``
 (``tenant:key,…``), ``CACHELM_ADMIN_KEY``, ``CACHELM_TENANTS_FILE``, ``CACHELM_UPSTREAM_API_KEY``,
 ``CACHELM_REDIS_URL``, ``CACHELM_STORE``, ``CACHELM_KEYRING`` (``id:base64key,…``),
-``CACHELM_KEY_SECRET``. Keys given in clear are hashed at start-up; only digests are kept.
+``CACHELM_KEY_SECRET``, ``CACHELM_PG_URL``. Keys given in clear are hashed at start-up; only digests are kept.
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="cachelm", help="key prefix on the shared Redis")
     p.add_argument("--tenants", default=None, help="tenant config JSON (API key digests, admin key digests)")
     p.add_argument("--l1-entries", type=int, default=10_000, help="in-process L1 size (0: no L1)")
-    p.add_argument("--semantic", action="store_true", help="semantic lookup on by default")
+    p.add_argument("--semantic", action="store_true", help="semantic layer on (requests may turn it off)")
+    p.add_argument("--semantic-embedder", default="minilm", choices=["minilm", "hashing"])
+    p.add_argument("--semantic-delta", type=float, default=0.02, help="δ of the error-bounded rule")
+    p.add_argument("--semantic-threshold", type=float, default=None, help="static cosine threshold instead")
+    p.add_argument("--pg-url", default=None, help="semantic index on PostgreSQL + pgvector (shared mode)")
     p.add_argument("--ttl", type=float, default=None, help="default entry lifetime in seconds")
     p.add_argument("--hit-floor-ms", type=float, default=0.0, help="pad every hit to at least this latency")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
@@ -67,6 +71,10 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
         namespace=args.namespace,
         l1_entries=args.l1_entries,
         semantic=args.semantic,
+        semantic_embedder=args.semantic_embedder,
+        semantic_delta=args.semantic_delta,
+        semantic_threshold=args.semantic_threshold,
+        pg_url=args.pg_url or env.get("CACHELM_PG_URL"),
         default_ttl=args.ttl,
         hit_floor_ms=args.hit_floor_ms,
         max_body_bytes=args.max_body_bytes,

@@ -19,8 +19,10 @@ class ServerConfig:
     redis_url: str | None = None  # shared mode: records, locks and invalidation on this Redis
     namespace: str = "cachelm"
     l1_entries: int = 10_000
-    semantic: bool = False  # semantic lookup on by default for every request
-    semantic_threshold: float = 0.9
+    semantic: bool = False  # build the semantic layer; on for every request unless it says off
+    semantic_embedder: str = "minilm"  # or "hashing" (lexical, no model)
+    semantic_delta: float = 0.02  # error bound of the δ-bounded rule (requests may ask for their own)
+    semantic_threshold: float | None = None  # a static cosine threshold instead of the δ-bounded rule
     pg_url: str | None = None  # semantic index on PostgreSQL + pgvector (shared mode)
     default_ttl: float | None = None
     hit_floor_ms: float = 0.0  # constant-latency padding of hits (0: off)
@@ -43,8 +45,6 @@ class ServerConfig:
             raise ConfigError(f"`max_body_bytes` must be in [1 KiB, 1 GiB], got {self.max_body_bytes!r}")
         if self.upstream_timeout_s <= 0:
             raise ConfigError(f"`upstream_timeout_s` must be > 0, got {self.upstream_timeout_s!r}")
-        if not 0 < self.semantic_threshold <= 1:
-            raise ConfigError(f"`semantic_threshold` must be in (0, 1], got {self.semantic_threshold!r}")
         if self.default_ttl is not None and self.default_ttl <= 0:
             raise ConfigError(f"`default_ttl` must be > 0 or None, got {self.default_ttl!r}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -114,7 +114,7 @@ def _post(summary: str, schema: dict[str, Any], streams: bool) -> dict[str, Any]
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {
                 "200": {
-                    "description": "The answer; headers x-cachelm-cache (hit|semantic-hit|miss|bypass), x-cachelm-age.",
+                    "description": "Answer; x-cachelm-cache: hit|semantic-hit|miss|bypass; x-cachelm-age",
                     "content": content,
                 },
                 "400": _ERROR,

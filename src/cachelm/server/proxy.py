@@ -26,6 +26,7 @@ from cachelm.keys import is_sampled
 from cachelm.response.exact import CachedResponse, ExactCache, cacheable_response
 from cachelm.server.control import CacheControl
 from cachelm.server.observability import ServerMetrics
+from cachelm.server.semantic_layer import SemanticLayer, same_answer
 from cachelm.server.shared import Invalidator, Lease, RedisLocks
 from cachelm.server.sse import StreamRecorder, frame, replay
 from cachelm.server.tenants import Tenant
@@ -62,6 +63,7 @@ class Call:
     start: float
     saved_tokens: int = 0  # tokens a hit saved (for the dashboard's time series)
     saved_cost: float = 0.0
+    verify: Any = None  # (SemanticCache, Candidate): a semantic candidate to check against the fresh answer
 
     @property
     def stream(self) -> bool:
@@ -93,8 +95,8 @@ class Proxy:
         upstream: Upstream,
         metrics: ServerMetrics,
         hit_floor_ms: float = 0.0,
-        semantic: Any = None,
-        semantic_default: bool = False,
+        semantic: SemanticLayer | None = None,
+        semantic_default: bool = True,
         locks: RedisLocks | None = None,
         invalidator: Invalidator | None = None,
         origin: str = "",
@@ -166,19 +168,39 @@ class Proxy:
 
     async def _semantic_lookup(self, call: Call) -> CachedResponse | None:
         """A semantic hit served from the entry it points at; None on a miss or any failure."""
+        semantic = self.semantic
+        assert semantic is not None
         try:
-            hit = await asyncio.to_thread(
-                self.semantic.lookup, call.body, tenant=call.tenant.tenant_id, delta=call.control.delta
+            hit, call.verify = await asyncio.to_thread(
+                semantic.search, call.body, tenant=call.tenant.tenant_id, delta=call.control.delta
             )
         except BackendError:
             self.cache.metrics.error("semantic", "backend")
             return None
         if hit is None:
+            self.cache.metrics.miss("semantic", tenant=call.tenant.tenant_id)
             return None
-        record = self._peek(hit.response_key)
-        if record is None or record.tenant != call.tenant.tenant_id:
-            return None  # the entry was evicted, or (defence in depth) belongs to another tenant
-        return record
+        found = self._peek(hit.response_key)
+        if found is None or found.tenant != call.tenant.tenant_id:
+            # The entry was evicted or erased (or, defence in depth, belongs to another tenant).
+            self.cache.metrics.miss("semantic", tenant=call.tenant.tenant_id)
+            return None
+        self.cache.metrics.hit(
+            "semantic", tenant=call.tenant.tenant_id, model=found.model, usage=found.response.get("usage")
+        )
+        return found
+
+    async def _verify(self, call: Call, response: dict[str, Any]) -> None:
+        """Report whether the semantic candidate of `call` would have been right (δ-bounded protocol)."""
+        facade, candidate = call.verify
+        stored = self._peek(candidate.response_key)
+        if stored is None:
+            return
+        correct = same_answer(stored.response, response)
+        try:
+            await asyncio.to_thread(facade.feedback, candidate.entry_id, correct)
+        except BackendError:
+            self.cache.metrics.error("semantic", "backend")
 
     def _peek(self, key: str) -> CachedResponse | None:
         """The stored answer under `key` without counting a hit; None when absent or unreadable."""
@@ -295,6 +317,8 @@ class Proxy:
             outcome = await (self._compute_stream(call, sink) if sink is not None else self._compute(call))
             if outcome.response is not None:
                 await self._store(key, call, outcome.response, lease)
+                if call.verify is not None:
+                    await self._verify(call, outcome.response)
             return outcome
         finally:
             if sink is not None:
@@ -408,7 +432,9 @@ class Proxy:
             await self.invalidator.publish({"key": key, "origin": self.origin})
         if self.semantic is not None:
             try:
-                await asyncio.to_thread(self.semantic.add, call.body, stored, tenant=call.tenant.tenant_id)
+                await asyncio.to_thread(
+                    self.semantic.add, call.body, tenant=call.tenant.tenant_id, response_key=stored
+                )
             except BackendError:
                 self.cache.metrics.error("semantic", "backend")
 

@@ -17,14 +17,15 @@ import orjson
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.metrics import CacheMetrics
+from cachelm.policy.lru import LRUPolicy
 from cachelm.response.exact import ExactCache
 from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
 from cachelm.server.observability import ServerMetrics
 from cachelm.server.proxy import Proxy
+from cachelm.server.semantic_layer import SemanticLayer, SemanticSettings
 from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
 from cachelm.server.tenants import TenantRegistry
 from cachelm.server.upstream import HTTPUpstream, Upstream, UpstreamError
-from cachelm.policy.lru import LRUPolicy
 from cachelm.store.base import Match, Store
 from cachelm.store.bounded import BoundedStore
 from cachelm.store.memory import MemoryStore
@@ -64,6 +65,21 @@ def _local_upstream(config: ServerConfig) -> Upstream:
     return LocalEngineUpstream.load(config.local_model)
 
 
+def _semantic_layer(config: ServerConfig, store: Store) -> SemanticLayer:
+    index_path = None
+    if config.redis_url is None and config.store_url.startswith("sqlite:///"):
+        index_path = config.store_url[len("sqlite://") :].split("?")[0]  # the index persists beside it
+    settings = SemanticSettings(
+        embedder=config.semantic_embedder,
+        delta=config.semantic_delta,
+        threshold=config.semantic_threshold,
+        pg_url=config.pg_url,
+        index_path=index_path,
+        table=f"{config.namespace}_semantic".replace("-", "_"),
+    )
+    return SemanticLayer(settings, store, tenant_secret=config.key_secret)
+
+
 class Runtime:
     """The live components of one proxy process."""
 
@@ -73,7 +89,7 @@ class Runtime:
         registry: TenantRegistry,
         *,
         upstream: Upstream | None = None,
-        semantic: Any = None,
+        semantic: SemanticLayer | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -104,13 +120,14 @@ class Runtime:
             self.locks = RedisLocks(self.redis, shared)
             self.invalidator = Invalidator(self.redis, shared, drop=self._drop_local, reset=self._reset_local)
         self.semantic = semantic
+        if semantic is None and config.semantic:
+            self.semantic = _semantic_layer(config, self.store)
         self.proxy = Proxy(
             cache=self.cache,
             upstream=self.upstream,
             metrics=self.metrics,
             hit_floor_ms=config.hit_floor_ms,
-            semantic=semantic,
-            semantic_default=config.semantic,
+            semantic=self.semantic,
             locks=self.locks,
             invalidator=self.invalidator,
             origin=self.origin,
@@ -139,6 +156,8 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.upstream.aclose()
+        if self.semantic is not None:
+            self.semantic.close()
         self.store.close()
 
     # -- L1 coherence ----------------------------------------------------------------------------------

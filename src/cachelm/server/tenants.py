@@ -67,7 +67,7 @@ class Tenant:
 
 @dataclass(kw_only=True)
 class TenantRegistry:
-    """Digest → tenant, plus admin digests. Build with `from_config`/`merge_env`; look up with `authenticate`."""
+    """Key digest → tenant, plus admin digests; see `from_config`, `merge_env`, `authenticate`."""
 
     tenants: dict[bytes, Tenant] = field(default_factory=dict)
     admin_digests: frozenset[bytes] = frozenset()
