@@ -1,0 +1,322 @@
+"""The local generation engine: HF transformers causal LM + the KV prefix cache on the prefill.
+
+    prompt (text | chat messages | token ids) ─► token ids
+      ─► prefix cache match (longest cached prefix, ≤ len - 1 tokens) ─► load blocks into a fresh cache
+      ─► prefill only the rest ─► sample token by token (greedy or seeded sampling), streaming each token
+      ─► stop on EOS / stop ids / max_new_tokens ─► store the new full blocks (prompt and generated)
+
+Reuse changes only *which* KV the prefill computes, never the result beyond float rounding: the tests in
+``tests/unit/test_engine_*.py`` and ``tests/unit/test_kv_*.py`` compare every reuse path with recompute.
+
+An engine runs one request at a time (the model's cache and the prefix cache's top tier are not locked
+per request); run one engine per worker thread, or serialise calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cachelm.errors import ConfigError
+from cachelm.keys import ModelFingerprint, tenant_salt
+from cachelm.kv import hf
+from cachelm.kv.codecs import dtype_name
+from cachelm.kv.layout import KVLayout
+from cachelm.kv.prefix_cache import KVPrefixCache
+
+DEFAULT_TENANT_SALT = tenant_salt("default")
+
+Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; otherwise sampling, reproducible with `seed`."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ConfigError(f"`max_new_tokens` must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 10:
+            raise ConfigError(f"`temperature` must be in [0, 10], got {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"`top_p` must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"`top_k` must be an int >= 0, got {self.top_k!r}")
+
+
+@dataclass(kw_only=True)
+class Prefill:
+    """The state after the prompt: last-position logits and the model cache, plus what reuse saved."""
+
+    logits: torch.Tensor  # (V,) float32, logits after the last prompt token
+    cache: Any  # transformers DynamicCache holding the prompt
+    num_prompt_tokens: int
+    num_cached_tokens: int  # tokens loaded from the prefix cache (not computed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenEvent:
+    """One generated token, streamed."""
+
+    index: int
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+
+
+@dataclass(kw_only=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop id) or "length"
+    ttft_s: float  # request start → first token sampled
+    total_s: float
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+
+
+def make_fingerprint(model: Any, model_id: str | None = None, revision: str = "") -> ModelFingerprint:
+    """The KV identity of `model`: id (default: its `name_or_path`), revision and dtype."""
+    name = model_id or getattr(model, "name_or_path", "") or ""
+    if not name:
+        raise ConfigError("`model_id` is required: the model has no name_or_path to identify its KV cache by")
+    return ModelFingerprint(model_id=name, revision=revision, dtype=dtype_name(model.dtype))
+
+
+class Engine:
+    """Generation with KV prefix reuse. `prefix_cache` None: plain generation, nothing cached."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, prefix_cache: KVPrefixCache | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layout = KVLayout.from_model(model)
+        if prefix_cache is not None and prefix_cache.layout != self.layout:
+            raise ConfigError(
+                f"`prefix_cache` layout {prefix_cache.layout} does not match the model's {self.layout}"
+            )
+        self.prefix_cache = prefix_cache
+        eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos_ids.append(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(int(i) for i in eos_ids if i is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of `prompt`: text (tokenised with special tokens), chat messages (chat template with
+        the generation prompt), or token ids (returned as a list)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        if not isinstance(prompt, Sequence) or not prompt:
+            raise ConfigError(f"`prompt` must be text, chat messages or token ids, got {prompt!r}")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+            vocab = self.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ConfigError(f"`prompt` token ids must be in [0, {vocab}), got {ids!r}")
+            return ids
+        if all(isinstance(m, Mapping) and "role" in m for m in prompt):
+            # Render then tokenise without special tokens: the template already contains them.
+            text = self.tokenizer.apply_chat_template(
+                list(prompt), tokenize=False, add_generation_prompt=True
+            )
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        raise ConfigError(f"`prompt` must be text, chat messages or token ids, got {prompt!r}")
+
+    # ---- prefill -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int], *, tenant_salt: bytes = DEFAULT_TENANT_SALT) -> Prefill:
+        """Run the prompt through the model, loading its longest cached prefix first."""
+        if len(token_ids) == 0:
+            raise ConfigError("`token_ids` must not be empty")
+        cache = hf.new_cache(self.model)
+        cached = 0
+        if self.prefix_cache is not None:
+            match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
+            if match.num_blocks:
+                prefix = self.prefix_cache.load(match, device=self.device)
+                cached = prefix.shape[0]
+                if cached:
+                    hf.restore(cache, prefix, self.layout)
+            self.prefix_cache.stats.hit_tokens += cached
+            self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        ids = torch.tensor([list(token_ids[cached:])], device=self.device)  # (1, T - P)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1].float()  # (V,)
+        return Prefill(logits=logits, cache=cache, num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
+
+    def store(
+        self, token_ids: Sequence[int], prefill: Prefill, *, tenant_salt: bytes = DEFAULT_TENANT_SALT
+    ) -> int:
+        """Store the new full blocks of the first ``cache length`` of `token_ids`; return how many."""
+        if self.prefix_cache is None:
+            return 0
+        length = prefill.cache.get_seq_length()
+        start = prefill.num_cached_tokens
+        first_new_block = start // self.prefix_cache.block_size
+        if length // self.prefix_cache.block_size <= first_new_block:
+            return 0  # no new full block: skip the extraction copy
+        kv = hf.extract(prefill.cache, length - start)  # (N, L, 2, H, D)
+        return self.prefix_cache.store(list(token_ids[:length]), kv, tenant_salt=tenant_salt, start=start)
+
+    # ---- decoding ------------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        scores = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(scores, min(params.top_k, scores.shape[-1])).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if params.top_p < 1:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the token that crosses p
+            scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        tenant_salt: bytes = DEFAULT_TENANT_SALT,
+        result: GenerationResult | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield generated tokens one by one. New KV blocks are stored when the stream ends (or is closed).
+
+        `result`, when given, is filled in as the stream runs (token ids, text, timings, finish reason).
+        """
+        params = params or SamplingParams()
+        started = time.perf_counter()
+        token_ids = self.encode(prompt)
+        state = self.prefill(token_ids, tenant_salt=tenant_salt)
+        generator = None
+        if params.temperature > 0 and params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        stops = self.eos_token_ids | set(params.stop_token_ids)
+        generated: list[int] = []
+        text = ""
+        logits = state.logits
+        if result is not None:
+            result.num_prompt_tokens, result.num_cached_tokens = len(token_ids), state.num_cached_tokens
+            result.first_logits = logits
+        try:
+            for index in range(params.max_new_tokens):
+                token = self._sample(logits, params, generator)
+                generated.append(token)
+                if index == 0 and result is not None:
+                    result.ttft_s = time.perf_counter() - started
+                if token in stops:
+                    if result is not None:
+                        result.finish_reason = "stop"
+                    break
+                full = self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer else ""
+                # Hold back a trailing replacement char: the next token may complete the character.
+                delta = full[len(text) :] if not full.endswith("\ufffd") else ""
+                text += delta
+                if result is not None:
+                    result.token_ids, result.text = list(generated), text
+                yield TokenEvent(index=index, token_id=token, text=delta)
+                if index + 1 == params.max_new_tokens:
+                    break
+                ids = torch.tensor([[token]], device=self.device)
+                logits = (
+                    self.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
+                    .logits[0, -1]
+                    .float()
+                )
+        finally:
+            self.store([*token_ids, *generated], state, tenant_salt=tenant_salt)
+            if result is not None:
+                result.token_ids = list(generated)
+                result.text = (
+                    self.tokenizer.decode(generated, skip_special_tokens=True) if self.tokenizer else ""
+                )
+                result.total_s = time.perf_counter() - started
+
+    def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        tenant_salt: bytes = DEFAULT_TENANT_SALT,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> GenerationResult:
+        """Generate a whole answer (calling `on_token` for each token as it is produced)."""
+        result = GenerationResult(
+            text="",
+            token_ids=[],
+            num_prompt_tokens=0,
+            num_cached_tokens=0,
+            finish_reason="length",
+            ttft_s=0.0,
+            total_s=0.0,
+        )
+        for event in self.stream(prompt, params, tenant_salt=tenant_salt, result=result):
+            if on_token is not None:
+                on_token(event)
+        return result
+
+
+def build_prefix_cache(
+    model: Any,
+    *,
+    model_id: str | None = None,
+    revision: str = "",
+    block_size: int = 64,
+    gpu_bytes: int = 0,
+    cpu_bytes: int = 1 << 30,
+    disk_dir: str | None = None,
+    disk_bytes: int = 8 << 30,
+    redis_url: str | None = None,
+    redis_namespace: str = "cachelm",
+    redis_bytes: int = 4 << 30,
+    codec: str = "raw",
+    lower_codec: str | None = None,
+    write_through: bool = False,
+) -> KVPrefixCache:
+    """A prefix cache for `model` with the tiers whose budgets are given, fastest first.
+
+    GPU (if `gpu_bytes` and the model is on CUDA) → CPU (pinned when CUDA is present) → disk (if
+    `disk_dir`) → Redis (if `redis_url`). Memory tiers use `codec`; disk and Redis use `lower_codec`
+    (default: `codec`).
+    """
+    from cachelm.kv.codecs import make_codec
+    from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
+
+    tiers: list[Tier] = []
+    if gpu_bytes and torch.device(model.device).type == "cuda":
+        tiers.append(MemoryTier(capacity_bytes=gpu_bytes, device=str(model.device), codec=make_codec(codec)))
+    if cpu_bytes:
+        tiers.append(MemoryTier(capacity_bytes=cpu_bytes, device="cpu", codec=make_codec(codec)))
+    low = make_codec(lower_codec or codec)
+    if disk_dir:
+        tiers.append(DiskTier(disk_dir, capacity_bytes=disk_bytes, codec=low))
+    if redis_url:
+        tiers.append(RedisTier(redis_url, namespace=redis_namespace, capacity_bytes=redis_bytes, codec=low))
+    return KVPrefixCache(
+        layout=KVLayout.from_model(model),
+        model=make_fingerprint(model, model_id, revision),
+        tiers=tiers,
+        block_size=block_size,
+        write_through=write_through,
+    )

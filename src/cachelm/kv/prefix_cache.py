@@ -1,0 +1,257 @@
+"""The KV prefix cache: token blocks → chained hashes → the longest cached prefix, across tiers.
+
+    tokens ─► full blocks of `block_size` ─► chain_block_hashes(model fingerprint, tenant salt)
+          ─► match: walk the chain while some tier (or the demotion queue) holds the block,
+             capped one token short of the prompt (the last token's logits must be computed)
+          ─► load: decode every block straight into one (P, L, 2, H, D) buffer on the model's device,
+             promoting blocks found below the top tier to the top tier
+    store: new full blocks go to the top tier; what a tier evicts is demoted to the next tier by a
+           write-behind worker thread (the serving thread never waits on disk or Redis for a store)
+
+Tiers are inclusive: a promoted block stays where it was, so a disk or Redis copy survives a restart.
+A failing tier (BackendError) is a miss plus a counter (``stats.backend_errors``), never a failed request.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.keys import BlockHash, ModelFingerprint, chain_block_hashes
+from cachelm.kv.codecs import EncodedBlock, codec_for
+from cachelm.kv.layout import KVLayout
+from cachelm.kv.tiers import RedisTier, Tier
+
+
+@dataclass(kw_only=True)
+class KVStats:
+    """Counters of one prefix cache (monotonic; read them, never reset them in place)."""
+
+    lookups: int = 0
+    hit_tokens: int = 0  # prompt tokens served from the cache
+    miss_tokens: int = 0  # prompt tokens computed
+    stored_blocks: int = 0
+    demoted_blocks: int = 0
+    promoted_blocks: int = 0
+    backend_errors: int = 0
+    tier_hits: dict[str, int] = field(default_factory=dict)  # blocks read, by tier name
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixMatch:
+    """The cached prefix of a prompt: its block hashes and where each block lives."""
+
+    hashes: tuple[BlockHash, ...]  # every full block of the prompt
+    tiers: tuple[int, ...]  # tier index per matched block (-1: in the demotion queue)
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class KVPrefixCache:
+    """Longest-prefix KV reuse for one model over a list of tiers (fastest first)."""
+
+    def __init__(
+        self,
+        *,
+        layout: KVLayout,
+        model: ModelFingerprint,
+        tiers: Sequence[Tier],
+        block_size: int = 64,
+        write_through: bool = False,
+    ) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ConfigError(f"`block_size` must be an int > 0, got {block_size!r}")
+        if not tiers:
+            raise ConfigError("`tiers` must name at least one tier")
+        self.layout = layout
+        self.model = model
+        self.tiers = list(tiers)
+        self.block_size = block_size
+        self.write_through = write_through  # also copy every new block to every lower tier (persistence)
+        for tier in self.tiers[:-1]:
+            tier.keep_evicted = True  # evicted data is demoted, so the tier must hand it over
+        self.stats = KVStats()
+        self._inflight: dict[BlockHash, EncodedBlock] = {}  # demotions not yet written below
+        self._inflight_lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, BlockHash, EncodedBlock] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._demote_loop, name="kv-write-behind", daemon=True)
+        self._worker.start()
+
+    # ---- hashing and matching ------------------------------------------------------------------------
+    def block_hashes(self, token_ids: Sequence[int], *, tenant_salt: bytes) -> list[BlockHash]:
+        return chain_block_hashes(token_ids, self.block_size, model=self.model, tenant_salt=tenant_salt)
+
+    def match(self, token_ids: Sequence[int], *, tenant_salt: bytes) -> PrefixMatch:
+        """The longest cached prefix of `token_ids`, at most ``len(token_ids) - 1`` tokens."""
+        hashes = self.block_hashes(token_ids, tenant_salt=tenant_salt)
+        usable = min(len(hashes), max(len(token_ids) - 1, 0) // self.block_size)
+        where: list[int] = []
+        for i in range(usable):
+            tier_index = self._find(hashes[i])
+            if tier_index is None:
+                tier_index = self._probe_shared(hashes[i:usable], len(where))
+                if tier_index is None:
+                    break
+            where.append(tier_index)
+        self.stats.lookups += 1
+        return PrefixMatch(hashes=tuple(hashes), tiers=tuple(where), block_size=self.block_size)
+
+    def _find(self, block_hash: BlockHash) -> int | None:
+        for index, tier in enumerate(self.tiers):
+            if block_hash in tier:
+                return index
+        with self._inflight_lock:
+            return -1 if block_hash in self._inflight else None
+
+    def _probe_shared(self, rest: list[BlockHash], _matched: int) -> int | None:
+        """Ask shared tiers (Redis) whether another process stored the next block."""
+        for index, tier in enumerate(self.tiers):
+            if isinstance(tier, RedisTier):
+                try:
+                    if tier.probe(rest[:1])[0]:
+                        return index
+                except BackendError:
+                    self.stats.backend_errors += 1
+        return None
+
+    # ---- loading -------------------------------------------------------------------------------------
+    def load(self, match: PrefixMatch, *, device: torch.device | str) -> torch.Tensor:
+        """The matched prefix as one ``(P, L, 2, H, D)`` tensor on `device`.
+
+        P can be shorter than ``match.num_tokens`` when a block vanished since `match` (evicted, corrupt,
+        tier down): loading stops at the first block it cannot read, so the result is always a prefix.
+        """
+        bs = self.block_size
+        out = torch.empty(
+            self.layout.block_shape(match.num_tokens), dtype=self.layout.dtype, device=torch.device(device)
+        )
+        loaded = 0
+        promote: list[int] = []
+        for i, tier_index in enumerate(match.tiers):
+            block = self._read(match.hashes[i], tier_index)
+            if block is None:
+                break
+            codec_for(block).decode(block, out=out[i * bs : (i + 1) * bs])
+            if tier_index != 0:
+                promote.append(i)
+            loaded += 1
+        # Promote after reading everything: a promotion may evict a later block of this very prefix.
+        for i in promote:
+            self._promote(match.hashes[i], out[i * bs : (i + 1) * bs])
+        return out[: loaded * bs]
+
+    def _read(self, block_hash: BlockHash, tier_index: int) -> EncodedBlock | None:
+        if tier_index == -1:
+            with self._inflight_lock:
+                return self._inflight.get(block_hash)
+        tier = self.tiers[tier_index]
+        try:
+            block = tier.get(block_hash)
+        except BackendError:
+            self.stats.backend_errors += 1
+            return None
+        if block is not None:
+            self.stats.tier_hits[tier.name] = self.stats.tier_hits.get(tier.name, 0) + 1
+        return block
+
+    def _promote(self, block_hash: BlockHash, block: torch.Tensor) -> None:
+        top = self.tiers[0]
+        # Clone: the slice belongs to the caller's prefix buffer, which the model's cache will own.
+        self._put(0, block_hash, top.codec.encode(block.clone()))
+        self.stats.promoted_blocks += 1
+
+    # ---- storing -------------------------------------------------------------------------------------
+    def store(self, token_ids: Sequence[int], kv: torch.Tensor, *, tenant_salt: bytes, start: int = 0) -> int:
+        """Store the full blocks of `token_ids` whose KV is in `kv`; return how many were new.
+
+        `kv` is ``(N, L, 2, H, D)`` for tokens ``start .. start + N - 1`` of `token_ids`; only blocks that lie
+        entirely inside that range (and are not cached yet) are stored.
+        """
+        expected = self.layout.block_shape(kv.shape[0])
+        if kv.dim() != 5 or tuple(kv.shape) != expected:
+            raise ConfigError(f"`kv` must have shape {expected}, got {tuple(kv.shape)}")
+        if not 0 <= start <= len(token_ids) or start + kv.shape[0] > len(token_ids):
+            raise ConfigError(
+                f"`start` {start} + {kv.shape[0]} tokens exceeds the {len(token_ids)} token ids"
+            )
+        bs = self.block_size
+        new = 0
+        for i, block_hash in enumerate(self.block_hashes(token_ids, tenant_salt=tenant_salt)):
+            lo, hi = i * bs - start, (i + 1) * bs - start
+            if lo < 0 or hi > kv.shape[0]:
+                continue
+            if self._find(block_hash) is not None:
+                self.tiers[0].touch(block_hash)
+                continue
+            block = kv[lo:hi].clone()  # owned copy: `kv` may be a view of a live cache
+            self._put(0, block_hash, self.tiers[0].codec.encode(block))
+            if self.write_through:
+                for lower in range(1, len(self.tiers)):
+                    self._enqueue(lower - 1, block_hash, self.tiers[0].get(block_hash))
+            new += 1
+        self.stats.stored_blocks += new
+        return new
+
+    def _put(self, tier_index: int, block_hash: BlockHash, block: EncodedBlock) -> None:
+        try:
+            evicted = self.tiers[tier_index].put(block_hash, block)
+        except BackendError:
+            self.stats.backend_errors += 1
+            return
+        for victim_hash, data in evicted:
+            if data is not None and victim_hash != block_hash:
+                self._enqueue(tier_index, victim_hash, data)
+
+    def _enqueue(self, from_tier: int, block_hash: BlockHash, block: EncodedBlock | None) -> None:
+        if block is None or from_tier + 1 >= len(self.tiers):
+            return
+        with self._inflight_lock:
+            self._inflight[block_hash] = block
+        self._queue.put((from_tier, block_hash, block))
+
+    def _demote_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                from_tier, block_hash, block = item
+                target = from_tier + 1
+                tier = self.tiers[target]
+                if block_hash in tier:
+                    tier.touch(block_hash)
+                else:
+                    if block.codec != tier.codec.name:
+                        block = tier.codec.encode(codec_for(block).decode(block, device="cpu"))
+                    self._put(target, block_hash, block)
+                    self.stats.demoted_blocks += 1
+                with self._inflight_lock:
+                    self._inflight.pop(block_hash, None)
+            except Exception:  # the worker must survive a bad block or a failing tier
+                self.stats.backend_errors += 1
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued demotion has been written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Finish pending demotions, stop the worker and close the tiers."""
+        self.flush()
+        self._queue.put(None)
+        self._worker.join(timeout=10)
+        for tier in self.tiers:
+            tier.close()

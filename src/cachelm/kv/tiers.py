@@ -1,0 +1,364 @@
+"""KV block tiers: GPU memory, (pinned) CPU memory, local disk, Redis — each with a byte budget and LRU.
+
+A tier maps a `BlockHash` to an `EncodedBlock`. Contract (tested once for every tier):
+
+- ``get`` of a missing block returns None (a miss) and a hit makes the block the most recently used;
+  a corrupt stored block (checksum, truncation) is deleted, counted in ``corrupt`` and reported as a miss;
+- ``put`` stores a block and returns the blocks it evicted to stay within ``capacity_bytes``, least recently
+  used first, with their data when ``keep_evicted`` is set (the prefix cache demotes them to the next tier);
+  a block larger than the whole budget is refused and returned as its own victim;
+- disk and Redis tiers re-index what is already stored when opened, so a restart keeps the cache warm;
+- a backend failure raises BackendError; the prefix cache turns it into a miss.
+
+Every tier is thread-safe (one lock each): the serving thread and the write-behind worker share them.
+The LRU is a small OrderedDict kept here rather than `cachelm.policy.LRUPolicy` so tiers need nothing but
+O(1) move-to-end and pop-oldest, with sizes counted in bytes of the encoded block.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachelm.errors import BackendError, ConfigError, IntegrityError
+from cachelm.keys import BlockHash
+from cachelm.kv.codecs import Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
+
+Evicted = list[tuple[BlockHash, EncodedBlock | None]]
+
+
+class Tier(ABC):
+    """Byte-budgeted LRU bookkeeping shared by every tier; subclasses store the bytes."""
+
+    name: str = "tier"
+
+    def __init__(self, *, capacity_bytes: int, codec: Codec | None = None) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise ConfigError(f"`capacity_bytes` must be an int > 0, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self.codec: Codec = codec if codec is not None else RawCodec()
+        self.keep_evicted = False  # set by the prefix cache when a lower tier receives demotions
+        self.used_bytes = 0
+        self.corrupt = 0
+        self._sizes: OrderedDict[BlockHash, int] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()
+
+    # ---- the storage a subclass provides -------------------------------------------------------------
+    @abstractmethod
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None: ...
+
+    @abstractmethod
+    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
+        """Store `block`; return the bytes it occupies in this tier."""
+
+    @abstractmethod
+    def _delete(self, block_hash: BlockHash) -> None: ...
+
+    # ---- the contract --------------------------------------------------------------------------------
+    def __contains__(self, block_hash: object) -> bool:
+        with self._lock:
+            return block_hash in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __iter__(self) -> Iterator[BlockHash]:
+        with self._lock:
+            return iter(list(self._sizes))
+
+    def get(self, block_hash: BlockHash) -> EncodedBlock | None:
+        """The block, or None on a miss (a corrupt block is deleted and counted)."""
+        with self._lock:
+            if block_hash not in self._sizes:
+                return None
+            try:
+                block = self._read(block_hash)
+            except IntegrityError:
+                self.corrupt += 1
+                block = None
+            if block is None:  # vanished or corrupt: forget it
+                self._forget(block_hash)
+                return None
+            self._sizes.move_to_end(block_hash)
+            return block
+
+    def touch(self, block_hash: BlockHash) -> None:
+        """Mark a block most recently used without reading it."""
+        with self._lock:
+            if block_hash in self._sizes:
+                self._sizes.move_to_end(block_hash)
+
+    def put(self, block_hash: BlockHash, block: EncodedBlock) -> Evicted:
+        """Store `block` under `block_hash`; return the evicted blocks, least recently used first."""
+        with self._lock:
+            if block_hash in self._sizes:
+                self._sizes.move_to_end(block_hash)
+                return []
+            if block.nbytes > self.capacity_bytes:
+                return [(block_hash, block)]
+            evicted: Evicted = []
+            while self._sizes and self.used_bytes + block.nbytes > self.capacity_bytes:
+                evicted.append(self._evict_oldest())
+            size = self._write(block_hash, block)
+            self._sizes[block_hash] = size
+            self.used_bytes += size
+            return evicted
+
+    def remove(self, block_hash: BlockHash) -> None:
+        with self._lock:
+            if block_hash in self._sizes:
+                self._delete(block_hash)
+                self._forget(block_hash)
+
+    def clear(self) -> None:
+        with self._lock:
+            for block_hash in list(self._sizes):
+                self.remove(block_hash)
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most tiers hold nothing to release
+        """Release resources (connections); stored data stays where the tier keeps it."""
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _evict_oldest(self) -> tuple[BlockHash, EncodedBlock | None]:
+        block_hash = next(iter(self._sizes))
+        data: EncodedBlock | None = None
+        if self.keep_evicted:
+            try:
+                data = self._read(block_hash)
+            except IntegrityError:
+                self.corrupt += 1
+        self._delete(block_hash)
+        self._forget(block_hash)
+        return block_hash, data
+
+    def _forget(self, block_hash: BlockHash) -> None:
+        self.used_bytes -= self._sizes.pop(block_hash, 0)
+
+    def _index(self, entries: Iterable[tuple[BlockHash, int]]) -> None:
+        """Adopt blocks already stored (restart), oldest first, evicting beyond the budget."""
+        for block_hash, size in entries:
+            self._sizes[block_hash] = size
+            self.used_bytes += size
+        while self._sizes and self.used_bytes > self.capacity_bytes:
+            self._evict_oldest()
+
+
+class MemoryTier(Tier):
+    """Blocks kept as tensors on `device`: a GPU tier ("cuda") or a CPU tier ("cpu", pinned when `pin`).
+
+    Pinned host memory is what makes a CPU→GPU hit run at full PCIe/NVLink bandwidth with a non-blocking
+    copy; pinning is skipped (silently, it is an optimisation) when CUDA is absent.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity_bytes: int,
+        device: str = "cpu",
+        pin: bool = True,
+        codec: Codec | None = None,
+    ) -> None:
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"`device` must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.pin = pin and self.device.type == "cpu" and torch.cuda.is_available()
+        self.name = "gpu" if self.device.type == "cuda" else ("pinned" if self.pin else "cpu")
+        self._blocks: dict[BlockHash, EncodedBlock] = {}
+
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
+        return self._blocks.get(block_hash)
+
+    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
+        stored = block.to(self.device, pin=self.pin)
+        self._blocks[block_hash] = stored
+        return stored.nbytes
+
+    def _delete(self, block_hash: BlockHash) -> None:
+        self._blocks.pop(block_hash, None)
+
+
+class DiskTier(Tier):
+    """One safetensors file per block under `directory` (``ab/abcdef….safetensors``).
+
+    Writes go to a temporary file in the same folder and are published with an atomic rename, so a crash
+    never leaves a half-written block under a real name (leftover temporaries are removed on open). Every
+    file carries a SHA-256 of its tensors in its metadata, checked on read. On open the folder is re-indexed,
+    oldest modification time first (a read refreshes the time, so the order approximates LRU).
+    """
+
+    name = "disk"
+    _SUFFIX = ".safetensors"
+
+    def __init__(self, directory: str | Path, *, capacity_bytes: int, codec: Codec | None = None) -> None:
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create disk tier folder {str(self.directory)!r}: {exc}") from exc
+        self._reindex()
+
+    def _path(self, block_hash: BlockHash) -> Path:
+        name = block_hash.hex()
+        return self.directory / name[:2] / (name + self._SUFFIX)
+
+    def _reindex(self) -> None:
+        found: list[tuple[float, BlockHash, int]] = []
+        for path in self.directory.glob("*/*"):
+            if path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a write interrupted by a crash
+                continue
+            if not path.name.endswith(self._SUFFIX):
+                continue
+            try:
+                block_hash = BlockHash(bytes.fromhex(path.name.removesuffix(self._SUFFIX)))
+                st = path.stat()
+            except (ValueError, OSError):
+                continue
+            found.append((st.st_mtime, block_hash, st.st_size))
+        found.sort(key=lambda item: item[0])
+        self._index((block_hash, size) for _, block_hash, size in found)
+
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
+        path = self._path(block_hash)
+        try:
+            data = path.read_bytes()
+            os.utime(path)  # refresh the LRU order a restart will rebuild
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BackendError(f"disk tier read failed: {exc}") from exc
+        try:
+            return from_bytes(data)
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            raise
+
+    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
+        path = self._path(block_hash)
+        data = to_bytes(block)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic publish
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BackendError(f"disk tier write failed: {exc}") from exc
+        return len(data)
+
+    def _delete(self, block_hash: BlockHash) -> None:
+        self._path(block_hash).unlink(missing_ok=True)
+
+
+class RedisTier(Tier):
+    """Blocks as Redis strings ``{namespace}:kv:{hash hex}`` (safetensors bytes with a checksum).
+
+    On open the namespace is re-indexed with SCAN (+ STRLEN for sizes). Several processes may share one
+    namespace: a block another process wrote is found by `probe` (pipelined EXISTS) and adopted. The byte
+    budget and LRU order are this process's view; Redis' own maxmemory policy remains the backstop.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str,
+        capacity_bytes: int,
+        codec: Codec | None = None,
+        client: Any = None,
+    ) -> None:
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+        if not isinstance(namespace, str) or not namespace or any(c in namespace for c in " *?[]"):
+            raise ConfigError(
+                f"`namespace` must be a non-empty string without spaces or globs, got {namespace!r}"
+            )
+        if client is None:
+            if not url:
+                raise ConfigError("`url` or `client` is required for a Redis tier")
+            import redis
+
+            client = redis.Redis.from_url(url, socket_timeout=5.0)
+        self.client = client
+        self.prefix = f"{namespace}:kv:"
+        self._reindex()
+
+    def _key(self, block_hash: BlockHash) -> str:
+        return self.prefix + block_hash.hex()
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args)
+        except redis.RedisError as exc:
+            raise BackendError(f"redis tier {what} failed: {exc}") from exc
+
+    def _reindex(self) -> None:
+        keys = [
+            k
+            for k in self._call(
+                "scan", lambda: list(self.client.scan_iter(match=self.prefix + "*", count=1000))
+            )
+        ]
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        sizes = self._call("strlen", pipe.execute)
+        entries = []
+        for key, size in zip(keys, sizes, strict=True):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            try:
+                entries.append((BlockHash(bytes.fromhex(name.removeprefix(self.prefix))), int(size)))
+            except ValueError:
+                continue
+        self._index(entries)
+
+    def probe(self, hashes: list[BlockHash]) -> list[bool]:
+        """Which of `hashes` exist in Redis (adopting blocks other processes stored)."""
+        with self._lock:
+            unknown = [h for h in hashes if h not in self._sizes]
+        if unknown:
+            pipe = self.client.pipeline(transaction=False)
+            for h in unknown:
+                pipe.strlen(self._key(h))
+            sizes = self._call("probe", pipe.execute)
+            with self._lock:
+                for h, size in zip(unknown, sizes, strict=True):
+                    if size and h not in self._sizes:
+                        self._index([(h, int(size))])
+        with self._lock:
+            return [h in self._sizes for h in hashes]
+
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
+        data = self._call("get", self.client.get, self._key(block_hash))
+        if data is None:
+            return None
+        try:
+            return from_bytes(data)
+        except IntegrityError:
+            self._call("delete", self.client.delete, self._key(block_hash))
+            raise
+
+    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
+        data = to_bytes(block)
+        self._call("set", self.client.set, self._key(block_hash), data)
+        return len(data)
+
+    def _delete(self, block_hash: BlockHash) -> None:
+        self._call("delete", self.client.delete, self._key(block_hash))
+
+    def close(self) -> None:
+        self.client.close()

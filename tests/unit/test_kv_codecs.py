@@ -1,0 +1,104 @@
+"""KV codecs: exact where lossless, bounded error where quantised, exact size ratios, bytes I/O."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachelm.errors import ConfigError, IntegrityError
+from cachelm.kv.codecs import (
+    Int4Codec,
+    Int8Codec,
+    RawCodec,
+    codec_for,
+    from_bytes,
+    make_codec,
+    to_bytes,
+)
+
+
+def _block(tokens: int = 64, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 3, 2, 2, 64, generator=g)  # (T, L, 2, H, D)
+    x[:, :, 0, :, 7] *= 25.0  # a key outlier channel, as real models have
+    return x.to(dtype)
+
+
+def test_raw_codec_is_exact() -> None:
+    x = _block()
+    enc = RawCodec().encode(x)
+    assert torch.equal(RawCodec().decode(enc), x)
+    assert enc.nbytes == x.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_codec_is_exact_for_a_model_of_that_dtype(dtype: torch.dtype) -> None:
+    x = _block(dtype=dtype)
+    assert torch.equal(RawCodec(dtype).decode(RawCodec(dtype).encode(x)), x)
+
+
+@pytest.mark.parametrize(
+    ("codec", "ratio", "max_rel_err"),
+    [(Int8Codec(), 64 / 33, 0.01), (Int4Codec(), 32 / 9, 0.12)],
+)
+def test_quantised_codecs_size_and_error(
+    codec: Int8Codec | Int4Codec, ratio: float, max_rel_err: float
+) -> None:
+    x = _block()
+    enc = codec.encode(x)
+    fp16_bytes = x.numel() * 2
+    # int8: 1 + (2/64 + 2/64)/2 bytes per element; int4: 0.5 + (4/64 + 4/64)/2 (module docstring).
+    assert fp16_bytes / enc.nbytes == pytest.approx(ratio)
+    y = codec.decode(enc)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    rel = ((y - x).norm() / x.norm()).item()
+    assert 0 < rel < max_rel_err
+
+
+def test_int4_packing_round_trips_every_code() -> None:
+    codec = Int4Codec()
+    q = torch.arange(16, dtype=torch.uint8).repeat(4)  # every 4-bit code, even length
+    assert torch.equal(codec._unpack(codec._pack(q)), q)
+
+
+def test_keys_are_per_channel_values_per_token() -> None:
+    enc = Int4Codec(key_group=32, value_group=16).encode(_block(64))
+    assert tuple(enc.tensors["k_scale"].shape) == (2, 3, 2, 64)  # (T/32, L, H, D)
+    assert tuple(enc.tensors["v_scale"].shape) == (64, 3, 2, 4)  # (T, L, H, D/16)
+    # The decoder reads group sizes from the shapes: default-constructed codecs decode it.
+    assert codec_for(enc).decode(enc).shape == (64, 3, 2, 2, 64)
+
+
+def test_decode_into_out_buffer() -> None:
+    x = _block(16)
+    out = torch.empty(32, *x.shape[1:])
+    for codec in (RawCodec(), Int8Codec()):
+        codec.decode(codec.encode(x), out=out[16:])
+        assert torch.allclose(out[16:], x, atol=0.5)
+
+
+@pytest.mark.parametrize("name", ["raw", "float16", "bfloat16", "int8", "int4"])
+def test_bytes_round_trip(name: str) -> None:
+    enc = make_codec(name).encode(_block(32))
+    back = from_bytes(to_bytes(enc))
+    assert back.codec == enc.codec and back.num_tokens == 32 and back.dtype == torch.float32
+    for key, t in enc.tensors.items():
+        assert torch.equal(back.tensors[key], t)
+
+
+def test_corrupt_bytes_raise_integrity_error() -> None:
+    data = bytearray(to_bytes(RawCodec().encode(_block(16))))
+    data[-5] ^= 0xFF  # flip bits in the tensor data
+    with pytest.raises(IntegrityError, match="checksum"):
+        from_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        from_bytes(bytes(data[:100]))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="`block`"):
+        RawCodec().encode(torch.zeros(4, 4))
+    with pytest.raises(ConfigError, match="`codec`"):
+        make_codec("int3")
+    with pytest.raises(ConfigError, match="`key_group`"):
+        Int8Codec(key_group=0)

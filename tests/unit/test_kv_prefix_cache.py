@@ -1,0 +1,136 @@
+"""Prefix cache mechanics: hashing isolation, the one-token cap, demotion, promotion, failing tiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from cachelm.keys import ModelFingerprint, tenant_salt
+from cachelm.kv.codecs import Int8Codec, RawCodec
+from cachelm.kv.layout import KVLayout
+from cachelm.kv.prefix_cache import KVPrefixCache
+from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float32, sliding_windows=(None, None))
+MODEL = ModelFingerprint(model_id="m", revision="r1", dtype="float32")
+SALT = tenant_salt("alice")
+BS = 4
+BLOCK_BYTES = BS * LAYOUT.bytes_per_token
+
+
+def _kv(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(LAYOUT.block_shape(n), generator=torch.Generator().manual_seed(seed))
+
+
+def _cache(*tiers: Tier, model: ModelFingerprint = MODEL) -> KVPrefixCache:
+    return KVPrefixCache(
+        layout=LAYOUT, model=model, tiers=list(tiers) or [MemoryTier(capacity_bytes=1 << 20)], block_size=BS
+    )
+
+
+def test_store_then_load_exact_prefix() -> None:
+    pc = _cache()
+    ids, kv = list(range(10)), _kv(10)
+    assert pc.store(ids, kv, tenant_salt=SALT) == 2  # 2 full blocks of 4; the last 2 tokens are partial
+    match = pc.match(ids, tenant_salt=SALT)
+    assert match.num_tokens == 8 and match.tiers == (0, 0)
+    assert torch.equal(pc.load(match, device="cpu"), kv[:8])
+
+
+def test_hit_is_capped_one_token_short_of_the_prompt() -> None:
+    pc = _cache()
+    ids = list(range(8))
+    pc.store(ids, _kv(8), tenant_salt=SALT)
+    assert pc.match(ids, tenant_salt=SALT).num_tokens == 4  # 8 tokens cached, but the last must be computed
+    assert pc.match([*ids, 99], tenant_salt=SALT).num_tokens == 8
+
+
+def test_partial_block_and_divergence() -> None:
+    pc = _cache()
+    pc.store(list(range(12)), _kv(12), tenant_salt=SALT)
+    assert pc.match([*range(6), 77, 78, 79, 80], tenant_salt=SALT).num_tokens == 4  # diverges in block 2
+    assert pc.match([77, *range(1, 12)], tenant_salt=SALT).num_tokens == 0  # chained: no later-block hit
+
+
+def test_tenant_and_model_isolation() -> None:
+    tier = MemoryTier(capacity_bytes=1 << 20)
+    pc = _cache(tier)
+    ids = list(range(9))
+    pc.store(ids, _kv(9), tenant_salt=SALT)
+    assert pc.match(ids, tenant_salt=tenant_salt("bob")).num_tokens == 0
+    other_revision = _cache(tier, model=ModelFingerprint(model_id="m", revision="r2", dtype="float32"))
+    assert other_revision.match(ids, tenant_salt=SALT).num_tokens == 0
+
+
+def test_store_with_offset_only_stores_covered_blocks() -> None:
+    pc = _cache()
+    ids = list(range(12))
+    assert pc.store(ids, _kv(6), tenant_salt=SALT, start=6) == 1  # tokens 6..11 cover block 2 (8..11) only
+    assert pc.store(ids, _kv(8), tenant_salt=SALT, start=4) == 1  # blocks 1 and 2; block 2 is already there
+    assert pc.match(ids, tenant_salt=SALT).num_tokens == 0  # block 0 missing: no prefix
+
+
+def test_eviction_demotes_to_the_next_tier_and_hits_promote(tmp_path: Path) -> None:
+    top = MemoryTier(capacity_bytes=2 * BLOCK_BYTES)
+    disk = DiskTier(tmp_path, capacity_bytes=1 << 20, codec=Int8Codec())
+    pc = _cache(top, disk)
+    ids, kv = list(range(17)), _kv(17)
+    pc.store(ids, kv, tenant_salt=SALT)  # 4 blocks into a 2-block top tier
+    pc.flush()
+    hashes = pc.block_hashes(ids, tenant_salt=SALT)
+    assert list(top) == hashes[2:] and set(disk) == set(hashes[:2])
+    assert pc.stats.demoted_blocks == 2
+    match = pc.match(ids, tenant_salt=SALT)
+    assert match.tiers == (1, 1, 0, 0)
+    prefix = pc.load(match, device="cpu")
+    assert torch.allclose(prefix[:8], kv[:8], atol=0.05)  # int8 on disk
+    assert torch.equal(prefix[8:], kv[8:16])  # raw in memory
+    assert pc.stats.promoted_blocks == 2 and pc.stats.tier_hits == {"cpu": 2, "disk": 2}
+    pc.flush()
+    assert set(top) == set(hashes[:2])  # promoted; the two blocks they displaced were demoted
+    assert pc.match(ids, tenant_salt=SALT).num_tokens == 16
+    pc.close()
+
+
+def test_redis_shared_between_two_caches(redis_url: str, namespace: str) -> None:
+    writer = _cache(
+        MemoryTier(capacity_bytes=1 << 20), RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    )
+    writer.write_through = True
+    ids, kv = list(range(9)), _kv(9)
+    writer.store(ids, kv, tenant_salt=SALT)
+    writer.flush()
+    reader = _cache(
+        MemoryTier(capacity_bytes=1 << 20), RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    )
+    match = reader.match(ids, tenant_salt=SALT)
+    assert match.tiers == (1, 1)
+    assert torch.equal(reader.load(match, device="cpu"), kv[:8])
+    writer.tiers[1].clear()
+
+
+def test_failing_tier_is_a_miss_not_an_error(redis_url: str, namespace: str) -> None:
+    tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    pc = _cache(MemoryTier(capacity_bytes=BLOCK_BYTES), tier)
+    ids = list(range(9))
+    pc.store(ids, _kv(9), tenant_salt=SALT)
+    pc.flush()
+    tier.client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # the server "goes away"
+    match = pc.match(ids, tenant_salt=SALT)
+    assert match.tiers == (1, 0)
+    assert pc.load(match, device="cpu").shape[0] == 0  # block 0 unreadable: no prefix, no exception
+    assert pc.stats.backend_errors >= 1
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="`block_size`"):
+        KVPrefixCache(layout=LAYOUT, model=MODEL, tiers=[MemoryTier(capacity_bytes=10)], block_size=0)
+    pc = _cache()
+    with pytest.raises(ValueError, match="`kv`"):
+        pc.store(list(range(8)), torch.zeros(8, 2, 2, 1, 4), tenant_salt=SALT)
+    with pytest.raises(ValueError, match="`start`"):
+        pc.store(list(range(8)), _kv(8), tenant_salt=SALT, start=4)
+    assert RawCodec().name == "raw"

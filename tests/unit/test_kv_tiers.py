@@ -1,0 +1,192 @@
+"""The tier contract, run against every tier: CPU memory, disk, Redis (real server) and GPU (marked)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from cachelm.errors import BackendError, ConfigError
+from cachelm.keys import BlockHash
+from cachelm.kv.codecs import EncodedBlock, RawCodec
+from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
+
+TierFactory = Callable[[int], Tier]
+
+
+def _h(i: int) -> BlockHash:
+    return BlockHash(bytes([i]) * 32)
+
+
+def _block(seed: int) -> EncodedBlock:
+    x = torch.randn(4, 2, 2, 1, 8, generator=torch.Generator().manual_seed(seed))  # 512 bytes as float32
+    return RawCodec().encode(x)
+
+
+def _size(tier: Tier) -> int:
+    """Bytes one block occupies in `tier` (memory: tensors; disk/Redis: safetensors bytes)."""
+    probe = tier.put(_h(255), _block(255))
+    assert probe == []
+    size = tier.used_bytes
+    tier.remove(_h(255))
+    assert tier.used_bytes == 0
+    return size
+
+
+@pytest.fixture(params=["cpu", "disk", "redis", pytest.param("gpu", marks=pytest.mark.gpu)])
+def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierFactory]:
+    made: list[Tier] = []
+
+    def factory(capacity: int) -> Tier:
+        tier: Tier
+        if request.param == "cpu":
+            tier = MemoryTier(capacity_bytes=capacity, device="cpu")
+        elif request.param == "gpu":
+            tier = MemoryTier(capacity_bytes=capacity, device="cuda")
+        elif request.param == "disk":
+            tier = DiskTier(tmp_path / "kv", capacity_bytes=capacity)
+        else:
+            url = request.getfixturevalue("redis_url")
+            tier = RedisTier(url, namespace=request.getfixturevalue("namespace"), capacity_bytes=capacity)
+        made.append(tier)
+        return tier
+
+    yield factory
+    for tier in made:
+        tier.clear()
+        tier.close()
+
+
+def test_miss_is_none(make_tier: TierFactory) -> None:
+    tier = make_tier(1 << 20)
+    assert tier.get(_h(1)) is None and _h(1) not in tier and len(tier) == 0
+
+
+def test_put_get_round_trip(make_tier: TierFactory) -> None:
+    tier = make_tier(1 << 20)
+    block = _block(1)
+    assert tier.put(_h(1), block) == []
+    got = tier.get(_h(1))
+    assert got is not None and got.codec == "raw" and got.num_tokens == 4
+    assert torch.equal(got.tensors["kv"].cpu(), block.tensors["kv"])
+    assert _h(1) in tier and len(tier) == 1 and tier.used_bytes > 0
+
+
+def test_lru_eviction_order_is_exact(make_tier: TierFactory) -> None:
+    size = _size(make_tier(1 << 20))
+    tier = make_tier(3 * size)
+    tier.keep_evicted = True
+    for i in (1, 2, 3):
+        assert tier.put(_h(i), _block(i)) == []
+    assert tier.get(_h(1)) is not None  # 1 becomes most recent: 2 is now the oldest
+    evicted = tier.put(_h(4), _block(4))
+    assert [h for h, _ in evicted] == [_h(2)]
+    data = evicted[0][1]
+    assert data is not None and torch.equal(data.tensors["kv"].cpu(), _block(2).tensors["kv"])
+    assert list(tier) == [_h(3), _h(1), _h(4)]
+    assert tier.used_bytes == 3 * size
+    assert tier.get(_h(2)) is None
+
+
+def test_evicted_without_keep_has_no_data(make_tier: TierFactory) -> None:
+    size = _size(make_tier(1 << 20))
+    tier = make_tier(size)
+    tier.put(_h(1), _block(1))
+    assert tier.put(_h(2), _block(2)) == [(_h(1), None)]
+
+
+def test_block_larger_than_budget_is_refused(make_tier: TierFactory) -> None:
+    tier = make_tier(100)
+    block = _block(1)
+    assert tier.put(_h(1), block) == [(_h(1), block)]
+    assert len(tier) == 0 and tier.used_bytes == 0
+
+
+def test_remove_and_clear(make_tier: TierFactory) -> None:
+    tier = make_tier(1 << 20)
+    tier.put(_h(1), _block(1))
+    tier.put(_h(2), _block(2))
+    tier.remove(_h(1))
+    assert tier.get(_h(1)) is None and len(tier) == 1
+    tier.clear()
+    assert len(tier) == 0 and tier.used_bytes == 0
+
+
+def test_disk_reindexes_on_restart_and_drops_temporaries(tmp_path: Path) -> None:
+    first = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    for i in (1, 2):
+        first.put(_h(i), _block(i))
+    (tmp_path / "01" / "crashed.tmp").write_bytes(b"partial")
+    again = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    assert set(again) == {_h(1), _h(2)} and again.used_bytes == first.used_bytes
+    got = again.get(_h(2))
+    assert got is not None and torch.equal(got.tensors["kv"], _block(2).tensors["kv"])
+    assert not (tmp_path / "01" / "crashed.tmp").exists()
+
+
+def test_disk_reindex_respects_a_smaller_budget(tmp_path: Path) -> None:
+    first = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    for i in (1, 2, 3):
+        first.put(_h(i), _block(i))
+    one = first.used_bytes // 3
+    again = DiskTier(tmp_path, capacity_bytes=2 * one)
+    assert len(again) == 2 and again.used_bytes <= 2 * one
+
+
+def test_disk_corrupt_file_is_a_counted_miss(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    tier.put(_h(1), _block(1))
+    path = next(tmp_path.glob("*/*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert tier.get(_h(1)) is None
+    assert tier.corrupt == 1 and _h(1) not in tier and not path.exists()
+
+
+def test_redis_reindexes_on_restart(redis_url: str, namespace: str) -> None:
+    first = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    for i in (1, 2):
+        first.put(_h(i), _block(i))
+    again = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    assert set(again) == {_h(1), _h(2)} and again.used_bytes == first.used_bytes
+    other = RedisTier(redis_url, namespace=namespace + "x", capacity_bytes=1 << 20)
+    assert len(other) == 0  # namespaces are isolated
+    first.clear()
+
+
+def test_redis_probe_adopts_blocks_of_another_process(redis_url: str, namespace: str) -> None:
+    reader = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    writer = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    writer.put(_h(7), _block(7))
+    assert _h(7) not in reader
+    assert reader.probe([_h(7), _h(8)]) == [True, False]
+    assert reader.get(_h(7)) is not None
+    writer.clear()
+
+
+def test_redis_corrupt_value_is_a_counted_miss(redis_url: str, namespace: str) -> None:
+    tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    tier.put(_h(1), _block(1))
+    redis.Redis.from_url(redis_url).set(f"{namespace}:kv:{_h(1).hex()}", b"garbage")
+    assert tier.get(_h(1)) is None and tier.corrupt == 1
+
+
+def test_redis_down_raises_backend_error(redis_url: str, namespace: str) -> None:
+    tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    tier.client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
+    tier._sizes[_h(1)] = 10
+    with pytest.raises(BackendError, match="redis tier get failed"):
+        tier.get(_h(1))
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="`capacity_bytes`"):
+        MemoryTier(capacity_bytes=0)
+    with pytest.raises(ConfigError, match="`device`"):
+        MemoryTier(capacity_bytes=10, device="mps")
+    with pytest.raises(ConfigError, match="`namespace`"):
+        RedisTier("redis://127.0.0.1:6379", namespace="a*b", capacity_bytes=10)
