@@ -246,8 +246,10 @@ async def test_async_client_hits_streams_and_coalesces(
     assert upstream.count(CHAT_PATH) == 1
     assert {a.choices[0].message.content for a in answers} == {"Echo from gpt-4o-mini: async q"}
     assert all(isinstance(a, ChatCompletion) for a in answers)
-    replay = [c async for c in await client.chat.completions.create(**ask("async q"), stream=True)]
+    async with await client.chat.completions.create(**ask("async q"), stream=True) as stream:
+        replay = [c async for c in stream]
     assert _content(replay) == "Echo from gpt-4o-mini: async q"
+    assert all(isinstance(c, ChatCompletionChunk) for c in replay)
     live = [c async for c in await client.chat.completions.create(**ask("async stream"), stream=True)]
     hit = await client.chat.completions.create(**ask("async stream"))
     assert hit.choices[0].message.content == _content(live)

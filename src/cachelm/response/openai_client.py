@@ -209,32 +209,19 @@ class AsyncRecordingStream(Generic[T]):
 
 
 class ReplayStream(Generic[T]):
-    """A cached answer replayed as stream chunks (sync ``for`` and ``async for`` both work)."""
+    """A cached answer replayed as stream chunks, shaped like the SDK's `Stream`."""
 
     def __init__(self, chunks: Iterable[T]) -> None:
-        self._chunks = list(chunks)
-        self._position = 0
+        self._chunks = iter(list(chunks))
 
     def __iter__(self) -> Iterator[T]:
         return self
 
     def __next__(self) -> T:
-        if self._position >= len(self._chunks):
-            raise StopIteration
-        self._position += 1
-        return self._chunks[self._position - 1]
-
-    def __aiter__(self) -> AsyncIterator[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        try:
-            return self.__next__()
-        except StopIteration:
-            raise StopAsyncIteration from None
+        return next(self._chunks)
 
     def close(self) -> None:
-        self._position = len(self._chunks)
+        self._chunks = iter(())
 
     def __enter__(self) -> ReplayStream[T]:
         return self
@@ -242,18 +229,35 @@ class ReplayStream(Generic[T]):
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: TracebackType | None) -> None:
         self.close()
 
-    async def __aenter__(self) -> ReplayStream[T]:
+
+class AsyncReplayStream(Generic[T]):
+    """A cached answer replayed as stream chunks, shaped like the SDK's `AsyncStream`."""
+
+    def __init__(self, chunks: Iterable[T]) -> None:
+        self._chunks = iter(list(chunks))
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        self._chunks = iter(())
+
+    async def __aenter__(self) -> AsyncReplayStream[T]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.close()
 
 
-def _replay(
-    endpoint: _Endpoint, response: Mapping[str, Any], request: Mapping[str, Any]
-) -> ReplayStream[Any]:
+def _replay_chunks(endpoint: _Endpoint, response: Mapping[str, Any], request: Mapping[str, Any]) -> list[Any]:
     chunks = endpoint.replay(response, include_usage=_include_usage(request))
-    return ReplayStream(endpoint.chunk_model.construct(**c) for c in chunks)
+    return [endpoint.chunk_model.construct(**c) for c in chunks]
 
 
 class _CachedCreate:
@@ -284,7 +288,7 @@ class _SyncCreate(_CachedCreate):
         if kwargs.get("stream") is True:
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
             if hit is not None:
-                return _replay(endpoint, hit.response, request)
+                return ReplayStream(_replay_chunks(endpoint, hit.response, request))
             return RecordingStream[Any](self._resource.create(**kwargs), _Recorder(s, endpoint, request))
         original: list[Any] = []
 
@@ -306,7 +310,7 @@ class _AsyncCreate(_CachedCreate):
         if kwargs.get("stream") is True:
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
             if hit is not None:
-                return _replay(endpoint, hit.response, request)
+                return AsyncReplayStream(_replay_chunks(endpoint, hit.response, request))
             stream = await self._resource.create(**kwargs)
             return AsyncRecordingStream[Any](stream, _Recorder(s, endpoint, request))
         original: list[Any] = []
