@@ -27,12 +27,13 @@ from cachelm.store.encrypted import EncryptedStore
 from cachelm.store.memory import MemoryStore
 from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
+from cachelm.store.tiered import TieredStore
 
 # Near real time: Redis drops records by its own clock (PEXPIREAT), so logical times must not lie in the past.
 T0 = float(int(time.time()))
 
 # Every store the exact cache must work on; each is a real backend.
-STORE_KINDS = ["memory", "sqlite", "redis", "encrypted-sqlite"]
+STORE_KINDS = ["memory", "sqlite", "redis", "encrypted-sqlite", "tiered"]
 
 
 @contextlib.contextmanager
@@ -47,6 +48,9 @@ def make_store(kind: str, request: pytest.FixtureRequest, *, clock: ManualClock)
     elif kind == "encrypted-sqlite":
         tmp = request.getfixturevalue("tmp_path")
         store = EncryptedStore(SQLiteStore(tmp / "sealed.db", clock=clock), Keyring.generate())
+    elif kind == "tiered":  # an in-process L1 over SQLite, as the proxy runs it
+        tmp = request.getfixturevalue("tmp_path")
+        store = TieredStore(MemoryStore(clock=clock), SQLiteStore(tmp / "l2.db", clock=clock))
     elif kind == "redis":
         url, ns = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
         store = RedisStore.from_url(url, namespace=ns, clock=clock)
