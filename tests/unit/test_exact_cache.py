@@ -198,6 +198,16 @@ def test_ttl_default_and_per_call(store: Store, clock: ManualClock) -> None:
     assert cache.lookup(a) is None
 
 
+def test_the_store_clock_stamps_entries_by_default(store: Store, clock: ManualClock) -> None:
+    cache = ExactCache(store, default_ttl=5)  # no clock given: the store's ManualClock
+    req = chat("when?")
+    cache.store(req, answer(req))
+    hit = cache.lookup(req)
+    assert hit is not None and (hit.created, hit.expires) == (T0, T0 + 5)
+    clock.advance(5)
+    assert cache.lookup(req) is None
+
+
 def test_a_corrupt_value_reads_as_a_miss_and_is_dropped(cache: ExactCache) -> None:
     req = chat("q")
     key = cache.key_for(req)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
-from cachelm.clock import Clock, wall_clock
+from cachelm.clock import Clock
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import is_sampled, request_key, tenant_salt
 from cachelm.metrics import CacheMetrics
@@ -93,14 +93,19 @@ def _check_str(value: Any, name: str, *, empty: bool = False) -> None:
 
 
 class ExactCache:
-    """Exact-match response cache over a `Store`. Thread-safe when the store is."""
+    """Exact-match response cache over a `Store`. Thread-safe when the store is.
+
+    `clock` stamps ``created``/``expires`` (default: the store's own clock, which decides expiry);
+    `key_secret` salts every tenant's keys; `model_revisions` maps a model id to its revision, which is part
+    of the key, so a new revision never serves an answer of the old one.
+    """
 
     def __init__(
         self,
         store: Store,
         *,
         default_ttl: float | None = None,
-        clock: Clock = wall_clock,
+        clock: Clock | None = None,
         metrics: CacheMetrics | None = None,
         key_secret: bytes = b"",
         model_revisions: Mapping[str, str] | None = None,
@@ -112,7 +117,8 @@ class ExactCache:
             raise ConfigError(f"`key_secret` must be bytes, got {type(key_secret).__name__}")
         self.backend = store  # not `store`: that name is the write method
         self.default_ttl = default_ttl
-        self.clock = clock
+        # Records are stamped with this clock and expired by the store's: one clock for both by default.
+        self.clock: Clock = store.clock if clock is None else clock
         self.metrics = metrics if metrics is not None else CacheMetrics()
         self.key_secret = key_secret
         self.model_revisions: dict[str, str] = dict(model_revisions or {})
