@@ -21,6 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -114,7 +115,10 @@ class CacheMetrics:
             raise ConfigError(f"`window` must be an int >= 1, got {window!r}")
         if prices is not None and not all(isinstance(p, Price) for p in prices.values()):
             raise ConfigError("`prices` values must be `Price` objects")
-        self.prices: dict[str, Price] = dict(DEFAULT_PRICES if prices is None else prices)
+        self._prices: dict[str, Price] = dict(DEFAULT_PRICES if prices is None else prices)
+        self._price_of: dict[str, Price | None] = {}  # model id → resolved price (prefix lookup is O(table))
+        # Label children are cached: `labels()` validates and locks on every call, a few µs on the hit path.
+        self._children: dict[tuple[str, ...], Any] = {}
         self.tenant_labels = tenant_labels
         self.registry = CollectorRegistry(auto_describe=True)
         self._window = window
@@ -169,12 +173,12 @@ class CacheMetrics:
 
     def hit(self, layer: str, *, tenant: str = "default", model: str = "", usage: Any = None) -> None:
         """Count a hit; `usage` (an OpenAI ``usage`` dict) credits the tokens and cost it saved."""
-        self._hits.labels(layer, self._tenant(tenant)).inc()
+        self._child(self._hits, "hits", layer, self._tenant(tenant)).inc()
         if isinstance(usage, Mapping):
             self.saved(layer, model=model, usage=usage)
 
     def miss(self, layer: str, *, tenant: str = "default") -> None:
-        self._misses.labels(layer, self._tenant(tenant)).inc()
+        self._child(self._misses, "misses", layer, self._tenant(tenant)).inc()
 
     def bypass(self, layer: str, reason: str) -> None:
         self._bypass.labels(layer, reason).inc()
@@ -186,7 +190,7 @@ class CacheMetrics:
         self._errors.labels(layer, kind).inc()
 
     def observe_lookup(self, layer: str, seconds: float) -> None:
-        self._lookup.labels(layer).observe(seconds)
+        self._child(self._lookup, "lookup", layer).observe(seconds)
         self._series("lookup", layer).add(seconds)
 
     def observe_compute(self, layer: str, seconds: float) -> None:
@@ -205,18 +209,44 @@ class CacheMetrics:
         """Credit the tokens of `usage` (prompt/completion or input/output) and their estimated cost."""
         input_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens", 0)))
         output_tokens = _int(usage.get("completion_tokens", usage.get("output_tokens", 0)))
-        self._tokens.labels(layer, "input").inc(input_tokens)
-        self._tokens.labels(layer, "output").inc(output_tokens)
+        self._child(self._tokens, "tokens", layer, "input").inc(input_tokens)
+        self._child(self._tokens, "tokens", layer, "output").inc(output_tokens)
         price = self.price(model)
         if price is not None:
-            self._cost.labels(layer).inc(price.cost(input_tokens, output_tokens))
+            self._child(self._cost, "cost", layer).inc(price.cost(input_tokens, output_tokens))
+
+    @property
+    def prices(self) -> Mapping[str, Price]:
+        """The price table (USD per 1M tokens by model id or prefix); change it with `set_price`."""
+        return MappingProxyType(self._prices)
+
+    def set_price(self, model: str, price: Price) -> None:
+        """Add or replace the price of `model` (an id or an id prefix)."""
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"`model` must be a non-empty string, got {model!r}")
+        if not isinstance(price, Price):
+            raise ConfigError(f"`price` must be a Price, got {type(price).__name__}")
+        self._prices[model] = price
+        self._price_of.clear()
 
     def price(self, model: str) -> Price | None:
         """The price of `model`: exact id first, then the longest known prefix; None when unknown."""
-        if model in self.prices:
-            return self.prices[model]
-        best = max((m for m in self.prices if model.startswith(m)), key=len, default=None)
-        return None if best is None else self.prices[best]
+        if model in self._price_of:
+            return self._price_of[model]
+        best = (
+            model
+            if model in self._prices
+            else max((m for m in self._prices if model.startswith(m)), key=len, default=None)
+        )
+        found = None if best is None else self._prices[best]
+        self._price_of[model] = found
+        return found
+
+    def _child(self, metric: Any, name: str, *labels: str) -> Any:
+        child = self._children.get((name, *labels))
+        if child is None:
+            child = self._children[(name, *labels)] = metric.labels(*labels)
+        return child
 
     def _series(self, kind: str, layer: str) -> _Window:
         with self._lock:

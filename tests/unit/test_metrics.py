@@ -144,3 +144,14 @@ def test_size_gauges_from_a_measured_cache() -> None:
     assert (snap["entries"], snap["bytes_stored"]) == (3, num_bytes)
     assert snap["bytes_written"] == num_bytes  # nothing was overwritten
     assert b"cachelm_bytes_stored{" in cache.metrics.exposition()
+
+
+def test_set_price_overrides_and_refreshes_resolved_prices() -> None:
+    m = CacheMetrics()
+    assert m.price("gpt-4o-mini-2024-07-18") == DEFAULT_PRICES["gpt-4o-mini"]
+    m.set_price("gpt-4o-mini-2024-07-18", Price(input=9.0, output=9.0))
+    assert m.price("gpt-4o-mini-2024-07-18") == Price(input=9.0, output=9.0)
+    with pytest.raises(TypeError):
+        m.prices["x"] = Price(input=1.0, output=1.0)  # type: ignore[index]
+    with pytest.raises(ConfigError, match="`price`"):
+        m.set_price("x", 1.0)  # type: ignore[arg-type]
