@@ -193,6 +193,22 @@ def test_extra_body_is_part_of_the_key_and_transport_options_are_not(
     assert cache.metrics.count("misses", layer="exact") == 2
 
 
+def test_messages_may_be_any_iterable_and_pydantic_objects(raw: openai.OpenAI, cache: ExactCache) -> None:
+    client = cached(raw, cache)
+    first = client.chat.completions.create(**ask("gen"))
+    as_generator = {**ask("gen"), "messages": (m for m in ask("gen")["messages"])}
+    again = client.chat.completions.create(**as_generator)
+    assert again.to_dict() == first.to_dict()  # same key, and the SDK was not handed an exhausted generator
+    follow_up = ask("and then?")
+    follow_up["messages"] = [*ask("gen")["messages"], first.choices[0].message, *follow_up["messages"]]
+    answer = client.chat.completions.create(**follow_up)
+    assert answer.choices[0].message.content == "Echo from gpt-4o-mini: and then?"
+    assert client.chat.completions.create(**follow_up).to_dict() == answer.to_dict()
+    assert cache.metrics.count("hits", layer="exact") == 2
+    with pytest.raises(ConfigError, match="JSON-serialisable"):
+        client.chat.completions.create(**ask("x"), extra_body={"thing": object()})
+
+
 def test_tenants_do_not_share_answers(
     raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
 ) -> None:

@@ -81,9 +81,25 @@ def _given(value: Any) -> bool:
     return not isinstance(value, openai.NotGiven | openai.Omit)
 
 
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):  # a pydantic model, e.g. a message object passed back in
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
 def _jsonable(value: Any) -> Any:
-    """SDK params may hold pydantic models (e.g. a message object passed back in); make them plain JSON."""
-    return json.loads(json.dumps(value, default=lambda v: v.model_dump(mode="json", exclude_unset=True)))
+    """SDK params may hold pydantic models or tuples; make them plain JSON values."""
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def _materialise(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The SDK accepts any iterable of messages; a generator must be read once, for the key and the call."""
+    messages = kwargs.get("messages")
+    if messages is not None and not isinstance(messages, list | tuple):
+        kwargs = {**kwargs, "messages": list(messages)}
+    return kwargs
 
 
 def request_of(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,6 +298,7 @@ class _CachedCreate:
 class _SyncCreate(_CachedCreate):
     def create(self, **kwargs: Any) -> Any:
         """The SDK's ``create``, served from the cache when possible. See the module docstring."""
+        kwargs = _materialise(kwargs)
         s, endpoint, request = self._settings, self._endpoint, request_of(kwargs)
         if not s.cache.eligible(request, allow_sampled=s.allow_sampled):
             return self._resource.create(**kwargs)
@@ -304,6 +321,7 @@ class _SyncCreate(_CachedCreate):
 class _AsyncCreate(_CachedCreate):
     async def create(self, **kwargs: Any) -> Any:
         """The SDK's ``create``, served from the cache when possible. See the module docstring."""
+        kwargs = _materialise(kwargs)
         s, endpoint, request = self._settings, self._endpoint, request_of(kwargs)
         if not s.cache.eligible(request, allow_sampled=s.allow_sampled):
             return await self._resource.create(**kwargs)
