@@ -8,11 +8,12 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from cachelm.errors import ConfigError
 from cachelm.store import Match, Record, Store
+from cachelm.store.sqlite import decode_verified, stored_checksum
 from tests.contract.conftest import Backend
 
 
@@ -266,6 +267,31 @@ def test_put_rejects_non_records(backend: Backend) -> None:
         store.put({"key": "k", "value": b"v"})  # type: ignore[arg-type]
 
 
+@given(
+    key=st.text(min_size=1, max_size=20),
+    value=st.binary(max_size=64),
+    tenant=st.text(min_size=1, max_size=8),
+    tags=st.frozensets(st.text(max_size=5), max_size=3),
+    created=st.floats(0, 2e9),
+    ttl=st.none() | st.floats(0, 1e6),
+)
+def test_stored_checksum_equals_record_checksum(
+    key: str, value: bytes, tenant: str, tags: frozenset[str], created: float, ttl: float | None
+) -> None:
+    """The backends verify over the stored metadata text; that must be the record's own checksum."""
+    r = Record(
+        key=key,
+        value=value,
+        tenant=tenant,
+        tags=tags,
+        created=created,
+        expires=None if ttl is None else created + ttl,
+    )
+    assert stored_checksum(r.key, r.meta_json(), r.value) == r.checksum()
+    assert decode_verified(r.key, r.value, r.meta_json(), r.checksum(), 3) == r.with_hits(3)
+    assert decode_verified(r.key, r.value + b"!", r.meta_json(), r.checksum(), 0) is None
+
+
 # -- stateful: every store behaves like a dict model -------------------------------------------------------
 
 KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
@@ -339,6 +365,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.get(key) == expected
         if expected is not None:
             self.model[key] = expected.with_hits(expected.hits + 1)
+        else:
+            self.model.pop(key, None)  # a get drops an expired record it finds
 
     @rule(key=KEYS)
     def delete(self, key: str) -> None:

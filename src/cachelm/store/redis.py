@@ -37,7 +37,8 @@ from redis.retry import Retry
 
 from cachelm.clock import Clock, wall_clock
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Match, Record, Store, record_from_meta
+from cachelm.store.base import Match, Record, Store
+from cachelm.store.sqlite import decode_verified
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BATCH = 256
@@ -214,10 +215,10 @@ class RedisStore(Store):
         if value is None or checksum is None or meta is None:
             return None
         try:
-            record = record_from_meta(key, bytes(value), bytes(meta).decode(), int(hits or 0))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            meta_json = bytes(meta).decode()
+        except UnicodeDecodeError:
             return None
-        return record if record.checksum() == bytes(checksum) else None
+        return decode_verified(key, bytes(value), meta_json, bytes(checksum), int(hits or 0))
 
     def _corrupt(self, key: str) -> None:
         self.stats.add("corrupt_reads")

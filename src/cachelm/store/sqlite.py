@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import sqlite3
 import threading
@@ -221,11 +222,9 @@ class SQLiteStore(Store):
     def _decode(self, row: Sequence[Any]) -> Record | None:
         """Row (key, value, meta, checksum, hits) → Record, or None when it fails its checksum."""
         key, value, meta, checksum, hits = row
-        try:
-            record = record_from_meta(key, bytes(value), meta, hits)
-        except (ValueError, KeyError, TypeError):
-            return None
-        return record if record.checksum() == checksum else None
+        if not isinstance(value, bytes) or not isinstance(meta, str):
+            return None  # a column rewritten with the wrong type (e.g. TEXT where a BLOB belongs)
+        return decode_verified(key, value, meta, checksum, hits)
 
     def _corrupt(self, key: str) -> None:
         self.stats.add("corrupt_reads")
@@ -472,6 +471,29 @@ class SQLiteStore(Store):
             for conn in connections:
                 conn.close()
             self._local = threading.local()
+
+
+def stored_checksum(key: str, meta_json: str, value: bytes) -> bytes:
+    """`Record.checksum` computed from the metadata JSON *as stored*, skipping a re-serialisation.
+
+    Equal to ``record.checksum()`` whenever `meta_json` came from ``record.meta_json()``; any change to the
+    stored key, metadata text or value changes it, so it detects the same corruption.
+    """
+    h = hashlib.sha256()
+    for part in (key.encode(), meta_json.encode(), value):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def decode_verified(key: str, value: bytes, meta_json: str, checksum: bytes, hits: int) -> Record | None:
+    """Rebuild a stored record, or None when its checksum or metadata is bad (the caller counts it)."""
+    try:
+        if stored_checksum(key, meta_json, value) != checksum:
+            return None
+        return record_from_meta(key, value, meta_json, hits)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeEncodeError):
+        return None
 
 
 def _where_sql(where: Match, *, live_at: float | None) -> tuple[str, list[Any]]:
