@@ -229,10 +229,14 @@ def calibrate_threshold(
 
 @dataclass
 class _Region:
-    samples: deque[tuple[float, bool]]  # (similarity, wrong); -inf for non-events
+    """One certificate's sample. ``wrong_at[j]`` = k(grid[j]), kept incrementally: O(grid) per sample."""
+
+    samples: deque[tuple[float, bool]]  # (similarity, wrong) in arrival order; -inf for non-events
+    wrong_at: np.ndarray
     threshold: float = math.nan
     bound: float | None = None
     dirty: bool = False
+    unfitted: int = 0  # samples since the last refit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,8 +303,20 @@ class BoundedErrorPolicy:
     def _region(self, region: str) -> _Region:
         r = self._regions.get(region)
         if r is None:
-            r = self._regions[region] = _Region(samples=deque(maxlen=self.config.window))
+            r = self._regions[region] = _Region(samples=deque(), wrong_at=np.zeros(self._grid.size, np.int64))
         return r
+
+    def _add_sample(self, r: _Region, similarity: float, wrong: bool) -> None:
+        r.samples.append((similarity, wrong))
+        if wrong:
+            r.wrong_at[self._grid <= similarity] += 1
+        if len(r.samples) > self.config.window:  # slide: the oldest sample leaves the counts
+            old_similarity, old_wrong = r.samples.popleft()
+            if old_wrong:
+                r.wrong_at[self._grid <= old_similarity] -= 1
+        r.dirty = True
+        r.unfitted += 1
+        self.stats.samples += 1
 
     def threshold(self, region: str) -> float:
         """The certified threshold t* of `region` (nan while none is certified)."""
@@ -316,9 +332,7 @@ class BoundedErrorPolicy:
             sampled = self._rng.random() < (self.config.explore_rate if certified else 1.0)
             if similarity is None or similarity < self.config.floor:
                 if sampled:  # a non-event: cannot be a wrong hit at any candidate threshold
-                    r.samples.append((-math.inf, False))
-                    r.dirty = True
-                    self.stats.samples += 1
+                    self._add_sample(r, -math.inf, False)
                 return Decision(
                     serve=False,
                     verify=False,
@@ -376,10 +390,7 @@ class BoundedErrorPolicy:
                 # Wrong at this similarity, so (monotonicity) at any lower one too: serve above it only.
                 self._entry_boundary[entry_id] = max(old, math.nextafter(float(similarity), math.inf))
             if sampled:
-                r = self._region(region)
-                r.samples.append((float(similarity), not correct))
-                r.dirty = True
-                self.stats.samples += 1
+                self._add_sample(self._region(region), float(similarity), not correct)
 
     def veto(self, entry_id: str) -> None:
         """Never serve `entry_id` again (a wrong answer reported outside a verification)."""
@@ -393,17 +404,16 @@ class BoundedErrorPolicy:
 
     def _refit(self, r: _Region) -> _Region:
         """Recompute t* by fixed-sequence testing down the grid (only when new samples arrived)."""
-        if not r.dirty:
-            return r
-        r.dirty = False
         n = len(r.samples)
+        # Refit after each 1% of new samples: the certificate in force is then computed on a slightly older
+        # sample, which is still a valid i.i.d. sample, and refits stay amortised O(grid) per lookup.
+        if not r.dirty or r.unfitted < max(1, n // 100):
+            return r
+        r.dirty, r.unfitted = False, 0
         if n == 0:
             r.threshold, r.bound = math.nan, None
             return r
-        sims = np.fromiter((s for s, _ in r.samples), dtype=np.float64, count=n)
-        wrong = np.fromiter((w for _, w in r.samples), dtype=bool, count=n)
-        wrong_sims = np.sort(sims[wrong])
-        k = wrong_sims.size - np.searchsorted(wrong_sims, self._grid, side="left")  # k(t) for each t
+        k = r.wrong_at
         upper = clopper_pearson_upper(k, n, self.config.alpha)
         failed = np.flatnonzero(upper > self.config.delta)
         last_ok = (failed[0] if failed.size else self._grid.size) - 1

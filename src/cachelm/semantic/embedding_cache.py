@@ -142,9 +142,9 @@ class EmbeddingCache:
         return batch.vectors[0], batch.hits[0]
 
     def remove_tenant(self, tenant: str) -> int:
-        """Delete every cached vector of `tenant`; returns how many."""
+        """Delete every vector of `tenant` cached for this embedder's model; returns how many."""
         _check_tenant(tenant)
-        return self.store.purge(Match(tenant=tenant, tag="embedding"))
+        return self.store.purge(Match(tenant=tenant, tag="embedding", model=self.model_id))
 
     def _put(self, key: str, tenant: str, vector: np.ndarray) -> int:
         now = self.store.clock()

