@@ -316,6 +316,38 @@ def test_concurrent_identical_misses_compute_once(cache: ExactCache) -> None:
     assert cache.lookup(req) is not None
 
 
+def test_threads_over_many_keys_compute_each_key_exactly_once(cache: ExactCache) -> None:
+    # Misses racing with landings: the re-check inside a flight catches an answer stored a moment ago.
+    computed: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(40):
+                question = f"q{(i * 7 + seed) % 10}"
+                req = chat(question)
+
+                def compute(question: str = question, req: dict[str, Any] = req) -> dict[str, Any]:
+                    with lock:
+                        computed.append(question)
+                    time.sleep(0.002)
+                    return answer(req)
+
+                response, _ = cache.get_or_compute(req, compute)
+                assert response == answer(req)
+        except BaseException as exc:  # surfaced below: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(computed) == [f"q{i}" for i in range(10)]
+
+
 def test_a_failing_compute_is_not_cached_and_reaches_every_waiter(cache: ExactCache) -> None:
     req = chat("boom")
     key = cache.key_for(req)
@@ -581,3 +613,41 @@ def test_reuse_equals_recompute_against_a_dict_model(ops: list[tuple[str, Any, A
             clock.advance(arg)
     misses = sum(1 for op, *_ in ops if op == "ask") - cache.metrics.count("hits", layer="exact")
     assert len(computed) == misses
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_RECORDS = st.lists(
+    st.builds(
+        Record,
+        key=st.text("0123456789abcdef", min_size=8, max_size=8),
+        value=st.one_of(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | _TEXT,
+                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                max_leaves=8,
+            ).map(lambda v: json.dumps({"v": v}, separators=(",", ":"), ensure_ascii=False).encode()),
+            st.binary(max_size=16),
+        ),
+        tenant=st.sampled_from(["default", "acme", "ünï"]),
+        user=_TEXT,
+        tags=st.frozensets(_TEXT.filter(bool), max_size=3),
+        model=_TEXT,
+        created=st.floats(T0 - 1e6, T0, allow_nan=False),
+        hits=st.integers(0, 10),
+    ),
+    max_size=8,
+    unique_by=lambda r: r.key,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(records=_RECORDS)
+def test_export_import_restores_every_record_byte_for_byte(records: list[Record]) -> None:
+    source = ExactCache(MemoryStore())
+    for record in records:
+        source.backend.put(record)
+    dump = io.StringIO()
+    assert source.export_jsonl(dump) == len(records)
+    target = ExactCache(MemoryStore())
+    assert target.import_jsonl(io.StringIO(dump.getvalue())) == len(records)
+    assert {r.key: r for r in target.backend.scan()} == {r.key: r for r in records}
