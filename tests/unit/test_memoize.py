@@ -18,6 +18,7 @@ from cachelm.response.exact import ExactCache
 from cachelm.response.memoize import memoize
 from cachelm.store.base import Store
 from cachelm.store.memory import MemoryStore
+from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
 
 
@@ -26,12 +27,19 @@ def clock() -> ManualClock:
     return ManualClock(float(int(time.time())))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, clock: ManualClock, tmp_path: Path) -> Iterator[Store]:
-    s: Store = (
-        MemoryStore(clock=clock) if request.param == "memory" else SQLiteStore(tmp_path / "t.db", clock=clock)
-    )
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore(clock=clock)
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "t.db", clock=clock)
+    else:
+        url, ns = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
+        s = RedisStore.from_url(url, namespace=ns, clock=clock)
     yield s
+    if request.param == "redis":
+        s.clear()
     s.close()
 
 
