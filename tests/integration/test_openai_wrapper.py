@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from cachelm.errors import ConfigError
 from cachelm.response.exact import ExactCache
 from cachelm.response.openai_client import cached, request_of
-from cachelm.response.streaming import assemble_chat
+from cachelm.response.streaming import assemble_chat, assemble_completion, chat_chunks, completion_chunks
 from cachelm.store.sqlite import SQLiteStore
 from tests.upstream import OpenAIUpstream, chat_answer
 
@@ -290,3 +290,84 @@ def test_bad_arguments(raw: openai.OpenAI, cache: ExactCache) -> None:
         cached(raw, object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="`tenant`"):
         cached(raw, cache, tenant="")
+
+
+# -- stream assembly and replay (pure functions shared with the proxy) ------------------------------------
+
+TOOL_ANSWER: dict[str, Any] = {
+    "id": "chatcmpl-t",
+    "object": "chat.completion",
+    "created": 5,
+    "model": "gpt-4o",
+    "system_fingerprint": "fp",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get", "arguments": '{"a": 1}'},
+                    },
+                    {"id": "call_2", "type": "function", "function": {"name": "put", "arguments": "{}"}},
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        },
+        {
+            "index": 1,
+            "message": {"role": "assistant", "content": "I can't.", "refusal": "policy"},
+            "logprobs": {"content": [{"token": "I", "logprob": -0.1, "bytes": [73], "top_logprobs": []}]},
+            "finish_reason": "stop",
+        },
+    ],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+}
+
+
+def test_replayed_chunks_assemble_back_to_the_answer() -> None:
+    chunks = list(chat_chunks(TOOL_ANSWER, include_usage=True))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert assemble_chat(chunks, expected_choices=2) == TOOL_ANSWER
+    assert [ChatCompletionChunk.model_validate(c).id for c in chunks[:1]] == ["chatcmpl-t"]
+
+
+def test_assembly_needs_every_choice_finished() -> None:
+    chunks = list(chat_chunks(TOOL_ANSWER))
+    assert assemble_chat(chunks, expected_choices=3) is None  # a choice never arrived
+    assert assemble_chat(chunks[:-1], expected_choices=2) is None  # the last finish chunk was cut
+    assert assemble_chat([], expected_choices=1) is None
+
+
+def test_tool_call_arguments_streamed_in_pieces_are_joined() -> None:
+    def piece(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "c",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    call = {"index": 0, "id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"x"'}}
+    chunks = [
+        piece({"role": "assistant", "content": None, "tool_calls": [call]}),
+        piece({"tool_calls": [{"index": 0, "function": {"arguments": ": 2}"}}]}),
+        piece({}, "tool_calls"),
+    ]
+    message = assemble_chat(chunks)["choices"][0]["message"]  # type: ignore[index]
+    assert message["tool_calls"] == [
+        {"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"x": 2}'}}
+    ]
+    assert message["content"] is None
+
+
+def test_completion_replay_and_assembly() -> None:
+    answer = {
+        "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "text": "hello world", "logprobs": None, "finish_reason": "length"}],
+    }  # fmt: skip
+    assert assemble_completion(list(completion_chunks(answer))) == answer
