@@ -10,7 +10,10 @@
 
 The store is ``--store URL``, else ``$CACHELM_STORE``, else the embedded default: the SQLite file
 ``$XDG_CACHE_HOME/cachelm/responses.db`` (``~/.cache/cachelm/responses.db``), the one ``cachelm serve``
-uses. Seed lines are keyed with ``$CACHELM_KEY_SECRET``, as the server keys requests.
+uses. Seed lines are keyed with ``$CACHELM_KEY_SECRET``, as the server keys requests. With
+``$CACHELM_KEYRING`` set (the server's at-rest keys), imports are encrypted like the server's writes and
+exports hold the *decrypted* answers; without it, an encrypted store exports its sealed values as base64,
+which only an import without a keyring into a store read with the same keys can use.
 
 Environment variables are read here only (STYLE.md). Errors are one line on stderr; the exit status is 2
 for bad input (unknown store URL, unreadable file, malformed JSONL line), 1 when the store fails.
@@ -115,7 +118,13 @@ def _open(url: str | None) -> Store:
         # The embedded default lives under ~/.cache, which may not exist yet on a fresh machine.
         with contextlib.suppress(OSError):
             Path(url[len("sqlite://") :].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
-    return open_store(url)
+    spec = os.environ.get("CACHELM_KEYRING")
+    if not spec:
+        return open_store(url)
+    from cachelm.crypto import Keyring
+
+    # The server's keyring: imported entries are sealed as the server seals them, exports are opened.
+    return open_store(url, keyring=Keyring.parse(spec))
 
 
 def _cache(store: Store) -> Any:

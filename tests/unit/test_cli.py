@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 
 from cachelm import cli
+from cachelm.crypto import Keyring
 from cachelm.response.exact import ExactCache
+from cachelm.store.encrypted import EncryptedStore
 from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
 
@@ -281,3 +284,27 @@ def test_the_demo_runs_offline_and_passes_its_own_checks(tmp_path: Path) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout and "FAIL" not in result.stdout
     assert (tmp_path / "cache.db").exists() and (tmp_path / "export.jsonl").exists()
+
+
+def test_the_server_keyring_seals_imports_and_opens_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = base64.b64encode(b"k" * 32).decode()
+    monkeypatch.setenv("CACHELM_KEYRING", f"k1:{key}")
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(json.dumps({"request": chat("secret?"), "response": answer("secret?")}) + "\n")
+    url = f"sqlite:///{tmp_path / 'sealed.db'}"
+    assert run(["import", "--store", url, str(seed)], capsys)[0] == 0
+    on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("sealed.db*"))  # the file and its WAL
+    assert b"secret?" not in on_disk  # sealed at rest (keys are digests, answers are encrypted)
+    monkeypatch.delenv("CACHELM_KEYRING")
+    assert run(["import", "--store", f"sqlite:///{tmp_path / 'clear.db'}", str(seed)], capsys)[0] == 0
+    assert b"secret?" in b"".join(p.read_bytes() for p in tmp_path.glob("clear.db*"))  # the check can fail
+    monkeypatch.setenv("CACHELM_KEYRING", f"k1:{key}")
+    code, out, _ = run(["export", "--store", url], capsys)
+    assert code == 0 and json.loads(out)["response"] == answer("secret?")
+    with EncryptedStore(SQLiteStore(tmp_path / "sealed.db"), Keyring.parse(f"k1:{key}")) as store:
+        assert ExactCache(store).lookup(chat("secret?")) is not None  # what the server would serve
+    monkeypatch.setenv("CACHELM_KEYRING", "k1:not-base64!")
+    code, _, err = run(["stats", "--store", url], capsys)
+    assert code == 2 and "not valid base64" in err
