@@ -29,32 +29,44 @@ def test_cheap_entries_go_first_whichever_expert_decides() -> None:
         assert policy.insert("new", 100, cost=50.0) == ["cheap"]
 
 
-def test_frequency_expert_remembers_popularity_across_evictions() -> None:
-    policy = AdaptiveCostPolicy(max_entries=2, weight_floor=0.0)
-    policy.weights = [0.0, 1.0]  # follow the frequency expert only
-    for _ in range(5):  # "hot" is requested (missed and re-inserted) many times
-        policy.insert("hot", 1)
-        policy.remove("hot")
-    policy.insert("hot", 1)
-    policy.insert("cold", 1)
-    assert policy.insert("other", 1) == ["cold"]  # hot's remembered frequency protects it
+def test_counts_survive_eviction() -> None:
+    policy = AdaptiveCostPolicy(max_entries=2)
+    policy.insert("hot", 1, cost=0.001)  # cheap, so it is evicted despite being popular
+    for _ in range(4):
+        policy.access("hot")
+    policy.insert("a", 1, cost=1.0)
+    assert policy.insert("b", 1, cost=1.0) == ["hot"]
+    remembered = policy.expected_uses("hot")
+    assert remembered is not None and 4.9 < remembered <= 5.0
+    policy.insert("hot", 1, cost=1.0)  # back, now as valuable as the others, with its popularity
+    assert policy.insert("c", 1, cost=1.0) != ["hot"] and "hot" in policy
+    assert policy.expected_uses("never") is None
 
 
 def test_expert_that_evicted_a_returning_key_loses_weight() -> None:
-    policy = AdaptiveCostPolicy(max_entries=2, weight_floor=0.0)
-    policy.weights = [1.0, 0.0]  # force the recency expert
-    policy.insert("a", 1)
-    policy.access("a")
-    policy.access("a")  # frequency prefers a, recency prefers whichever was used least recently
-    policy.insert("b", 1)
-    policy.access("a")
-    policy.insert("c", 1)  # recency's victim b is also frequency's: no blame; history stays empty
-    assert policy.weights == [1.0, 0.0]
-    policy.insert("d", 1)  # recency evicts a (least recent), frequency would have evicted c
-    assert "a" not in policy and "a" in policy._history[RECENCY]
+    policy = AdaptiveCostPolicy(max_entries=3, weight_floor=0.0)
+    policy.weights = [1.0, 0.0]  # follow the recency expert
+    policy.insert("a", 1, cost=10.0)
+    for _ in range(3):
+        policy.access("a")
+    i = 0
+    while "a" in policy:  # recency ages `a` out; frequency would still keep its 4 requests x cost 10
+        policy.insert(f"k{i}", 1, cost=1.0)
+        i += 1
+        assert i < 1000
+    assert "a" in policy._regret[RECENCY] and not policy._regret[FREQUENCY]
     policy.weights = [0.5, 0.5]
-    policy.insert("a", 1)  # the mistake comes back: recency pays
+    policy.insert("a", 1, cost=10.0)  # the mistake comes back: recency pays
     assert policy.weights[RECENCY] < 0.5 < policy.weights[FREQUENCY]
+
+
+def test_byte_bound_learns_the_horizon_at_first_eviction() -> None:
+    policy = AdaptiveCostPolicy(max_bytes=10)
+    for i in range(10):
+        policy.insert(f"k{i}", 1)
+    assert policy._horizon == 0
+    policy.insert("x", 1)
+    assert policy._horizon == 10 and len(policy) == 10
 
 
 def test_weights_respect_the_floor() -> None:

@@ -45,9 +45,13 @@ def test_counters_saturate() -> None:
     for _ in range(100):
         sketch.record("k")
     assert sketch.estimate("k") == 16  # 15 in the counters + 1 in the doorkeeper
+    wide = FrequencySketch(width=64, sample_size=1000, max_count=255)
+    for _ in range(100):
+        wide.record("k")
+    assert wide.estimate("k") == 100
 
 
-@pytest.mark.parametrize("kwargs", [{"width": 8}, {"depth": 0}, {"depth": 9}, {"sample_size": 0}])
+@pytest.mark.parametrize("kwargs", [{"width": 8}, {"depth": 0}, {"depth": 9}, {"sample_size": 0}, {"max_count": 0}])
 def test_bad_arguments(kwargs: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         FrequencySketch(**kwargs)

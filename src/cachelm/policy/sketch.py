@@ -1,8 +1,9 @@
 """Frequency sketches for admission and learned eviction: a count-min sketch with aging, and a doorkeeper.
 
 `FrequencySketch` is TinyLFU's (Einziger, Friedman and Manes, "TinyLFU: a highly efficient cache admission
-policy", 2017): a count-min sketch of `depth` rows whose counters saturate at 15 (4 bits in the paper), plus a
-doorkeeper Bloom filter that absorbs each key's first occurrence so one-hit wonders never reach the counters.
+policy", 2017): a count-min sketch of `depth` rows whose counters saturate at `max_count` (15: 4 bits in the
+paper), plus a doorkeeper Bloom filter that absorbs each key's first occurrence, so one-hit wonders never
+reach the counters.
 After `sample_size` increments every counter is halved and the doorkeeper cleared (a reset): estimates track
 recent popularity. ``estimate(key)`` = min over rows + 1 if the doorkeeper holds the key.
 
@@ -17,19 +18,22 @@ import zlib
 
 from cachelm.errors import ConfigError
 
-_MAX_COUNT = 15
-
 
 class FrequencySketch:
     """Count-min sketch + doorkeeper with periodic halving; see the module docstring."""
 
-    def __init__(self, *, width: int = 4096, depth: int = 4, sample_size: int | None = None) -> None:
+    def __init__(
+        self, *, width: int = 4096, depth: int = 4, sample_size: int | None = None, max_count: int = 15
+    ) -> None:
         if isinstance(width, bool) or not isinstance(width, int) or width < 16:
             raise ConfigError(f"`width` must be an int >= 16, got {width!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 8:
             raise ConfigError(f"`depth` must be an int in [1, 8], got {depth!r}")
         if sample_size is not None and (not isinstance(sample_size, int) or sample_size < 1):
             raise ConfigError(f"`sample_size` must be an int >= 1 or None, got {sample_size!r}")
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise ConfigError(f"`max_count` must be an int >= 1, got {max_count!r}")
+        self.max_count = max_count
         self.width = 1 << (width - 1).bit_length()  # a power of two: masking instead of modulo
         self.depth = depth
         self.sample_size = sample_size if sample_size is not None else 10 * self.width
@@ -59,7 +63,7 @@ class FrequencySketch:
             mask = self._mask
             for i, row in enumerate(self._rows):
                 j = (h1 + i * h2) & mask
-                if row[j] < _MAX_COUNT:
+                if row[j] < self.max_count:
                     row[j] += 1
         self.additions += 1
         if self.additions >= self.sample_size:
