@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import sqlite3
+import threading
+import time
 import uuid
+import weakref
+from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
@@ -12,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from cachelm.errors import ConfigError
-from cachelm.store import Match, Record, Store
+from cachelm.store import Match, Record, SQLiteStore, Store
 from cachelm.store.sqlite import decode_verified, stored_checksum
 from tests.contract.conftest import Backend
 
@@ -108,6 +114,35 @@ def test_replacing_a_record_resets_its_hits(backend: Backend) -> None:
     store.get("k")
     store.put(rec(backend, "k", b"v2"))
     assert store.peek("k").hits == 0  # type: ignore[union-attr]
+
+
+def test_concurrent_threads_lose_no_hits_or_writes(backend: Backend) -> None:
+    """Four threads share one store object: every hit is counted and every write lands whole."""
+    store = backend.store()
+    store.put(rec(backend, "shared", b"shared value"))
+    gets_per_thread, threads = 50, 4
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(gets_per_thread):
+                assert store.get("shared") is not None
+                store.put(rec(backend, f"t{t}-{i}", f"value {t} {i}".encode() * 10))
+        except BaseException as exc:  # surfaced below; a thread's exception would otherwise be lost
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    assert errors == []
+    assert store.peek("shared").hits == gets_per_thread * threads  # type: ignore[union-attr]
+    found = {r.key: r.value for r in store.scan()}
+    assert len(found) == 1 + gets_per_thread * threads
+    assert all(
+        found[f"t{t}-{i}"] == f"value {t} {i}".encode() * 10 for t in range(threads) for i in range(50)
+    )
 
 
 # -- scan and purge ----------------------------------------------------------------------------------------
@@ -418,3 +453,50 @@ def test_store_behaves_like_a_dict(backend: Backend) -> None:
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
         ),
     )
+
+
+# -- SQLite only: buffered hit counts reach the file -------------------------------------------------------
+
+
+def _hits_on_disk(path: Path, key: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT hits FROM records WHERE key = ?", (key,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_sqlite_hits_flush_at_threshold_interval_and_close(tmp_path: Path) -> None:
+    path = tmp_path / "hits.db"
+    store = SQLiteStore(path, hit_flush_threshold=3, hit_flush_interval_s=3600)
+    store.put(Record(key="k", value=b"v"))
+    store.get("k")
+    store.get("k")
+    assert _hits_on_disk(path, "k") == 0  # buffered
+    store.get("k")
+    assert _hits_on_disk(path, "k") == 3  # the third hit reached the threshold
+    store.get("k")
+    store.close()
+    assert _hits_on_disk(path, "k") == 4  # close flushes the rest
+
+    timed = SQLiteStore(path, hit_flush_threshold=1000, hit_flush_interval_s=0.05)
+    timed.get("k")
+    deadline = time.monotonic() + 10
+    while _hits_on_disk(path, "k") != 5 and time.monotonic() < deadline:
+        time.sleep(0.02)  # waiting for the background flush, not timing it
+    assert _hits_on_disk(path, "k") == 5
+    timed.close()
+
+
+def test_sqlite_unclosed_store_is_collectable_and_its_flusher_stops(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "gc.db", hit_flush_interval_s=0.01)
+    store.put(Record(key="k", value=b"v"))
+    store.get("k")
+    flusher = store._flusher
+    assert flusher is not None and flusher.is_alive()
+    ref = weakref.ref(store)
+    del store
+    gc.collect()
+    assert ref() is None
+    flusher.join(timeout=10)
+    assert not flusher.is_alive()

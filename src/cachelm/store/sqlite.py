@@ -13,10 +13,12 @@ Why these choices:
   is either in the WAL with its commit frame or ignored). ``synchronous=NORMAL`` (the default setting) can
   lose the last transactions on *power* loss but never on a process crash; ``FULL`` survives power loss.
 - Hit counts are **eventually durable**: ``get`` counts a hit in memory and the counts are written in one
-  batch when ``hit_flush_threshold`` hits are pending, when ``hit_flush_interval_s`` has passed since the last
-  flush (checked on each call), and on ``close``. A hit therefore costs one indexed SELECT, not a write
-  transaction. Reads through this store object (``peek``, ``scan``) include the pending counts; another
-  process sees them after the flush; a crash loses at most the pending counts.
+  batch when ``hit_flush_threshold`` hits are pending (by that ``get``), every ``hit_flush_interval_s`` (by a
+  daemon thread the store starts on its first hit), and on ``close``. A hit therefore costs one indexed
+  SELECT, not a write transaction. Reads through this store object (``peek``, ``scan``) include the pending
+  counts; another process sees them after the flush; a crash loses at most the pending counts. While a
+  flush runs concurrently, the ``hits`` of a record returned by ``get``/``peek`` may be transiently off by
+  the flushed amount; the stored totals are exact.
 - One connection per thread: Python's sqlite3 connections must not be used concurrently, and separate
   connections let WAL serve reads in parallel. Writes from this process are serialised by a lock (SQLite
   allows one writer anyway), which also orders hit flushes against puts and deletes.
@@ -32,7 +34,7 @@ import hashlib
 import json
 import sqlite3
 import threading
-import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +149,9 @@ class SQLiteStore(Store):
         self._hits_lock = threading.Lock()
         self._pending_hits: dict[str, int] = {}
         self._pending_total = 0
-        self._last_flush = time.monotonic()
         self._closed = False
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
         # Bootstrap with defaults so the first connection can open; the stored settings replace them below.
         self.settings = SQLiteSettings()
         self.settings = self._init_schema(settings)
@@ -253,7 +256,9 @@ class SQLiteStore(Store):
             pending = self._pending_hits.get(key, 0)
             self._pending_hits[key] = pending + 1
             self._pending_total += 1
-            due = self._flush_due()
+            due = self._pending_total >= self.settings.hit_flush_threshold
+            if self._flusher is None:
+                self._start_flusher()
         if due:
             self.flush_hits(raise_errors=False)
         return record.with_hits(record.hits + pending) if pending else record
@@ -425,12 +430,19 @@ class SQLiteStore(Store):
 
     # -- hit counters ------------------------------------------------------------------------------------
 
-    def _flush_due(self) -> bool:
-        """Called with `_hits_lock` held."""
-        return (
-            self._pending_total >= self.settings.hit_flush_threshold
-            or time.monotonic() - self._last_flush >= self.settings.hit_flush_interval_s
+    def _start_flusher(self) -> None:
+        """Start the background thread that flushes hits every `hit_flush_interval_s` (called locked)."""
+        # One daemon thread per store, started on the first hit: a timer per flush would open a new
+        # per-thread connection each time. It holds only a weak reference, so an unclosed store can still
+        # be collected; a daemon thread never blocks interpreter exit; `close` flushes what is left.
+        interval = max(self.settings.hit_flush_interval_s, 0.01)
+        self._flusher = threading.Thread(
+            target=_flush_loop,
+            args=(weakref.ref(self), self._stop, interval),
+            name="cachelm-hits",
+            daemon=True,
         )
+        self._flusher.start()
 
     def flush_hits(self, *, raise_errors: bool = True) -> int:
         """Write the pending hit counts now; returns how many hits were written."""
@@ -438,7 +450,6 @@ class SQLiteStore(Store):
             with self._hits_lock:
                 pending, self._pending_hits = self._pending_hits, {}
                 self._pending_total = 0
-                self._last_flush = time.monotonic()
             if not pending:
                 return 0
             try:
@@ -462,6 +473,9 @@ class SQLiteStore(Store):
     def close(self) -> None:
         if self._closed:
             return
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join()
         try:
             self.flush_hits(raise_errors=False)
         finally:
@@ -471,6 +485,19 @@ class SQLiteStore(Store):
             for conn in connections:
                 conn.close()
             self._local = threading.local()
+
+
+def _flush_loop(ref: weakref.ref[SQLiteStore], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        store = ref()
+        if store is None:
+            return
+        if store._pending_total:
+            try:
+                store.flush_hits(raise_errors=False)
+            except BackendError:  # closed between the check and the flush
+                return
+        del store  # do not keep the store alive while waiting
 
 
 def stored_checksum(key: str, meta_json: str, value: bytes) -> bytes:
