@@ -51,7 +51,9 @@ def test_counters_saturate() -> None:
     assert wide.estimate("k") == 100
 
 
-@pytest.mark.parametrize("kwargs", [{"width": 8}, {"depth": 0}, {"depth": 9}, {"sample_size": 0}, {"max_count": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"width": 8}, {"depth": 0}, {"depth": 9}, {"sample_size": 0}, {"max_count": 0}]
+)
 def test_bad_arguments(kwargs: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         FrequencySketch(**kwargs)

@@ -133,7 +133,7 @@ class AdaptiveCostPolicy(EvictingPolicy, VictimPeek):
         if stats is None:
             stats = self._counts_history.pop(key, None) or _Stats(count=0.0, last=self._time)
             self._stats[key] = stats
-        stats.count = stats.count * 2.0 ** (-self._rate * (self._time - stats.last)) + 1.0
+        stats.count = stats.count * math.exp2(-self._rate * (self._time - stats.last)) + 1.0
         stats.last = self._time
         self._push(key, stats)
 
@@ -217,7 +217,7 @@ class AdaptiveCostPolicy(EvictingPolicy, VictimPeek):
         stats = self._stats.get(key) or self._counts_history.get(key)
         if stats is None:
             return None
-        return stats.count * 2.0 ** (-self._rate * (self._time - stats.last))
+        return stats.count * math.exp2(-self._rate * (self._time - stats.last))
 
     # -- public API ---------------------------------------------------------------------------------------
     def access(self, key: str) -> None:
