@@ -20,9 +20,11 @@ import argparse
 import gc
 import hashlib
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -252,6 +254,68 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+class _SharedConnectionSQLiteStore(SQLiteStore):
+    """The alternative design, for comparison only: one connection for all threads, behind a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self._shared: sqlite3.Connection | None = None
+        self._shared_lock = threading.RLock()
+        super().__init__(path)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._shared is None:
+            self._shared = super()._conn()
+        return self._shared
+
+    def get(self, key: str) -> Record | None:
+        with self._shared_lock:
+            return super().get(key)
+
+
+def thread_scaling(tmp: Path, n: int) -> list[tuple[str, int, float]]:
+    """Hits/s of the SQLite store with 1, 2 and 4 threads: connection per thread vs one shared connection."""
+    out: list[tuple[str, int, float]] = []
+    value = os.urandom(1024)
+    keys = [f"k{i}" for i in range(1000)]
+    tmp.mkdir(parents=True, exist_ok=True)
+    designs: list[tuple[str, SQLiteStore]] = [
+        ("connection per thread (used)", SQLiteStore(tmp / "per-thread.db")),
+        ("one shared connection + lock", _SharedConnectionSQLiteStore(tmp / "shared.db")),
+    ]
+    for _, store in designs:
+        for k in keys:
+            store.put(Record(key=k, value=value))
+    for threads in (1, 2, 4):
+        for name, store in designs:
+            per_thread = n // threads
+
+            def work(store: SQLiteStore = store, per_thread: int = per_thread) -> None:
+                for i in range(per_thread):
+                    store.get(keys[i % len(keys)])
+
+            pool = [threading.Thread(target=work) for _ in range(threads)]
+            start = time.perf_counter()
+            for th in pool:
+                th.start()
+            for th in pool:
+                th.join()
+            out.append((name, threads, per_thread * threads / (time.perf_counter() - start)))
+    for _, store in designs:
+        store.close()
+    return out
+
+
+def scaling_table(rows: list[tuple[str, int, float]]) -> str:
+    lines = [
+        "| sqlite design | 1 thread hits/s | 2 threads hits/s | 4 threads hits/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in dict.fromkeys(r[0] for r in rows):
+        cells = " | ".join(f"{ops:,.0f}" for n_, _, ops in rows if n_ == name)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="operations per store, size and phase")
@@ -272,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 for s in systems:
                     s.close()
             rows += summarise(size_name, systems)
+        scaling = thread_scaling(Path(tmp) / "threads", n)
     machine = _report.machine_description()
     cmd = "python benchmarks/store_bench.py" + (f" --n {n}" if n != 5000 else "")
     md = "\n".join(
@@ -291,11 +356,17 @@ def main(argv: list[str] | None = None) -> None:
             "(the flush cost is inside the get numbers).",
             "",
             "![store latency](img/store_bench.png)",
+            "",
+            "SQLite thread safety, measured (1 KB hits, same n in total, split across threads):",
+            "",
+            scaling_table(scaling),
         ]
     )
     print(table(rows))
     print()
     print(ratios(rows))
+    print()
+    print(scaling_table(scaling))
     if not (args.quick or args.no_write):
         plot(rows, _report.DOCS_IMG / "store_bench.png")
         path = _report.write_section("store_bench", md)
