@@ -157,6 +157,8 @@ def test_sqlite_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> 
 def test_sqlite_directory_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="directory"):
         SQLiteStore(tmp_path)
+    with pytest.raises(ConfigError, match="memory://"):
+        SQLiteStore(":memory:")
 
 
 def test_sqlite_closed_store_raises(tmp_path: Path) -> None:

@@ -137,11 +137,12 @@ class SQLiteStore(Store):
             )
         SQLiteSettings(**settings)  # validate the explicit ones before touching the file
         self.path = str(path)
-        if self.path != ":memory:" and Path(self.path).is_dir():
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            # Each thread has its own connection, and each connection to ":memory:" is a separate database.
+            raise ConfigError(f"`path` must be a file path, got {self.path!r}; use memory:// for RAM only")
+        if Path(self.path).is_dir():
             raise ConfigError(f"`path` must be a file, got the directory {self.path!r}")
-        self.url = (
-            f"sqlite:///{Path(self.path).resolve()}" if self.path != ":memory:" else "sqlite://:memory:"
-        )
+        self.url = f"sqlite:///{Path(self.path).resolve()}"
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
