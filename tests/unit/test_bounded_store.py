@@ -127,6 +127,15 @@ def test_ttl_policy_expiry_is_applied_to_inner() -> None:
     assert store.expire() == 1 and len(store) == 0
 
 
+def test_hit_on_a_record_whose_ttl_ran_out_is_a_miss() -> None:
+    clock = ManualClock(0.0)
+    store = BoundedStore(MemoryStore(clock=clock), TTLPolicy(ttl=5, timer=clock))
+    store.put(rec("a"))
+    assert store.get("a") is not None
+    clock.advance(5)
+    assert store.get("a") is None and store.peek("a") is None and "a" not in store.policy
+
+
 def test_cost_function_feeds_cost_aware_policy() -> None:
     costs = {"cheap": 1.0, "pricey": 100.0, "mid": 10.0}
     store = BoundedStore(MemoryStore(), GDSFPolicy(max_entries=2), cost=lambda r: costs.get(r.key, 5.0))

@@ -272,10 +272,14 @@ class RefTTL(RefLRU):
         return [k for k, _ in expired] + evicted
 
     def access(self, key: str) -> None:
-        if key in self.deadlines and self.clock() < self.deadlines[key][0]:
-            super().access(key)
-            if self.sliding:
-                self.deadlines[key] = (self.clock() + self.ttl, self.tick())
+        if key not in self.deadlines:
+            return
+        if self.clock() >= self.deadlines[key][0]:
+            self.remove(key)  # an expired key is collected by the access
+            return
+        super().access(key)
+        if self.sliding:
+            self.deadlines[key] = (self.clock() + self.ttl, self.tick())
 
     def remove(self, key: str) -> None:
         super().remove(key)

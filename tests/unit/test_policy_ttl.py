@@ -54,9 +54,9 @@ def test_sliding_ttl_extends_on_hit_and_ignores_hits_after_expiry() -> None:
     policy.access("a")  # a now lives until t=18
     assert policy.deadline("a") == 18
     clock.advance(3)  # t=11
-    policy.access("b")  # b expired at t=10: no extension
-    assert policy.deadline("b") == 10
-    assert policy.expire() == ["b"]
+    policy.access("b")  # b expired at t=10: the access collects it instead of extending it
+    assert policy.deadline("b") is None and "b" not in policy
+    assert policy.expire() == []
     clock.advance(7)
     assert policy.expire() == ["a"] and len(policy) == 0 and policy.total_bytes == 0
 

@@ -2,8 +2,9 @@
 
 `TTLPolicy` wraps an inner policy that handles capacity (an `LRUPolicy` by default). Expired keys go first:
 every `insert` first evicts every expired key (returned at the head of the evicted list, oldest deadline
-first), then lets the inner policy make room. A hit on an expired key is not counted and, with `sliding`, does
-not extend it. `expire()` collects expired keys on demand (a store may call it on a timer).
+first), then lets the inner policy make room. ``access`` of an expired key collects it instead of counting a
+hit (so a caller that checks ``key in policy`` after ``access`` sees the expiry, as `BoundedStore` and the
+simulator do); with `sliding`, a hit on a live key extends it. `expire()` collects expired keys on demand.
 
 Because the TTL is one constant, deadlines are ordered like last writes (absolute) or last uses (sliding), so
 one ordered dict keeps them sorted: insert, access and remove are O(1), and each expired key costs O(1) to
@@ -85,7 +86,10 @@ class TTLPolicy(Policy):
 
     def access(self, key: str) -> None:
         check_key(key)
-        if key not in self._deadlines or self.is_expired(key):
+        if key not in self._deadlines:
+            return
+        if self.is_expired(key):
+            self.remove(key)
             return
         self.inner.access(key)
         if self.sliding:

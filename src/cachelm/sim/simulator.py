@@ -1,7 +1,8 @@
 """Replay a trace through a real policy and measure what it saved.
 
 `simulate(trace, policy)` drives the policy exactly as `BoundedStore` does: a request whose key the policy
-tracks is a hit (``policy.access``), any other is a miss and is inserted (``policy.insert``). The policy's
+tracks is a hit (``policy.access``; unless the policy drops it on that access, as `TTLPolicy` does with an
+expired key), any other is a miss and is inserted (``policy.insert``). The policy's
 timer should be the simulation clock (`SimClock`) so TTLs follow trace time. Reported:
 
 - hit ratio: hits / requests;
@@ -71,11 +72,12 @@ def simulate(trace: Trace, policy: Policy, *, name: str = "", clock: SimClock | 
         bytes_requested += r.size
         cost_requested += r.cost
         if r.chain != broken_chain and contains(r.key):
-            hits += 1
-            bytes_hit += r.size
-            cost_saved += r.cost
             access(r.key)
-            continue
+            if contains(r.key):  # still tracked after the hit (a TTL may collect an expired key on access)
+                hits += 1
+                bytes_hit += r.size
+                cost_saved += r.cost
+                continue
         if r.chain >= 0:
             broken_chain = r.chain
         if contains(r.key):

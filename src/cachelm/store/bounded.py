@@ -5,7 +5,9 @@ The policy decides, the inner store holds the data:
 - ``put`` → ``policy.insert(key, size, cost)``; every key it evicts is deleted from the inner store. A record
   the policy refuses (larger than the byte capacity, or turned away by an admission filter) is not stored, and
   an older record under its key is deleted, so a reader never sees a stale value for a refused write.
-- ``get`` hit → ``policy.access``; a miss (missing, expired, corrupt) → ``policy.remove``, so the policy never
+- ``get`` hit → ``policy.access``, and if the policy no longer tracks the key afterwards (`TTLPolicy`
+  collects an expired key on access) the record is deleted and the read is a miss;
+  a miss (missing, expired, corrupt) → ``policy.remove``, so the policy never
   keeps paying capacity for a record that is gone. A hit on a record the policy does not know (written to a
   shared inner store by another process) adopts it: it is inserted, possibly evicting others.
 - ``delete`` / ``purge`` / ``clear`` / ``expire`` → the inner store, then ``policy.remove`` for what left.
@@ -90,6 +92,9 @@ class BoundedStore(Store):
                 self.policy.remove(key)
             elif key in self.policy:
                 self.policy.access(key)
+                if key not in self.policy:  # the policy dropped it on access (a TTL ran out): a miss
+                    self.inner.delete(key)
+                    return None
             else:
                 self._track(record)
         return record
