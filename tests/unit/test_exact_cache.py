@@ -29,7 +29,8 @@ from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
 from cachelm.store.tiered import TieredStore
 
-# Near real time: Redis drops records by its own clock (PEXPIREAT), so logical times must not lie in the past.
+# Near real time: Redis drops records by its own clock (PEXPIREAT), so logical times must not lie in the past,
+# and TTLs are long (an hour or more): the server must not expire an entry while the module runs.
 T0 = float(int(time.time()))
 
 # Every store the exact cache must work on; each is a real backend.
@@ -187,24 +188,24 @@ def test_embeddings_and_other_endpoints_are_cacheable_by_shape() -> None:
 
 
 def test_ttl_default_and_per_call(store: Store, clock: ManualClock) -> None:
-    cache = ExactCache(store, clock=clock, default_ttl=60)
+    cache = ExactCache(store, clock=clock, default_ttl=6000)
     a, b = chat("a"), chat("b")
     cache.store(a, answer(a))
-    cache.store(b, answer(b), ttl=10)
-    clock.advance(10)
+    cache.store(b, answer(b), ttl=1000)
+    clock.advance(1000)
     assert cache.lookup(b) is None
     assert cache.lookup(a) is not None
-    clock.advance(50)
+    clock.advance(5000)
     assert cache.lookup(a) is None
 
 
 def test_the_store_clock_stamps_entries_by_default(store: Store, clock: ManualClock) -> None:
-    cache = ExactCache(store, default_ttl=5)  # no clock given: the store's ManualClock
+    cache = ExactCache(store, default_ttl=5000)  # no clock given: the store's ManualClock
     req = chat("when?")
     cache.store(req, answer(req))
     hit = cache.lookup(req)
-    assert hit is not None and (hit.created, hit.expires) == (T0, T0 + 5)
-    clock.advance(5)
+    assert hit is not None and (hit.created, hit.expires) == (T0, T0 + 5000)
+    clock.advance(5000)
     assert cache.lookup(req) is None
 
 
@@ -563,7 +564,7 @@ def test_import_reports_bad_lines_and_writes_nothing(cache: ExactCache) -> None:
 
 def test_import_skips_expired_entries(cache: ExactCache, clock: ManualClock) -> None:
     line = {"key": "k1", "created": T0 - 100, "expires": T0 - 1, "response": {"a": 1}}
-    live = {"key": "k2", "created": T0 - 100, "expires": T0 + 100, "response": {"a": 2}}
+    live = {"key": "k2", "created": T0 - 100, "expires": T0 + 10_000, "response": {"a": 2}}
     assert cache.import_jsonl(io.StringIO(json.dumps(line) + "\n" + json.dumps(live))) == 1
     assert cache.backend.peek("k1") is None and cache.backend.peek("k2") is not None
 
