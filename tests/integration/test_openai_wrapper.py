@@ -243,14 +243,40 @@ def test_legacy_completions_cached_and_replayed(
     assert "".join(c.choices[0].text for c in chunks if c.choices) == first.choices[0].text
 
 
+def test_embeddings_are_cached_and_equal_a_recompute(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(raw, cache)  # embeddings never sample: cached without allow_sampled
+    first = client.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
+    second = client.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
+    assert upstream.count("/v1/embeddings") == 1
+    fresh = raw.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
+    assert [d.embedding for d in second.data] == [d.embedding for d in fresh.data]
+    assert [d.embedding for d in second.data] == [d.embedding for d in first.data]
+    assert len(second.data[0].embedding) == 8 and second.usage.prompt_tokens == 2
+    client.embeddings.create(model="text-embedding-3-small", input=["hello", "world"], dimensions=16)
+    assert upstream.count("/v1/embeddings") == 3  # 2 direct + 1 for the new dimensions
+
+
+async def test_async_embeddings_are_cached(
+    araw: openai.AsyncOpenAI, cache: ExactCache, upstream: OpenAIUpstream
+) -> None:
+    client = cached(araw, cache)
+    vectors = [
+        (await client.embeddings.create(model="text-embedding-3-small", input="hi")).data[0].embedding
+        for _ in range(2)
+    ]
+    assert vectors[0] == vectors[1] and upstream.count("/v1/embeddings") == 1
+
+
 def test_other_endpoints_pass_through_uncached(
     raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream
 ) -> None:
     client = cached(raw, cache)
     for _ in range(2):
-        vector = client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding
-    assert len(vector) == 8 and upstream.count("/v1/embeddings") == 2
-    assert client.models.list().data[0].id == "gpt-4o-mini"
+        assert client.models.list().data[0].id == "gpt-4o-mini"
+    assert upstream.count("/v1/models") == 2
+    assert len(cache.backend) == 0
 
 
 async def test_async_client_hits_streams_and_coalesces(

@@ -3,7 +3,8 @@
     client = cached(openai.OpenAI(), ExactCache(open_store("sqlite:///cache.db")), tenant="acme")
     answer = client.chat.completions.create(model="gpt-4o-mini", messages=[...], temperature=0)
 
-``client.chat.completions.create`` and ``client.completions.create`` look the request up first:
+``client.chat.completions.create``, ``client.completions.create`` and ``client.embeddings.create`` look the
+request up first (embeddings never sample, so they are always cacheable):
 
 - hit, ``stream`` false: the cached answer as the SDK's own model (`ChatCompletion` / `Completion`);
 - hit, ``stream=True``: the cached answer replayed as a stream of `ChatCompletionChunk` (or `Completion`)
@@ -15,8 +16,8 @@
 
 Sampled requests (temperature > 0 or absent) go straight upstream unless ``allow_sampled=True``. Fields
 passed in ``extra_body`` are part of the key (they change the answer); ``extra_headers``, ``extra_query``
-and ``timeout`` are not. Every other attribute (``embeddings``, ``models``, ``with_raw_response``…) is the
-wrapped client's own, uncached.
+and ``timeout`` are not. Every other attribute (``models``, ``with_raw_response``…) is the wrapped client's
+own, uncached.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import openai
-from openai.types import Completion
+from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cachelm.errors import CacheLMError, ConfigError
@@ -44,11 +45,12 @@ _TRANSPORT = ("extra_headers", "extra_query", "extra_body", "timeout")
 
 @dataclass(frozen=True, kw_only=True)
 class _Endpoint:
-    name: str  # "chat.completions" | "completions"
+    name: str  # "chat.completions" | "completions" | "embeddings"
     model: type[Any]  # SDK model of a full answer
-    chunk_model: type[Any]  # SDK model of a stream chunk
-    assemble: Callable[..., dict[str, Any] | None]
-    replay: Callable[..., Iterator[dict[str, Any]]]
+    chunk_model: type[Any] | None = None  # SDK model of a stream chunk; None: the endpoint does not stream
+    assemble: Callable[..., dict[str, Any] | None] | None = None
+    replay: Callable[..., Iterator[dict[str, Any]]] | None = None
+    deterministic: bool = False  # the answer never depends on sampling (embeddings)
 
 
 CHAT = _Endpoint(
@@ -65,6 +67,7 @@ COMPLETIONS = _Endpoint(
     assemble=assemble_completion,
     replay=completion_chunks,
 )
+EMBEDDINGS = _Endpoint(name="embeddings", model=CreateEmbeddingResponse, deterministic=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +146,7 @@ class _Recorder:
             return
         self.done = True
         s = self.settings
+        assert self.endpoint.assemble is not None  # only streaming endpoints record
         response = self.endpoint.assemble(self.chunks, expected_choices=_expected_choices(self.request))
         if response is None:
             s.cache.metrics.bypass(LAYER, "incomplete_stream")
@@ -150,7 +154,7 @@ class _Recorder:
         try:
             s.cache.store(
                 self.request, response, tenant=s.tenant, user=s.user, tags=s.tags, ttl=s.ttl,
-                endpoint=self.endpoint.name, allow_sampled=s.allow_sampled,
+                endpoint=self.endpoint.name, allow_sampled=s.allow_sampled or self.endpoint.deterministic,
             )  # fmt: skip
         except CacheLMError:
             s.cache.metrics.error(LAYER, "store")
@@ -272,6 +276,7 @@ class AsyncReplayStream(Generic[T]):
 
 
 def _replay_chunks(endpoint: _Endpoint, response: Mapping[str, Any], request: Mapping[str, Any]) -> list[Any]:
+    assert endpoint.replay is not None and endpoint.chunk_model is not None  # a streaming endpoint
     chunks = endpoint.replay(response, include_usage=_include_usage(request))
     return [endpoint.chunk_model.construct(**c) for c in chunks]
 
@@ -287,11 +292,15 @@ class _CachedCreate:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._resource, name)  # with_raw_response etc.: the SDK's own, uncached
 
+    @property
+    def _allow_sampled(self) -> bool:
+        return self._settings.allow_sampled or self._endpoint.deterministic
+
     def _options(self) -> dict[str, Any]:
         s = self._settings
         return {
             "tenant": s.tenant, "user": s.user, "tags": s.tags, "ttl": s.ttl,
-            "endpoint": self._endpoint.name, "allow_sampled": s.allow_sampled,
+            "endpoint": self._endpoint.name, "allow_sampled": self._allow_sampled,
         }  # fmt: skip
 
 
@@ -300,7 +309,7 @@ class _SyncCreate(_CachedCreate):
         """The SDK's ``create``, served from the cache when possible. See the module docstring."""
         kwargs = _materialise(kwargs)
         s, endpoint, request = self._settings, self._endpoint, request_of(kwargs)
-        if not s.cache.eligible(request, allow_sampled=s.allow_sampled):
+        if not s.cache.eligible(request, allow_sampled=self._allow_sampled):
             return self._resource.create(**kwargs)
         if kwargs.get("stream") is True:
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
@@ -323,7 +332,7 @@ class _AsyncCreate(_CachedCreate):
         """The SDK's ``create``, served from the cache when possible. See the module docstring."""
         kwargs = _materialise(kwargs)
         s, endpoint, request = self._settings, self._endpoint, request_of(kwargs)
-        if not s.cache.eligible(request, allow_sampled=s.allow_sampled):
+        if not s.cache.eligible(request, allow_sampled=self._allow_sampled):
             return await self._resource.create(**kwargs)
         if kwargs.get("stream") is True:
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
@@ -361,6 +370,7 @@ class CachedClient:
         self.settings = settings
         self.chat = _Chat(create(client.chat.completions, settings, CHAT), client.chat)
         self.completions = create(client.completions, settings, COMPLETIONS)
+        self.embeddings = create(client.embeddings, settings, EMBEDDINGS)
 
     @property
     def cache(self) -> ExactCache:
