@@ -127,3 +127,33 @@ def test_sigkill_mid_writes_leaves_no_corruption(tmp_path: Path, delay: float) -
         assert len(reopened) == 0
     finally:
         reopened.close()
+
+
+def run_concurrent_writer(path: str, worker: int, count: int) -> None:  # pragma: no cover - child process
+    store = SQLiteStore(path, hit_flush_threshold=7)
+    for i in range(count):
+        store.put(Record(key=f"w{worker}-{i}", value=payload(worker * count + i), tenant=f"t{worker}"))
+        assert store.get(f"w{worker}-{i}") is not None
+        store.get("shared")  # every process counts hits on one record
+    store.close()
+
+
+def test_processes_share_one_file(tmp_path: Path) -> None:
+    """Three processes write and count hits in one file at once: no lost writes, no lost hits, no errors."""
+    path = tmp_path / "shared.db"
+    with SQLiteStore(path) as store:
+        store.put(Record(key="shared", value=b"s"))
+    workers, count = 3, 150
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"}
+    code = "from tests.integration.test_store_crash import run_concurrent_writer as w; w({!r}, {}, {})"
+    children = [
+        subprocess.Popen([sys.executable, "-c", code.format(str(path), w, count)], cwd=REPO, env=env)
+        for w in range(workers)
+    ]
+    assert [c.wait() for c in children] == [0] * workers
+    with SQLiteStore(path) as store:
+        found = {r.key: r.value for r in store.scan()}
+        expected = {f"w{w}-{i}": payload(w * count + i) for w in range(workers) for i in range(count)}
+        assert found == {**expected, "shared": b"s"}
+        assert store.peek("shared").hits == workers * count  # type: ignore[union-attr]
+        assert store.stats.corrupt_reads == 0
