@@ -101,33 +101,63 @@ ANSWER_CHANGING_FIELDS: tuple[str, ...] = (
 BlockHash = NewType("BlockHash", bytes)
 
 
-def _normalise(value: Any, path: str) -> Any:
-    """Return `value` in canonical form: integral floats become ints, mappings get string keys."""
-    if value is None or isinstance(value, bool | str):
+class _Unencodable(Exception):
+    """Raised inside `_normalise`; carries the path to the bad value, built only on this error path."""
+
+    def __init__(self, reason: str, path: str = "") -> None:
+        self.reason, self.path = reason, path
+
+
+def _normalise_value(value: Any) -> Any:
+    # Exact type checks first: str/int dominate requests and this runs on every cache lookup.
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
         return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
+    if kind is float:
         if not math.isfinite(value):
-            raise ConfigError(f"`{path}` must be a finite number, got {value!r}")
+            raise _Unencodable(f"must be a finite number, got {value!r}")
         return int(value) if value.is_integer() else value
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise ConfigError(f"`{path}` keys must be strings, got {k!r}")
-            out[k] = _normalise(v, f"{path}.{k}")
+                raise _Unencodable(f"keys must be strings, got {k!r}")
+            try:
+                out[k] = _normalise_value(v)
+            except _Unencodable as exc:
+                raise _Unencodable(exc.reason, f".{k}{exc.path}") from None
         return out
     if isinstance(value, list | tuple):
-        return [_normalise(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    raise ConfigError(f"`{path}` must be JSON-serialisable, got {type(value).__name__}")
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(_normalise_value(v))
+            except _Unencodable as exc:
+                raise _Unencodable(exc.reason, f"[{i}]{exc.path}") from None
+        return items
+    if isinstance(value, str | int | float):  # subclasses (e.g. str enums) encode as their base type
+        return _normalise_value(str.__str__(value) if isinstance(value, str) else float(value))
+    raise _Unencodable(f"must be JSON-serialisable, got {type(value).__name__}")
+
+
+def _normalise(value: Any, path: str) -> Any:
+    """Return `value` in canonical form: integral floats become ints, mappings get string keys."""
+    try:
+        return _normalise_value(value)
+    except _Unencodable as exc:
+        raise ConfigError(f"`{path}{exc.path}` {exc.reason}") from None
+
+
+def _dumps(normalised: Any) -> bytes:
+    return json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8",
+        "surrogatepass",  # JSON bodies may carry lone surrogates ("\ud800")
+    )
 
 
 def canonical_json(value: Any) -> bytes:
     """Encode `value` as canonical JSON bytes (sorted keys, compact, normalised numbers, UTF-8)."""
-    return json.dumps(
-        _normalise(value, "value"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8", "surrogatepass")  # JSON bodies may carry lone surrogates ("\ud800")
+    return _dumps(_normalise(value, "value"))
 
 
 def canonical_request(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,7 +199,7 @@ def request_key(
     model_revision: str = "",
 ) -> str:
     """The response key (64 hex chars) of `request` for one tenant, endpoint and model revision."""
-    body = canonical_json(canonical_request(request))
+    body = _dumps(canonical_request(request))  # already normalised
     return _digest(
         str(KEY_SCHEMA_VERSION).encode(), tenant_salt, endpoint.encode(), model_revision.encode(), body
     )
@@ -208,7 +238,15 @@ def semantic_query(
         last = messages[-1]
         if not isinstance(last, Mapping) or last.get("role") != "user":
             return None
-        context = dict(canon, messages=[*messages[:-1], {"role": "user", "content": None}])
+        # Only the text of the last turn is matched by meaning; its other parts (images, audio, a name)
+        # and fields stay in the context key, so two questions about different images never match.
+        content = last.get("content")
+        rest = (
+            [p for p in content if not (isinstance(p, Mapping) and p.get("type") == "text")]
+            if isinstance(content, list)
+            else None
+        )
+        context = dict(canon, messages=[*messages[:-1], dict(last, content=rest)])
         text = _message_text(last)
     elif isinstance(canon.get("prompt"), str):
         context = dict(canon, prompt=None)

@@ -302,11 +302,6 @@ def test_block_size_must_be_positive() -> None:
         chain([1, 2, 3], 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keys.semantic_query drops the non-text parts and extra fields of the last user turn from the "
-    "context key: two questions with the same text about different images share a context key (reported)",
-)
 def test_semantic_context_key_keeps_non_text_parts_of_the_last_turn() -> None:
     def req(url: str) -> dict[str, Any]:
         parts = [
