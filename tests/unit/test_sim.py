@@ -174,12 +174,14 @@ def test_chat_response_trace_structure(data_dir: Path) -> None:
 
 
 def test_chat_kv_trace_prompts_share_prefix_blocks(data_dir: Path) -> None:
-    prefill = PrefillModel(per_token_ms=1.0, attn_ms=0.0)
+    prefill = PrefillModel(flops_per_token=1e9, attn_flops_per_context_token=0.0)
     trace = chat_kv_trace(data_dir, n_sessions=50, p_continue=1.0, block_tokens=4, prefill=prefill, seed=1)
     chains: dict[int, list[str]] = {}
     for r in trace:
         chains.setdefault(r.chain, []).append(r.key)
-        assert r.size == 4 * 23_040 and r.cost == pytest.approx(4.0)
+        assert r.size == 4 * 23_040 and r.cost == pytest.approx(4.0)  # 4 tokens x 1 GFLOP
+    deeper = PrefillModel()
+    assert deeper.gflops(1024, 16) > deeper.gflops(0, 16) > 16 * 0.2
     turns = list(chains.values())
     # Every prompt of one tenant starts with the same system-prompt blocks.
     first_blocks = Counter(c[0] for c in turns)

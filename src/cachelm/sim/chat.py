@@ -26,9 +26,10 @@ cost = prompt tokens × input price + answer tokens × output price (tokens ≈ 
 **KV trace** (`chat_kv_trace`): the same turns seen by a prefix KV cache. The prompt is cut into pseudo-tokens
 of 4 UTF-8 bytes and blocks of `block_tokens` (16) tokens, hashed with `cachelm.keys.chain_block_hashes`; each
 full block is one request of one prefix chain. Size = KV bytes of a block (SmolLM2-135M in bf16: 30 layers ×
-(K+V) × 3 KV heads × 64 × 2 B = 23,040 B per token). Cost = the block's prefill time from `PrefillModel`
-(per-token work + attention over the context before it). Only prompt blocks are looked up: an engine would
-also write back the generated answer's blocks, which this trace leaves out.
+(K+V) × 3 KV heads × 64 × 2 B = 23,040 B per token). Cost = the block's prefill compute from `PrefillModel`
+(GFLOP: weight matmuls + attention over the context before it; a deeper block costs more). Only prompt
+blocks are looked up: an engine would also write back the generated answer's blocks, which this trace
+leaves out.
 
 **QQP trace** (`qqp_trace`): the paraphrase structure of Quora Question Pairs (GPTCache's labelled pairs):
 duplicate pairs are joined into clusters (union-find); a request draws a cluster by Zipf popularity and then
@@ -70,17 +71,22 @@ class Conversation:
 
 @dataclass(frozen=True, kw_only=True)
 class PrefillModel:
-    """Prefill time of `n` tokens after `context` tokens: ``n × (per_token_ms + attn_ms × (context + n/2))``.
+    """Prefill compute of `n` tokens after `context` cached tokens, in GFLOP (analytical).
 
-    Defaults come from a CPU measurement of the SmolLM2-135M architecture (see benchmarks/policy_sim.py,
-    ``--measure-prefill``, which refits them on the machine at hand).
+    ``n × (flops_per_token + attn_flops_per_context_token × (context + n / 2)) / 1e9``: the weight matmuls
+    (2 FLOPs per non-embedding parameter per token) plus attention over the context (QKᵀ and AV: 4 FLOPs per
+    layer × query width × context token). Defaults are SmolLM2-135M's architecture: 30 layers of
+    (576² + 2·576·192 + 576²) attention and 3·576·1536 MLP weights = 106.2 M parameters, query width 9 × 64.
+    Prefill is compute-bound, so its time is proportional to this; FLOPs are used instead of a timing because
+    timings on the shared 2-core CI machine (seconds per 16-token block, varying 2x run to run) were noisier
+    than the effect of the position being measured.
     """
 
-    per_token_ms: float = 0.25
-    attn_ms: float = 0.0002
+    flops_per_token: float = 2 * 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536)
+    attn_flops_per_context_token: float = 4 * 30 * 576
 
-    def ms(self, context: int, n: int) -> float:
-        return n * (self.per_token_ms + self.attn_ms * (context + n / 2))
+    def gflops(self, context: int, n: int) -> float:
+        return n * (self.flops_per_token + self.attn_flops_per_context_token * (context + n / 2)) / 1e9
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -258,7 +264,7 @@ def chat_kv_trace(
     )
     memo: dict[tuple[int, int, int], list[str]] = {}
     size = block_tokens * kv_bytes_per_token
-    costs = [prefill.ms(i * block_tokens, block_tokens) for i in range(4096)]
+    costs = [prefill.gflops(i * block_tokens, block_tokens) for i in range(4096)]
     requests = []
     for chain, e in enumerate(events):
         blocks = memo.get((e.conv, e.turn, e.tenant))
@@ -270,12 +276,12 @@ def chat_kv_trace(
             blocks = memo[(e.conv, e.turn, e.tenant)] = [h.hex() for h in hashes]
         tenant = TENANTS[e.tenant][0]
         for i, key in enumerate(blocks):
-            cost = costs[i] if i < len(costs) else prefill.ms(i * block_tokens, block_tokens)
+            cost = costs[i] if i < len(costs) else prefill.gflops(i * block_tokens, block_tokens)
             requests.append(Request(key=key, size=size, cost=cost, time=e.time, tenant=tenant, chain=chain))
     return Trace(
         name="chat-kv",
         requests=requests,
-        cost_unit="ms",
+        cost_unit="GFLOP",
         description=f"prompt KV blocks ({block_tokens} tokens, {size:,} B each) "
         f"of {n_sessions:,} derived sessions",
         params={"n_sessions": n_sessions, "alpha": alpha, "block_tokens": block_tokens, "seed": seed},

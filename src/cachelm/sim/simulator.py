@@ -8,7 +8,7 @@ timer should be the simulation clock (`SimClock`) so TTLs follow trace time. Rep
 - hit ratio: hits / requests;
 - byte hit ratio: bytes served from cache / bytes requested;
 - saved compute (cost hit ratio): recompute cost of the hits / recompute cost of all requests — the share
-  of money (response traces) or prefill time (KV traces) the cache saved. This is the target metric.
+  of money (response traces) or prefill compute (KV traces) the cache saved. This is the target metric.
 
 Prefix chains (`Request.chain`): after the first miss in a chain, later requests of the same chain are
 counted as misses even when the policy still tracks their key (a prefix cache cannot use a block whose parent

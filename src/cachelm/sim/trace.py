@@ -1,7 +1,7 @@
 """Requests and traces: what the simulator replays.
 
 A `Request` is one cache lookup: a key, the bytes its entry occupies, and what recomputing it costs (USD for
-response traces, milliseconds of prefill for KV-block traces; the unit is the trace's). Requests sharing a
+response traces, GFLOP of prefill for KV-block traces; the unit is the trace's). Requests sharing a
 `chain` (a prompt's KV blocks, in order) are prefix lookups: once one misses, the rest of the chain misses
 too, because a prefix cache cannot use a block whose parent it had to recompute.
 """
@@ -41,7 +41,7 @@ class Trace:
 
     name: str
     requests: Sequence[Request]
-    cost_unit: str  # "USD", "ms" ...
+    cost_unit: str  # "USD", "GFLOP" ...
     description: str = ""
     params: dict[str, object] = field(default_factory=dict)
 
