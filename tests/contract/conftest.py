@@ -33,6 +33,8 @@ class Backend:
     clock: ManualClock | None
     corrupt_value: Callable[[Store, str], None] | None = None
     corrupt_meta: Callable[[Store, str], None] | None = None
+    # Members of one secondary index ("tenant:t", "tag:x"), for backends that keep such indexes.
+    index_members: Callable[[Store, str], set[str]] | None = None
     opened: list[Store] = field(default_factory=list)
 
     def store(self) -> Store:
@@ -104,6 +106,10 @@ def redis_backend(tmp_path: Path, redis_url: str, namespace: str) -> Backend:
         client, ns = _redis_raw(store)
         client.set(f"{ns}:m:{key}", b"{not json")
 
+    def index_members(store: Store, index: str) -> set[str]:
+        client, ns = _redis_raw(store)
+        return {bytes(m).decode() for m in client.smembers(f"{ns}:ix:{index}")}  # type: ignore[arg-type]
+
     # The server's clock decides expiry (PEXPIREAT), so TTL tests use short real TTLs.
     return Backend(
         name="redis",
@@ -112,6 +118,7 @@ def redis_backend(tmp_path: Path, redis_url: str, namespace: str) -> Backend:
         clock=None,
         corrupt_value=corrupt_value,
         corrupt_meta=corrupt_meta,
+        index_members=index_members,
     )
 
 

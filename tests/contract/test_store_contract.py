@@ -225,6 +225,20 @@ def test_clear(backend: Backend) -> None:
     assert live_keys(store) == {"after"}
 
 
+def test_clear_deletes_expired_records_too(backend: Backend, request: pytest.FixtureRequest) -> None:
+    if backend.name == "memory":
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="base.Store.clear deletes only live records (reported)")
+        )
+    store = backend.store()
+    now = backend.now()
+    store.put(rec(backend, "old", created=now, expires=now + backend.ttl))
+    store.put(rec(backend, "live", created=now))
+    backend.advance(backend.ttl * 1.5)
+    assert store.clear() == 1  # counts the live records it deleted
+    assert len(store) == 0 and store.expire() == 0  # and left nothing behind
+
+
 # -- expiry ------------------------------------------------------------------------------------------------
 
 
@@ -283,6 +297,22 @@ def test_corrupt_record_reads_as_miss_and_is_counted(backend: Backend, what: str
     assert store.stats.corrupt_reads == 1
     assert store.get("good") is not None
     assert live_keys(store) == {"good"}
+
+
+def test_corrupt_metadata_leaves_no_index_residue(backend: Backend) -> None:
+    if backend.corrupt_meta is None:
+        pytest.skip(f"{backend.name}: an in-process dict has no raw storage to corrupt")
+    store = backend.store()
+    store.put(rec(backend, "bad", tenant="t", tags=frozenset({"x"})))
+    store.put(rec(backend, "good", tenant="t", tags=frozenset({"x"})))
+    backend.corrupt_meta(store, "bad")
+    assert store.get("bad") is None and store.stats.corrupt_reads == 1
+    assert live_keys(store, Match(tenant="t", tag="x")) == {"good"}
+    assert live_keys(store, Match(tenant="t")) == {"good"}
+    assert len(store) == 1
+    if backend.index_members is not None:
+        assert backend.index_members(store, "tenant:t") == {"good"}
+        assert backend.index_members(store, "tag:x") == {"good"}
 
 
 def test_corrupt_record_is_skipped_by_scan(backend: Backend) -> None:
@@ -420,6 +450,10 @@ class StoreMachine(RuleBasedStateMachine):
     def clear(self) -> None:
         assert self.store.clear() == len(self._live())
         self.model.clear()
+        if self.backend.name == "memory":
+            # Store.clear in base.py deletes only live records and leaves expired ones behind (reported;
+            # see test_clear_deletes_expired_records_too). Collect them so the rest of the run is checked.
+            self.store.expire()
 
     @rule(seconds=st.sampled_from([1.0, 10.0, 100.0]))
     def advance(self, seconds: float) -> None:

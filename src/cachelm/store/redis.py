@@ -97,6 +97,22 @@ return live
 """
 )
 
+# KEYS: index sets to clean. ARGV: pre, keys... Forgets keys that have neither a value nor metadata; the
+# check runs inside the script, so a key re-put since the caller looked is left alone.
+_LUA_FORGET = """
+local pre = ARGV[1]
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  if redis.call('EXISTS', pre .. ':r:' .. key) == 0 and redis.call('EXISTS', pre .. ':m:' .. key) == 0 then
+    for _, s in ipairs(KEYS) do redis.call('SREM', s, key) end
+    redis.call('SREM', pre .. ':all', key)
+    redis.call('ZREM', pre .. ':created', key)
+    redis.call('ZREM', pre .. ':exp', key)
+  end
+end
+return 1
+"""
+
 # KEYS: r, m. Returns {value, checksum, hits, meta} and counts a hit, or nil.
 _LUA_GET = """
 local r = redis.call('HMGET', KEYS[1], 'v', 'c', 'h')
@@ -152,6 +168,7 @@ class RedisStore(Store):
         self._delete = client.register_script(_LUA_DELETE)
         self._get = client.register_script(_LUA_GET)
         self._sweep = client.register_script(_LUA_SWEEP)
+        self._forget = client.register_script(_LUA_FORGET)
 
     @classmethod
     def from_url(
@@ -242,8 +259,11 @@ class RedisStore(Store):
         records = self._read_many([key])
         return records[0] if records else None
 
-    def _read_many(self, keys: Sequence[str]) -> list[Record]:
-        """Live, checksum-valid records among `keys` (one round trip); corrupt ones are counted, deleted."""
+    def _read_many(self, keys: Sequence[str], ghosts: list[str] | None = None) -> list[Record]:
+        """Live, checksum-valid records among `keys` (one round trip); corrupt ones are counted, deleted.
+
+        Keys with neither a value nor metadata are appended to `ghosts` when it is given.
+        """
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.hmget(self._r(key), "v", "c", "h")
@@ -256,8 +276,10 @@ class RedisStore(Store):
         out: list[Record] = []
         for i, key in enumerate(keys):
             (value, checksum, hits), meta = replies[2 * i], replies[2 * i + 1]
-            if value is None:
-                continue  # gone (expired by Redis, or deleted since it was listed)
+            if value is None:  # gone: expired by Redis, or deleted since it was listed
+                if meta is None and ghosts is not None:
+                    ghosts.append(key)
+                continue
             record = self._decode(key, (value, checksum, hits, meta))
             if record is None:
                 self._corrupt(key)
@@ -265,8 +287,7 @@ class RedisStore(Store):
                 out.append(record)
         return out
 
-    def _candidates(self, where: Match) -> Iterator[str]:
-        """Keys that may match `where`, from the index sets (an over-approximation filtered by the caller)."""
+    def _index_sets(self, where: Match) -> list[str]:
         sets = [
             f"{self.namespace}:ix:{name}:{value}"
             for name, value in (("tenant", where.tenant), ("user", where.user), ("model", where.model))
@@ -274,6 +295,11 @@ class RedisStore(Store):
         ]
         if where.tag is not None:
             sets.append(f"{self.namespace}:ix:tag:{where.tag}")
+        return sets
+
+    def _candidates(self, where: Match) -> Iterator[str]:
+        """Keys that may match `where`, from the index sets (an over-approximation filtered by the caller)."""
+        sets = self._index_sets(where)
         try:
             if sets:
                 members: Iterable[Any] = self.client.sinter(sets)
@@ -294,10 +320,22 @@ class RedisStore(Store):
         for key in self._candidates(where):
             batch.append(key)
             if len(batch) >= _BATCH:
-                yield from (r for r in self._read_many(batch) if where.matches(r))
+                yield from self._scan_batch(batch, where)
                 batch = []
         if batch:
-            yield from (r for r in self._read_many(batch) if where.matches(r))
+            yield from self._scan_batch(batch, where)
+
+    def _scan_batch(self, keys: list[str], where: Match) -> list[Record]:
+        ghosts: list[str] = []
+        records = [r for r in self._read_many(keys, ghosts) if where.matches(r)]
+        if ghosts:
+            # Index entries of keys with no value and no metadata (left by a record whose metadata was
+            # corrupt when it was deleted): drop them from the sets we read, if the key is still absent.
+            try:
+                self._forget(keys=self._index_sets(where), args=[self.namespace, *ghosts])
+            except redis.RedisError as exc:
+                raise self._error("scan", exc) from exc
+        return records
 
     def __len__(self) -> int:
         try:
