@@ -29,6 +29,7 @@ _TRUE = frozenset({"1", "true", "on", "yes"})
 _FALSE = frozenset({"0", "false", "off", "no"})
 MAX_TTL_S = 10 * 365 * 86_400.0
 MAX_TAGS = 16
+MAX_DIMENSIONS = 16_384  # larger than any embedding model's output
 
 
 class RequestError(Exception):
@@ -202,6 +203,16 @@ def validate_completion(body: Mapping[str, Any]) -> None:
 def embedding_inputs(body: Mapping[str, Any]) -> list[str] | None:
     """The texts of an embeddings request (None for token ids); RequestError if malformed."""
     _require_model(body)
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, int)
+        or not 1 <= dimensions <= MAX_DIMENSIONS
+    ):
+        raise RequestError(
+            f"`dimensions` must be an integer in [1, {MAX_DIMENSIONS}], got {dimensions!r:.40}",
+            param="dimensions",
+        )
     data = body.get("input")
     if isinstance(data, str):
         return [data]

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from cachelm.server.control import RequestError, embedding_inputs, parse_control
 from cachelm.server.proxy import JSON
 from cachelm.server.runtime import Runtime
 from cachelm.server.upstream import UpstreamError
+
+MAX_MODELS = 64
 
 
 class UpstreamEmbedder:
@@ -78,7 +81,9 @@ class EmbeddingsService:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.caches: dict[str, EmbeddingCache] = {}
+        # One cache per (model, dimensions), least recently used dropped first: model names come from
+        # clients, so an unbounded dict would grow with every made-up name.
+        self.caches: OrderedDict[str, EmbeddingCache] = OrderedDict()
 
     async def _upstream(self, body: dict[str, Any], texts: list[str]) -> tuple[np.ndarray, int]:
         runtime = self.runtime
@@ -101,6 +106,8 @@ class EmbeddingsService:
         """(vectors, hits, upstream prompt tokens) for `texts`."""
         model_id = f"{body['model']}|dimensions={body.get('dimensions')}"
         cache = self.caches.get(model_id)
+        if cache is not None:
+            self.caches.move_to_end(model_id)
         loop = asyncio.get_running_loop()
         spent = [0]
         first = cache is None
@@ -108,6 +115,8 @@ class EmbeddingsService:
             vectors, spent[0] = await self._upstream(body, texts)
             embedder = UpstreamEmbedder(model_id, int(vectors.shape[1]))
             cache = self.caches.setdefault(model_id, EmbeddingCache(self.runtime.store, embedder))
+            while len(self.caches) > MAX_MODELS:
+                self.caches.popitem(last=False)
             primed = dict(zip(texts, vectors, strict=True))
 
             def fetch(missing: list[str]) -> np.ndarray:

@@ -81,7 +81,7 @@ EMBEDDING_REQUEST = {
             ]
         },
         "encoding_format": {"enum": ["float", "base64"]},
-        "dimensions": {"type": "integer", "minimum": 1},
+        "dimensions": {"type": "integer", "minimum": 1, "maximum": 16384},
         "user": _COMMON["user"],
         "cache": _CACHE,
     },
