@@ -171,8 +171,9 @@ def test_verification_protocol_and_feedback() -> None:
 
 def test_complaint_vetoes_an_entry() -> None:
     policy = BoundedErrorPolicy(BoundedErrorConfig(delta=0.05, explore_rate=1e-9, seed=0))
-    for i in range(400):  # certify a threshold from a clean region
-        policy.observe(0.99, True, entry_id=f"x{i}", region="t", sampled=True)
+    for _ in range(400):  # 400 lookups without a candidate: P(s >= t) is certified small, hence FHR too
+        policy.decide(None, entry_id=None, region="t")
+    assert policy.threshold("t") == pytest.approx(0.5)
     cache = make_cache(rule=policy)
     eid = cache.add(chat("What is the capital of France?"), tenant="t", response_key="r")
     assert cache.lookup(chat("What is the capital of France?"), tenant="t") is not None

@@ -87,8 +87,9 @@ def test_bounded_policy_keeps_false_hit_rate_below_delta(delta: float) -> None:
         return 0.6 if s < 0.8 else 0.02
 
     policy = BoundedErrorPolicy(BoundedErrorConfig(delta=delta, explore_rate=0.2, seed=1))
-    # Zero errors in n samples certify only once 1 - alpha^(1/n) <= delta: no hit can come before that.
-    min_samples = math.ceil(math.log(0.05) / math.log(1 - delta))
+    # Even with no candidate above t in W lookups, the frequency bound is 1 - (alpha/2)^(1/W): nothing can be
+    # certified, so nothing served, before it drops to delta.
+    min_samples = math.ceil(math.log(0.025) / math.log(1 - delta))
     warm = _stream(policy, min_samples - 1, seed=2, p_wrong=p_wrong)
     assert warm["hits"] == 0
     run = _stream(policy, 20_000, seed=3, p_wrong=p_wrong)
@@ -106,7 +107,8 @@ def test_bounded_policy_when_errors_are_everywhere() -> None:
     policy = BoundedErrorPolicy(BoundedErrorConfig(delta=0.01, seed=0))
     run = _stream(policy, 5000, seed=4, p_wrong=lambda s: 0.5)
     assert run["wrong_hits"] / run["lookups"] <= 0.01
-    assert policy.threshold("r") >= 0.986
+    t = policy.threshold("r")
+    assert math.isnan(t) or t >= 0.986  # nothing certified, or only that sliver
     # Always wrong: FHR(t) = (1 - t) / 0.7 exceeds delta = 0.005 at every grid point (t <= 0.995).
     never = BoundedErrorPolicy(BoundedErrorConfig(delta=0.005, seed=0))
     assert _stream(never, 5000, seed=5, p_wrong=lambda s: 1.0)["hits"] == 0

