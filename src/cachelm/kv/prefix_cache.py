@@ -127,16 +127,28 @@ class KVPrefixCache:
         return None
 
     # ---- loading -------------------------------------------------------------------------------------
-    def load(self, match: PrefixMatch, *, device: torch.device | str) -> torch.Tensor:
-        """The matched prefix as one ``(P, L, 2, H, D)`` tensor on `device`.
+    def load(
+        self, match: PrefixMatch, *, device: torch.device | str | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The matched prefix as one ``(P, L, 2, H, D)`` tensor on `device`, or written into the first P rows
+        of `out` (e.g. a static KV buffer; then the returned tensor is a view of `out`).
 
         P can be shorter than ``match.num_tokens`` when a block vanished since `match` (evicted, corrupt,
         tier down): loading stops at the first block it cannot read, so the result is always a prefix.
         """
         bs = self.block_size
-        out = torch.empty(
-            self.layout.block_shape(match.num_tokens), dtype=self.layout.dtype, device=torch.device(device)
-        )
+        if out is None:
+            if device is None:
+                raise ConfigError("`device` or `out` is required")
+            out = torch.empty(
+                self.layout.block_shape(match.num_tokens),
+                dtype=self.layout.dtype,
+                device=torch.device(device),
+            )
+        elif out.shape[0] < match.num_tokens or tuple(out.shape[1:]) != self.layout.block_shape(0)[1:]:
+            raise ConfigError(
+                f"`out` must hold ({match.num_tokens}, ...) of the layout, got {tuple(out.shape)}"
+            )
         loaded = 0
         promote: list[int] = []
         for i, tier_index in enumerate(match.tiers):

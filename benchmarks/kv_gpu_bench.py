@@ -1,0 +1,355 @@
+"""KV prefix reuse on the GPU with an 8B-shaped random-weight Llama (bf16): full prefill vs GPU-tier and
+CPU-tier (pinned) hits, through HF eager and through the static-buffer CUDA-graph runner, beside each
+hit's physical limit.
+
+    # on the GPU machine (see /work/shared/gpu/README.md), from the repository root:
+    PYTHONPATH=/tmp/tf:src python3 benchmarks/kv_gpu_bench.py --out $OUT
+    # locally, to render the docs section from the JSON it brought back:
+    .venv/bin/python benchmarks/kv_gpu_bench.py --render docs/results/kv_gpu.json
+
+Physical limit of a hit = suffix compute bound + KV bytes ÷ the copy bandwidth of the tier, where the compute
+bound is max(suffix FLOPs ÷ measured bf16 matmul peak, weight bytes ÷ measured HBM bandwidth), and copy
+bandwidths are measured in the same run (device→device for the GPU tier, pinned host→device for the CPU tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "8b": {  # Llama-3-8B shape
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 16384,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
+    "tiny": {  # a CPU dry run of this script
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 384,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+    fn()  # warm-up (and graph capture)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _hardware(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Measured peak matmul FLOP/s, HBM bandwidth, device copy and pinned host→device bandwidth."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / _timed(lambda: a @ a, 5, device)
+    big = torch.empty(1 << 29 if device.type == "cuda" else 1 << 24, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(big)
+    t = _timed(lambda: dst.copy_(big), 5, device)
+    out = {"matmul_flops": flops, "hbm_bytes_per_s": 2 * big.numel() / t, "d2d_bytes_per_s": big.numel() / t}
+    if device.type == "cuda":
+        host = torch.empty(big.numel(), dtype=torch.uint8).pin_memory()
+        out["h2d_bytes_per_s"] = big.numel() / _timed(lambda: dst.copy_(host, non_blocking=True), 5, device)
+    else:
+        out["h2d_bytes_per_s"] = out["d2d_bytes_per_s"]
+    return out
+
+
+def _efficient_ok(runner: Any, suffix: list[int], start: int, device: torch.device) -> str:
+    """Whether the memory-efficient SDPA kernel accepts the runner's attention (else SDPA falls back)."""
+    if device.type != "cuda":
+        return "n/a"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            runner.forward_eager(torch.tensor([suffix], device=device), start)
+        return "yes"
+    except RuntimeError as exc:
+        return f"no: {str(exc).splitlines()[0][:120]}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from cachelm.engine.engine import Engine, make_fingerprint
+    from cachelm.engine.static_llama import StaticLlamaRunner
+    from cachelm.kv import hf
+    from cachelm.kv.layout import KVLayout
+    from cachelm.kv.prefix_cache import KVPrefixCache
+    from cachelm.kv.tiers import MemoryTier
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    config = LlamaConfig(**CONFIGS[args.config])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
+    hw = _hardware(device, dtype)
+    print({k: f"{v:.3g}" for k, v in hw.items()}, flush=True)
+    layout = KVLayout.from_model(model)
+    fingerprint = make_fingerprint(model, f"random-llama-{args.config}")
+    n_params = sum(p.numel() for p in model.parameters())
+    embed = model.model.embed_tokens.weight.numel()
+    lm_head = model.lm_head.weight.numel()
+    weight_bytes = (n_params - embed) * dtype.itemsize  # the embedding is gathered, not streamed
+    base = Engine(model, None)
+    runner = StaticLlamaRunner(model, max_tokens=max(args.lengths) + args.suffix)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for length in args.lengths:
+        prompt = torch.randint(10, config.vocab_size, (length + args.suffix,), generator=gen).tolist()
+        full_s = _timed(lambda p=prompt: base.prefill(p), args.reps, device)
+        with torch.inference_mode():
+            ref = base.prefill(prompt)
+            prefix_kv = hf.extract(ref.cache, length + args.suffix)[:length]  # (P, L, 2, H, D)
+        kv_bytes = prefix_kv.numel() * prefix_kv.element_size()
+        tiers = {
+            "gpu": MemoryTier(capacity_bytes=kv_bytes + (1 << 24), device=str(device)),
+            "cpu-pinned": MemoryTier(capacity_bytes=kv_bytes + (1 << 24), device="cpu", pin=True),
+        }
+        row: dict[str, Any] = {"prefix": length, "kv_bytes": kv_bytes, "full_s": full_s, "hits": {}}
+
+        # Suffix alone, no load: eager HF on a restored cache, and the graphed runner.
+        def eager_suffix(p: list[int] = prompt, kv: torch.Tensor = prefix_kv, n: int = length) -> None:
+            cache = hf.new_cache(model)
+            hf.restore(cache, kv, layout)
+            with torch.inference_mode():
+                model(
+                    input_ids=torch.tensor([p[n:]], device=device),
+                    past_key_values=cache,
+                    logits_to_keep=1,
+                )
+
+        row["suffix_eager_s"] = _timed(eager_suffix, args.reps, device)
+        runner.kv[:length] = prefix_kv
+        runner.contiguous_kv = True
+        row["suffix_graph_contiguous_s"] = _timed(
+            lambda p=prompt, n=length: runner(p[n:], n), args.reps, device
+        )
+        runner.contiguous_kv = False
+        row["suffix_graph_s"] = _timed(lambda p=prompt, n=length: runner(p[n:], n), args.reps, device)
+        row["efficient_attention"] = _efficient_ok(runner, prompt[length:], length, device)
+        attn_flops = 4 * layout.num_layers * args.suffix * (length + args.suffix) * config.hidden_size
+        flops = 2 * (n_params - embed - lm_head) * args.suffix + 2 * lm_head + attn_flops
+        compute_bound = max(flops / hw["matmul_flops"], weight_bytes / hw["hbm_bytes_per_s"])
+        row["compute_bound_s"] = compute_bound
+        for name, tier in tiers.items():
+            pc = KVPrefixCache(layout=layout, model=fingerprint, tiers=[tier], block_size=args.block_size)
+            pc.store(prompt, prefix_kv, tenant_salt=b"bench")
+            engine = Engine(model, None, prefix_cache=pc)
+            eager = _timed(lambda p=prompt, e=engine: e.prefill(p, tenant_salt=b"bench"), args.reps, device)
+            eager_logits = engine.prefill(prompt, tenant_salt=b"bench").logits
+
+            def graph_hit(p: list[int] = prompt, c: KVPrefixCache = pc) -> torch.Tensor:
+                match = c.match(p, tenant_salt=b"bench")
+                c.load(match, out=runner.kv)
+                return runner(p[match.num_tokens :], match.num_tokens)
+
+            graphed = _timed(graph_hit, args.reps, device)
+            graph_logits = graph_hit().clone()
+            bw = hw["d2d_bytes_per_s"] if name == "gpu" else hw["h2d_bytes_per_s"]
+            limit = compute_bound + kv_bytes / bw
+            row["hits"][name] = {
+                "eager_s": eager,
+                "graph_s": graphed,
+                "limit_s": limit,
+                "eager_max_abs_logit_diff": (eager_logits - ref.logits).abs().max().item(),
+                "graph_max_abs_logit_diff": (graph_logits - ref.logits).abs().max().item(),
+                "graph_same_argmax": bool(graph_logits.argmax() == ref.logits.argmax()),
+                "logit_scale": ref.logits.abs().max().item(),
+            }
+            print(
+                f"prefix {length}: {name} hit eager {eager * 1e3:.1f} ms, graphed {graphed * 1e3:.1f} ms, "
+                f"limit {limit * 1e3:.1f} ms",
+                flush=True,
+            )
+            pc.close()
+            del engine, pc
+        print(
+            f"prefix {length}: full {full_s * 1e3:.1f} ms; suffix eager {row['suffix_eager_s'] * 1e3:.1f} "
+            f"ms, graphed {row['suffix_graph_s'] * 1e3:.1f} ms "
+            f"(contiguous K/V {row['suffix_graph_contiguous_s'] * 1e3:.1f}), "
+            f"compute bound {compute_bound * 1e3:.2f} ms, efficient attention: {row['efficient_attention']}",
+            flush=True,
+        )
+        rows.append(row)
+        del ref, prefix_kv, tiers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "config": args.config,
+        "params": n_params,
+        "weight_bytes": weight_bytes,
+        "suffix": args.suffix,
+        "block_size": args.block_size,
+        "reps": args.reps,
+        "hardware": hw,
+        "rows": rows,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    hw = result["hardware"]
+    lines = [
+        f"## KV prefix cache — GPU, {result['config'].upper()}-shaped Llama, random weights, bf16",
+        "",
+        f"Device: {result['device']} (torch {result['torch']}, transformers {result['transformers']}); "
+        f"{result['params'] / 1e9:.2f} B parameters; suffix = {result['suffix']} new tokens; block size "
+        f"{result['block_size']}; median of {result['reps']}. Measured in the same run: bf16 matmul "
+        f"{hw['matmul_flops'] / 1e12:.0f} TFLOP/s, HBM {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, device copy "
+        f"{hw['d2d_bytes_per_s'] / 1e9:.0f} GB/s, pinned host→device {hw['h2d_bytes_per_s'] / 1e9:.1f} GB/s.",
+        "Command: `PYTHONPATH=/tmp/tf:src python3 benchmarks/kv_gpu_bench.py --out $OUT` on the GPU machine.",
+        "",
+        "*eager*: the engine's HF path (DynamicCache restore + HF forward of the suffix). *graphed*: blocks",
+        "decoded straight into a static token-major KV buffer + the suffix as one CUDA-graph replay",
+        "(`StaticLlamaRunner`).",
+        "Limit = max(FLOPs ÷ peak, weight bytes ÷ HBM) + KV bytes ÷ tier copy bandwidth.",
+        "",
+        "| prefix | KV | full prefill | GPU hit eager | GPU hit graphed (limit) | CPU-pinned hit eager | "
+        "CPU-pinned hit graphed (limit) | graphed suffix alone |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        g, c = r["hits"]["gpu"], r["hits"]["cpu-pinned"]
+        lines.append(
+            f"| {r['prefix']} | {r['kv_bytes'] / 1e9:.2f} GB | {r['full_s'] * 1e3:.1f} ms | "
+            f"{g['eager_s'] * 1e3:.1f} ms | "
+            f"{g['graph_s'] * 1e3:.1f} ms ({g['limit_s'] * 1e3:.1f}) | {c['eager_s'] * 1e3:.1f} ms | "
+            f"{c['graph_s'] * 1e3:.1f} ms ({c['limit_s'] * 1e3:.1f}) | {r['suffix_graph_s'] * 1e3:.1f} ms |"
+        )
+    last = result["rows"][-1]
+    g, c = last["hits"]["gpu"], last["hits"]["cpu-pinned"]
+    lines += [
+        "",
+        f"At {last['prefix']} tokens: GPU-tier hit (graphed) {last['full_s'] / g['graph_s']:.1f}× faster "
+        f"than full prefill (target ≥ 20×); CPU-tier hit {last['full_s'] / c['graph_s']:.1f}× faster "
+        "(target ≈ 7×) and "
+        f"{c['graph_s'] / c['limit_s']:.2f}× its physical limit (target ≤ 1.5×).",
+        "",
+        "Reuse vs recompute (bf16, max |Δlogit| against the full prefill; logits up to "
+        f"{max(h['logit_scale'] for r in result['rows'] for h in r['hits'].values()):.1f}):",
+        "",
+        "| prefix | tier | eager | graphed | same argmax (graphed) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        for name, h in r["hits"].items():
+            lines.append(
+                f"| {r['prefix']} | {name} | {h['eager_max_abs_logit_diff']:.3f} | "
+                f"{h['graph_max_abs_logit_diff']:.3f} | {h['graph_same_argmax']} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    xs = [r["prefix"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(xs, [r["full_s"] * 1e3 for r in rows], "k-o", label="full prefill (miss)")
+    for tier, color in (("gpu", "tab:green"), ("cpu-pinned", "tab:blue")):
+        ax.plot(
+            xs,
+            [r["hits"][tier]["eager_s"] * 1e3 for r in rows],
+            "--o",
+            color=color,
+            label=f"{tier} hit, HF eager",
+        )
+        ax.plot(
+            xs,
+            [r["hits"][tier]["graph_s"] * 1e3 for r in rows],
+            "-o",
+            color=color,
+            label=f"{tier} hit, graphed",
+        )
+        ax.plot(
+            xs,
+            [r["hits"][tier]["limit_s"] * 1e3 for r in rows],
+            ":",
+            color=color,
+            label=f"{tier} physical limit",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("cached prefix (tokens)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(f"{result['config'].upper()}-shaped Llama, {result['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192])
+    p.add_argument("--suffix", type=int, default=64)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--out", type=Path, default=None, help="folder for kv_gpu.json")
+    p.add_argument(
+        "--render", type=Path, default=None, help="render docs from a JSON result instead of running"
+    )
+    args = p.parse_args(argv)
+    if args.render:
+        from _report import DOCS_IMG, write_section
+
+        result = json.loads(args.render.read_text())
+        write_section("kv-gpu", render(result))
+        plot(result, DOCS_IMG / "kv_ttft_gpu.png")
+        print(render(result))
+        return 0
+    result = run(args)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kv_gpu.json").write_text(text)
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

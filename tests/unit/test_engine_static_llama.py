@@ -1,0 +1,68 @@
+"""The lean static-buffer Llama suffix prefill equals HF's forward (CPU, tiny random Llama, float32)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from cachelm.engine.engine import build_prefix_cache
+from cachelm.engine.static_llama import StaticLlamaRunner
+from cachelm.engine.tiny import tiny_gemma3, tiny_llama
+from cachelm.errors import ConfigError
+from cachelm.kv import hf
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama() -> Any:
+    return tiny_llama(initializer_range=0.1)
+
+
+def _hf_prefill(model: Any, ids: list[int]) -> tuple[torch.Tensor, Any]:
+    cache = hf.new_cache(model)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache).logits[0, -1].float()
+    return logits, cache
+
+
+def test_suffix_on_loaded_prefix_matches_hf(llama: Any) -> None:
+    ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    want, full_cache = _hf_prefill(llama, ids)
+    runner = StaticLlamaRunner(llama, max_tokens=64)
+    runner.kv[:32] = hf.extract(full_cache, 48)[:32]
+    got = runner(ids[32:], 32)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # The suffix's KV written into the buffer equals HF's.
+    torch.testing.assert_close(runner.kv[32:48], hf.extract(full_cache, 48)[32:], atol=1e-5, rtol=0)
+    # A whole prompt from position 0 works too.
+    torch.testing.assert_close(StaticLlamaRunner(llama, max_tokens=64)(ids, 0), want, atol=1e-4, rtol=0)
+
+
+def test_prefix_cache_loads_straight_into_the_buffer(llama: Any) -> None:
+    ids = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    want, full_cache = _hf_prefill(llama, ids)
+    pc = build_prefix_cache(llama, model_id="tiny", block_size=16, cpu_bytes=1 << 24)
+    pc.store(ids, hf.extract(full_cache, 40), tenant_salt=b"t")
+    runner = StaticLlamaRunner(llama, max_tokens=64)
+    match = pc.match(ids, tenant_salt=b"t")
+    prefix = pc.load(match, out=runner.kv)
+    assert prefix.shape[0] == 32 and prefix.data_ptr() == runner.kv.data_ptr()
+    torch.testing.assert_close(runner(ids[32:], 32), want, atol=1e-4, rtol=0)
+
+
+def test_rejects_what_it_cannot_run(llama: Any) -> None:
+    with pytest.raises(ConfigError, match="Llama-architecture"):
+        StaticLlamaRunner(tiny_gemma3(), max_tokens=8)
+    runner = StaticLlamaRunner(llama, max_tokens=8)
+    with pytest.raises(ConfigError, match="`start`"):
+        runner([1, 2, 3], 6)
