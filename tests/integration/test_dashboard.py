@@ -1,4 +1,4 @@
-"""The dashboard in headless Chromium (Debian's package, driven by Playwright): numbers, charts, entry browser.
+"""The dashboard in headless Chromium (Debian package, driven by Playwright): numbers, charts, entries.
 
 Needs ``chromium`` and the ``playwright`` package: ``bash tests/integration/browser.sh`` installs both.
 Without them the test skips and says which one is missing.
