@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from cachelm.clock import ManualClock
-from cachelm.store import MemoryStore, SQLiteStore, Store
+from cachelm.crypto import Keyring
+from cachelm.store import EncryptedStore, MemoryStore, SQLiteStore, Store
 from cachelm.store.redis import RedisStore
 
 
@@ -59,6 +60,8 @@ class Backend:
 
 
 def _sqlite_exec(store: Store, sql: str, *params: object) -> None:
+    if isinstance(store, EncryptedStore):
+        store = store.inner
     assert isinstance(store, SQLiteStore)
     conn = sqlite3.connect(store.path)
     try:
@@ -122,9 +125,19 @@ def redis_backend(tmp_path: Path, redis_url: str, namespace: str) -> Backend:
     )
 
 
+def encrypted_sqlite_backend(tmp_path: Path, redis_url: str, namespace: str) -> Backend:
+    """EncryptedStore over SQLite: the wrapper must keep the whole contract too."""
+    backend = sqlite_backend(tmp_path, redis_url, namespace)
+    plain_open, keyring = backend.open, Keyring.generate()
+    backend.name = "sqlite+aes"
+    backend.open = lambda: EncryptedStore(plain_open(), keyring)
+    return backend
+
+
 BACKENDS: dict[str, Callable[[Path, str, str], Backend]] = {
     "memory": memory_backend,
     "sqlite": sqlite_backend,
+    "sqlite+aes": encrypted_sqlite_backend,
     "redis": redis_backend,
 }
 

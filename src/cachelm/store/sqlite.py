@@ -75,6 +75,10 @@ _SCHEMA: tuple[str, ...] = (
     "BEGIN DELETE FROM tags WHERE rid = old.id; END",
 )
 
+# Read as BLOBs whatever type a damaged row holds: a TEXT cell with invalid UTF-8 would otherwise make
+# Python's sqlite3 fail the whole fetch (and a scan) instead of reporting one corrupt record.
+_COLUMNS = "key, CAST(value AS BLOB), CAST(meta AS BLOB), CAST(checksum AS BLOB), hits"
+
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -226,9 +230,13 @@ class SQLiteStore(Store):
     def _decode(self, row: Sequence[Any]) -> Record | None:
         """Row (key, value, meta, checksum, hits) → Record, or None when it fails its checksum."""
         key, value, meta, checksum, hits = row
-        if not isinstance(value, bytes) or not isinstance(meta, str):
-            return None  # a column rewritten with the wrong type (e.g. TEXT where a BLOB belongs)
-        return decode_verified(key, value, meta, checksum, hits)
+        try:
+            meta_json = meta.decode()
+        except (AttributeError, UnicodeDecodeError):  # NULL or not UTF-8
+            return None
+        if not isinstance(value, bytes) or not isinstance(hits, int):
+            return None
+        return decode_verified(key, value, meta_json, checksum, hits)
 
     def _corrupt(self, key: str) -> None:
         self.stats.add("corrupt_reads")
@@ -236,11 +244,7 @@ class SQLiteStore(Store):
 
     def get(self, key: str) -> Record | None:
         try:
-            row = (
-                self._conn()
-                .execute("SELECT key, value, meta, checksum, hits FROM records WHERE key = ?", (key,))
-                .fetchone()
-            )
+            row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             self.stats.add("errors")
             raise _backend_error("get", self.path, exc) from exc
@@ -266,11 +270,7 @@ class SQLiteStore(Store):
 
     def peek(self, key: str) -> Record | None:
         try:
-            row = (
-                self._conn()
-                .execute("SELECT key, value, meta, checksum, hits FROM records WHERE key = ?", (key,))
-                .fetchone()
-            )
+            row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             self.stats.add("errors")
             raise _backend_error("peek", self.path, exc) from exc
@@ -300,7 +300,7 @@ class SQLiteStore(Store):
                 rows = (
                     self._conn()
                     .execute(
-                        f"SELECT id, key, value, meta, checksum, hits FROM records "
+                        f"SELECT id, {_COLUMNS} FROM records "
                         f"WHERE id > ? AND ({where_sql}) ORDER BY id LIMIT {_SCAN_BATCH}",
                         [last_id, *params],
                     )
