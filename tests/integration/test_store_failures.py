@@ -166,3 +166,24 @@ def test_sqlite_closed_store_raises(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(BackendError, match="closed"):
         store.get("k")
+
+
+def test_sqlite_unknown_schema_version_or_bad_settings_are_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    with SQLiteStore(path) as store:
+        store.put(Record(key="k", value=b"v"))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE settings SET value = '99' WHERE name = 'schema_version'")
+    conn.commit()
+    with pytest.raises(ConfigError, match="schema version 99"):
+        SQLiteStore(path)
+    conn.execute("UPDATE settings SET value = '1' WHERE name = 'schema_version'")
+    conn.execute("UPDATE settings SET value = '\"SOMETIMES\"' WHERE name = 'synchronous'")
+    conn.commit()
+    with pytest.raises(ConfigError, match=r"future\.db.*`synchronous`"):
+        SQLiteStore(path)
+    # An explicit valid setting repairs it, and the data was never touched.
+    repaired = SQLiteStore(path, synchronous="FULL")
+    assert repaired.settings.synchronous == "FULL" and repaired.peek("k") is not None
+    repaired.close()
+    conn.close()

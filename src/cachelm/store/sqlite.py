@@ -198,32 +198,42 @@ class SQLiteStore(Store):
         return conn
 
     def _init_schema(self, explicit: dict[str, Any]) -> SQLiteSettings:
+        """Create the tables if missing; merge stored settings with `explicit` ones and store the result."""
         conn = self._conn()
-        try:
-            with self._write_lock:
+        with self._write_lock:
+            try:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 stored = dict(conn.execute("SELECT name, value FROM settings").fetchall())
-                version = json.loads(stored.pop("schema_version", str(SCHEMA_VERSION)))
-                if version != SCHEMA_VERSION:
-                    conn.execute("ROLLBACK")
-                    raise ConfigError(
-                        f"{self.path!r} has store schema version {version}; "
-                        f"this cachelm reads {SCHEMA_VERSION}"
-                    )
-                values = {k: json.loads(v) for k, v in stored.items() if k in SQLiteSettings.field_names()}
-                values.update(explicit)
-                settings = SQLiteSettings(**values)
+                settings = self._merge_settings(stored, explicit)
                 rows = [("schema_version", json.dumps(SCHEMA_VERSION))]
                 rows += [(name, json.dumps(getattr(settings, name))) for name in SQLiteSettings.field_names()]
                 conn.executemany("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", rows)
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise _backend_error("open", self.path, exc) from exc
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise _backend_error("open", self.path, exc) from exc
+                raise
         return settings
+
+    def _merge_settings(self, stored: dict[str, str], explicit: dict[str, Any]) -> SQLiteSettings:
+        try:
+            version = json.loads(stored.pop("schema_version", str(SCHEMA_VERSION)))
+            values = {k: json.loads(v) for k, v in stored.items() if k in SQLiteSettings.field_names()}
+        except ValueError:
+            raise ConfigError(f"{self.path!r}: the settings table is unreadable: {stored!r}") from None
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{self.path!r} has store schema version {version}; this cachelm reads {SCHEMA_VERSION}"
+            )
+        try:
+            return SQLiteSettings(**{**values, **explicit})
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path!r}: {exc}") from None
 
     # -- reads -------------------------------------------------------------------------------------------
 
