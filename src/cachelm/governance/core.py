@@ -273,6 +273,10 @@ class Governance:
         """
         from cachelm.governance.refresh import RefreshJob, plan_refresh
 
+        if not callable(recompute):  # checked before planning: planning takes old answers out
+            raise ConfigError(
+                f"`recompute` must be callable (request, endpoint) → response, got {recompute!r}"
+            )
         plan = plan_refresh(
             self, model, new_revision, budget=budget, value=value, tenant=tenant, switched_at=switched_at
         )

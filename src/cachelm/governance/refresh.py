@@ -208,15 +208,15 @@ def plan_refresh(
     switched = now if switched_at is None else float(switched_at)
     exact.set_model_revision(model, revision, purge=False)
     old = _old_answers(gov, model, tenant, switched)
-    _take_out_of_service(gov, old)
     rate = value if value is not None else default_value
     ranked = []
-    for record, logged in old:
+    for record, logged in old:  # valued before anything is deleted: a failing `value` loses nothing
         if logged is None:
             continue
         stats = entry_stats(record, now, exact.metrics.price)
         ranked.append(PlannedEntry(stats=stats, logged=logged, value=float(rate(stats))))
     ranked.sort(key=lambda e: (-e.value, -e.stats.cost, e.stats.age, e.stats.response_key))
+    _take_out_of_service(gov, old)
     return RefreshPlan(
         model=model,
         revision=revision,
