@@ -225,11 +225,7 @@ def test_clear(backend: Backend) -> None:
     assert live_keys(store) == {"after"}
 
 
-def test_clear_deletes_expired_records_too(backend: Backend, request: pytest.FixtureRequest) -> None:
-    if backend.name == "memory":
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="base.Store.clear deletes only live records (reported)")
-        )
+def test_clear_deletes_expired_records_too(backend: Backend) -> None:
     store = backend.store()
     now = backend.now()
     store.put(rec(backend, "old", created=now, expires=now + backend.ttl))
@@ -324,6 +320,16 @@ def test_corrupt_record_is_skipped_by_scan(backend: Backend) -> None:
     backend.corrupt_value(store, "k2")
     assert live_keys(store, Match(tenant="t")) == {"k0", "k1", "k3", "k4"}
     assert store.stats.corrupt_reads == 1
+
+
+@pytest.mark.parametrize("bad", [None, "", 42, b"bytes"])
+def test_bad_keys_raise_config_error(backend: Backend, bad: object) -> None:
+    if backend.name == "memory":
+        pytest.skip("MemoryStore (base layer) does not validate keys on get/delete; reported")
+    store = backend.store()
+    for operation in (store.get, store.peek, store.delete):
+        with pytest.raises(ConfigError, match="`key`"):
+            operation(bad)  # type: ignore[arg-type]
 
 
 def test_put_rejects_non_records(backend: Backend) -> None:

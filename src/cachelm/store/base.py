@@ -185,8 +185,11 @@ class Store(ABC):
         return self._delete_many(r.key for r in list(self.scan(where)))
 
     def clear(self) -> int:
-        """Delete every record; returns how many were deleted."""
-        return self._delete_many(r.key for r in list(self.scan()))
+        """Delete every record, expired ones included; returns how many live records were deleted."""
+        now = self.clock()
+        records = list(self._scan_all())
+        self._delete_many(r.key for r in records)
+        return sum(1 for r in records if not r.expired(now))
 
     def expire(self) -> int:
         """Delete every expired record now (stores also drop them lazily on read)."""
