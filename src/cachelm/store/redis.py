@@ -38,7 +38,7 @@ from redis.retry import Retry
 from cachelm.clock import Clock, wall_clock
 from cachelm.errors import BackendError, ConfigError
 from cachelm.store.base import Match, Record, Store
-from cachelm.store.sqlite import decode_verified
+from cachelm.store.sqlite import check_key, decode_verified
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BATCH = 256
@@ -232,10 +232,10 @@ class RedisStore(Store):
         if value is None or checksum is None or meta is None:
             return None
         try:
-            meta_json = bytes(meta).decode()
-        except UnicodeDecodeError:
+            meta_json, hit_count = bytes(meta).decode(), int(hits or 0)
+        except (UnicodeDecodeError, ValueError):
             return None
-        return decode_verified(key, bytes(value), meta_json, bytes(checksum), int(hits or 0))
+        return decode_verified(key, bytes(value), meta_json, bytes(checksum), hit_count)
 
     def _corrupt(self, key: str) -> None:
         self.stats.add("corrupt_reads")
@@ -243,6 +243,7 @@ class RedisStore(Store):
             self.delete(key)
 
     def get(self, key: str) -> Record | None:
+        check_key(key)
         try:
             fields = self._get(keys=[self._r(key), self._m(key)])
         except redis.RedisError as exc:
@@ -256,6 +257,7 @@ class RedisStore(Store):
         return None if record.expired(self.clock()) else record
 
     def peek(self, key: str) -> Record | None:
+        check_key(key)
         records = self._read_many([key])
         return records[0] if records else None
 
@@ -368,6 +370,7 @@ class RedisStore(Store):
             self._sweep_once(limit=_BATCH)
 
     def delete(self, key: str) -> bool:
+        check_key(key)
         try:
             return bool(self._delete(keys=[self._r(key), self._m(key)], args=[self.namespace, key]))
         except redis.RedisError as exc:

@@ -253,6 +253,7 @@ class SQLiteStore(Store):
         self._delete_quietly(key)
 
     def get(self, key: str) -> Record | None:
+        check_key(key)
         try:
             row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
@@ -279,6 +280,7 @@ class SQLiteStore(Store):
         return record.with_hits(record.hits + pending) if pending else record
 
     def peek(self, key: str) -> Record | None:
+        check_key(key)
         try:
             row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
@@ -392,6 +394,7 @@ class SQLiteStore(Store):
             self._pending_total -= self._pending_hits.pop(key, 0)
 
     def delete(self, key: str) -> bool:
+        check_key(key)
         with self._write_lock:
             deleted = self._write(
                 "delete", lambda conn: conn.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount
@@ -509,6 +512,12 @@ def _flush_loop(ref: weakref.ref[SQLiteStore], stop: threading.Event, interval: 
             except BackendError:  # closed between the check and the flush
                 return
         del store  # do not keep the store alive while waiting
+
+
+def check_key(key: object) -> None:
+    """Raise ConfigError unless `key` is a non-empty string (what `Record.key` accepts)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
 
 
 def stored_checksum(key: str, meta_json: str, value: bytes) -> bytes:
