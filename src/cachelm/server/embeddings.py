@@ -85,13 +85,13 @@ class EmbeddingsService:
         # clients, so an unbounded dict would grow with every made-up name.
         self.caches: OrderedDict[str, EmbeddingCache] = OrderedDict()
 
-    async def _upstream(self, body: dict[str, Any], texts: list[str]) -> tuple[np.ndarray, int]:
+    async def _upstream(self, body: dict[str, Any], texts: list[str], tenant: str) -> tuple[np.ndarray, int]:
         runtime = self.runtime
         runtime.proxy.upstream_calls += 1
         runtime.metrics.upstream_calls.labels("embeddings").inc()
         payload = {k: v for k, v in body.items() if k != "cache"}
         payload["input"] = texts
-        status, raw = await runtime.upstream.post("embeddings", orjson.dumps(payload))
+        status, raw = await runtime.upstream.post("embeddings", orjson.dumps(payload), tenant=tenant)
         if status != 200:
             raise UpstreamError(f"upstream answered {status}", status=status, body=raw)
         try:
@@ -112,7 +112,7 @@ class EmbeddingsService:
         spent = [0]
         first = cache is None
         if cache is None:  # vector size unknown until the upstream has answered once: compute everything
-            vectors, spent[0] = await self._upstream(body, texts)
+            vectors, spent[0] = await self._upstream(body, texts, tenant)
             embedder = UpstreamEmbedder(model_id, int(vectors.shape[1]))
             cache = self.caches.setdefault(model_id, EmbeddingCache(self.runtime.store, embedder))
             while len(self.caches) > MAX_MODELS:
@@ -126,7 +126,9 @@ class EmbeddingsService:
             dim = cache.dim
 
             def fetch(missing: list[str]) -> np.ndarray:
-                vectors, used = asyncio.run_coroutine_threadsafe(self._upstream(body, missing), loop).result()
+                vectors, used = asyncio.run_coroutine_threadsafe(
+                    self._upstream(body, missing, tenant), loop
+                ).result()
                 spent[0] += used
                 if vectors.shape[1] != dim:
                     raise UpstreamError(f"upstream embedding size changed from {dim} to {vectors.shape[1]}")

@@ -232,13 +232,15 @@ class Proxy:
         path = PATHS[call.endpoint]
         if not call.stream:
             try:
-                status, body = await self.upstream.post(path, call.upstream_body())
+                status, body = await self.upstream.post(
+                    path, call.upstream_body(), tenant=call.tenant.tenant_id
+                )
             except UpstreamError as exc:
                 return Response(
                     error_body(str(exc)), status_code=exc.status, media_type=JSON, headers=headers
                 )
             return Response(body, status_code=status, media_type=JSON, headers=headers)
-        events = self.upstream.stream(path, call.upstream_body())
+        events = self.upstream.stream(path, call.upstream_body(), tenant=call.tenant.tenant_id)
         try:
             first = await anext(events)
         except UpstreamError as exc:
@@ -369,7 +371,9 @@ class Proxy:
         self.metrics.upstream_calls.labels(call.endpoint).inc()
         started = time.perf_counter()
         try:
-            status, body = await self.upstream.post(PATHS[call.endpoint], call.upstream_body())
+            status, body = await self.upstream.post(
+                PATHS[call.endpoint], call.upstream_body(), tenant=call.tenant.tenant_id
+            )
         except UpstreamError as exc:
             return Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
         self.cache.metrics.observe_compute("exact", time.perf_counter() - started)
@@ -389,7 +393,9 @@ class Proxy:
         recorder = StreamRecorder(call.endpoint)
         sent = False
         try:
-            async for payload in self.upstream.stream(PATHS[call.endpoint], call.upstream_body()):
+            async for payload in self.upstream.stream(
+                PATHS[call.endpoint], call.upstream_body(), tenant=call.tenant.tenant_id
+            ):
                 recorder.feed(payload)
                 sink.put_nowait(frame(payload))
                 sent = True

@@ -57,12 +57,12 @@ def _with_l1(l2: Store, entries: int) -> tuple[Store, TieredStore | None]:
 def _local_upstream(config: ServerConfig) -> Upstream:
     try:
         from cachelm.server.local import LocalEngineUpstream
-    except ImportError as exc:
+    except ImportError as exc:  # torch / transformers are the `engine` extra
         raise ConfigError(
-            f"the local engine upstream is not available ({exc}); start with `--upstream URL` "
-            "to proxy an OpenAI-compatible endpoint instead"
+            f"the local engine upstream needs the `engine` extra ({exc}); install `cachelm[engine]` "
+            "or start with `--upstream URL` to proxy an OpenAI-compatible endpoint"
         ) from exc
-    return LocalEngineUpstream.load(config.local_model)
+    return LocalEngineUpstream.load(config.local_model, key_secret=config.key_secret)
 
 
 def _semantic_layer(config: ServerConfig, store: Store) -> SemanticLayer:

@@ -2,6 +2,9 @@
 
 An upstream answers two calls:
 
+`tenant` is passed along for upstreams that keep per-tenant state (the local engine's KV prefix cache);
+an HTTP upstream ignores it.
+
 - ``post(path, body)`` → ``(status, body bytes)``: a non-streaming call. A non-2xx status is *returned*
   (the proxy passes it through and never caches it); transport failures (refused, timeout, reset) raise
   ``UpstreamError`` with the status the client should see (502, or 504 for a timeout).
@@ -34,9 +37,9 @@ class Upstream(Protocol):
 
     name: str
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]: ...
+    async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]: ...
 
-    def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]: ...
+    def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
 
@@ -74,7 +77,7 @@ class HTTPUpstream:
             transport=transport,
         )
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]:
         try:
             response = await self._client.post(path, content=body)
         except httpx.TimeoutException as exc:
@@ -90,7 +93,7 @@ class HTTPUpstream:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
         return response.status_code, response.content
 
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+    async def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]:
         request = self._client.build_request("POST", path, content=body)
         try:
             response = await self._client.send(request, stream=True)

@@ -1,0 +1,229 @@
+"""The local-engine upstream: `cachelm.engine.Engine` (HF transformers + KV prefix cache) behind the
+OpenAI protocol, so ``cachelm serve`` answers on a fresh machine with no upstream at all.
+
+The engine serves one request at a time (its model cache is not shared between requests), so calls are
+queued on one worker thread; streaming pushes tokens from that thread to the event loop as they come.
+The KV prefix cache is keyed by the caller's tenant, like every other layer.
+
+OpenAI parameters honoured: ``max_tokens``/``max_completion_tokens`` (default 256, at most 2,048),
+``temperature``, ``top_p``, ``seed``, ``stop`` (strings, applied to the generated text). ``n > 1`` and
+embeddings are refused with a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+
+from cachelm.errors import ConfigError
+from cachelm.keys import tenant_salt as make_salt
+
+DEFAULT_MAX_TOKENS = 256
+MAX_TOKENS = 2048
+
+
+class RequestRefused(Exception):
+    """A request the local engine cannot serve; carries the HTTP status and OpenAI error body."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = orjson.dumps(
+            {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+        )
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise RequestRefused("`stop` must be a non-empty string or a list of at most 4", param="stop")
+    return stops
+
+
+class LocalEngineUpstream:
+    """An `Upstream` answering with a local `Engine`. Build with `load` (a packaged model) or directly."""
+
+    def __init__(self, engine: Any, *, model_id: str, key_secret: bytes = b"") -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.name = f"local:{model_id}"
+        self._secret = key_secret
+        # One thread: the engine runs one generation at a time; queued requests wait their turn.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachelm-engine")
+
+    @classmethod
+    def load(cls, name: str, *, device: str = "cpu", key_secret: bytes = b"") -> LocalEngineUpstream:
+        """Load a packaged model (``smollm2``, ``gemma3``), a GGUF file or a directory; add a prefix cache."""
+        from cachelm.engine.engine import Engine, build_prefix_cache
+        from cachelm.engine.loader import load_model
+
+        try:
+            model, tokenizer = load_model(name, device=device)
+        except Exception as exc:  # a missing package, a failed download, a corrupt file: say which model
+            raise ConfigError(
+                f"cannot load the local model {name!r} ({type(exc).__name__}: {exc}); "
+                "start with `--upstream URL` to proxy an OpenAI-compatible endpoint instead"
+            ) from exc
+        engine = Engine(model, tokenizer, prefix_cache=build_prefix_cache(model, model_id=name))
+        return cls(engine, model_id=name, key_secret=key_secret)
+
+    # -- request translation ---------------------------------------------------------------------------
+
+    def _params(self, body: dict[str, Any]) -> Any:
+        from cachelm.engine.engine import SamplingParams
+
+        if body.get("model") != self.model_id:
+            raise RequestRefused(
+                f"model {body.get('model')!r} is not served here; the local engine serves {self.model_id!r}",
+                status=404,
+                param="model",
+            )
+        if (body.get("n") or 1) != 1:
+            raise RequestRefused("the local engine supports only `n` = 1", param="n")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        try:
+            return SamplingParams(
+                max_new_tokens=min(int(max_tokens), MAX_TOKENS),
+                temperature=float(
+                    body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
+                ),
+                top_p=float(body.get("top_p") or 1.0),
+                seed=body.get("seed"),
+            )
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise RequestRefused(str(exc)) from None
+
+    def _prompt(self, path: str, body: dict[str, Any]) -> Any:
+        if path == "chat/completions":
+            return body["messages"]
+        if path == "completions":
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise RequestRefused("the local engine takes one string `prompt`", param="prompt")
+            return prompt
+        raise RequestRefused(f"the local engine does not serve `/v1/{path}`", status=404)
+
+    def _events(self, path: str, body: dict[str, Any], tenant: str) -> Iterator[tuple[str, str | None, Any]]:
+        """(text delta, finish reason or None, result) per generated token; runs on the engine thread."""
+        from cachelm.engine.engine import GenerationResult
+
+        params, prompt, stops = self._params(body), self._prompt(path, body), _stops(body)
+        result = GenerationResult(
+            text="", token_ids=[], num_prompt_tokens=0, num_cached_tokens=0, finish_reason="length",
+            ttft_s=0.0, total_s=0.0,
+        )  # fmt: skip
+        text, emitted = "", 0  # emitted: characters of `text` already handed out
+        salt = make_salt(tenant, self._secret)
+        try:
+            stream = self.engine.stream(prompt, params, tenant_salt=salt, result=result)
+        except ConfigError as exc:
+            raise RequestRefused(str(exc)) from None
+        for event in stream:
+            text += event.text
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                yield text[emitted:cut], "stop", result
+                stream.close()
+                return
+            # Hold back a tail that could still become a stop string, so no part of one is ever sent.
+            held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            safe = max(emitted, len(text) - held)
+            yield text[emitted:safe], None, result
+            emitted = safe
+        yield text[emitted:], result.finish_reason, result
+
+    def _envelope(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        chat = path == "chat/completions"
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_id,
+        }
+
+    @staticmethod
+    def _usage(result: Any) -> dict[str, int]:
+        completion = len(result.token_ids)
+        return {
+            "prompt_tokens": result.num_prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": result.num_prompt_tokens + completion,
+        }
+
+    def _complete(self, path: str, body: dict[str, Any], tenant: str) -> dict[str, Any]:
+        text, finish, result = "", "length", None
+        for delta, reason, produced in self._events(path, body, tenant):
+            text, finish, result = text + delta, reason or finish, produced
+        out = self._envelope(path, body)
+        if path == "chat/completions":
+            out["object"] = "chat.completion"
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text}
+        out["choices"] = [{**choice, "finish_reason": finish, "logprobs": None}]
+        out["usage"] = self._usage(result)
+        return out
+
+    # -- Upstream protocol -----------------------------------------------------------------------------
+
+    async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]:
+        try:
+            request = orjson.loads(body)
+            answer = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._complete, path, request, tenant
+            )
+        except RequestRefused as exc:
+            return exc.status, exc.body
+        return 200, orjson.dumps(answer)
+
+    async def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]:
+        from cachelm.server.upstream import UpstreamError
+
+        request = orjson.loads(body)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, str | None, Any] | BaseException | None] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for item in self._events(path, request, tenant):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as exc:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        self._pool.submit(produce)
+        head = self._envelope(path, request)
+        chat = path == "chat/completions"
+        include_usage = (request.get("stream_options") or {}).get("include_usage") is True
+        first, result = True, None
+        while (item := await queue.get()) is not None:
+            if isinstance(item, RequestRefused):
+                raise UpstreamError(str(item), status=item.status, body=item.body)
+            if isinstance(item, BaseException):
+                raise UpstreamError(f"local engine failed: {type(item).__name__}: {item}", status=500)
+            delta, finish, result = item
+            if chat:
+                message = {"role": "assistant", "content": delta} if first else {"content": delta}
+                choice: dict[str, Any] = {"index": 0, "delta": message if delta or first else {}}
+            else:
+                choice = {"index": 0, "text": delta}
+            first = False
+            yield orjson.dumps({**head, "choices": [{**choice, "finish_reason": finish, "logprobs": None}]})
+        if include_usage and result is not None:
+            yield orjson.dumps({**head, "choices": [], "usage": self._usage(result)})
+        yield b"[DONE]"
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "owned_by": "cachelm"}]}
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,92 @@
+"""The local-engine upstream (the default of `cachelm serve`): a real engine with a tiny random-weight model
+and its KV prefix cache, behind the proxy, reached with the openai SDK. Hits equal recomputation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from cachelm.server.config import ServerConfig
+from cachelm.server.local import LocalEngineUpstream
+from cachelm.server.testing import ProxyThread
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from cachelm.engine.engine import Engine, build_prefix_cache
+    from cachelm.engine.tiny import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama()
+    return Engine(
+        model, tiny_tokenizer(), prefix_cache=build_prefix_cache(model, model_id=MODEL, block_size=4)
+    )
+
+
+@pytest.fixture
+def proxy(engine: Any, tmp_path: Path) -> Iterator[ProxyThread]:
+    config = ServerConfig(store_url=f"sqlite:///{tmp_path}/cache.db", access_log=False)  # upstream: local
+    with ProxyThread(config, upstream=LocalEngineUpstream(engine, model_id=MODEL)) as server:
+        yield server
+
+
+def request(text: str, **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+    return {"model": MODEL, "temperature": 0, "max_tokens": 12, "messages": messages, **extra}
+
+
+def test_local_engine_answers_stream_and_hits_equal_recompute(proxy: ProxyThread, engine: Any) -> None:
+    from cachelm.engine.engine import SamplingParams
+
+    c = openai.OpenAI(base_url=proxy.url + "/v1", api_key="open", max_retries=0, timeout=60)
+    body = request("What is the capital of France?")
+    recomputed = engine.generate(body["messages"], SamplingParams(max_new_tokens=12)).text
+    usage = {"include_usage": True}  # recorded with the answer, so hits report (and credit) tokens
+    streamed = c.chat.completions.with_raw_response.create(**body, stream=True, stream_options=usage)
+    assert streamed.headers["x-cachelm-cache"] == "miss"
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed.parse() if ch.choices)
+    assert text == recomputed
+    hit = c.chat.completions.with_raw_response.create(**body)
+    assert hit.headers["x-cachelm-cache"] == "hit"
+    answer = hit.parse()
+    assert answer.choices[0].message.content == recomputed
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+    assert [m.id for m in c.models.list().data] == [MODEL]
+
+
+def test_local_engine_completions_stop_and_refusals(proxy: ProxyThread, engine: Any) -> None:
+    from cachelm.engine.engine import SamplingParams
+
+    c = openai.OpenAI(base_url=proxy.url + "/v1", api_key="open", max_retries=0, timeout=60)
+    full = engine.generate("The quick brown fox", SamplingParams(max_new_tokens=10)).text
+    answer = c.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0)
+    assert answer.choices[0].text == full
+    if len(full.strip()) > 2:  # a stop string cuts the answer where it first appears
+        stop = full.strip()[1:3]
+        cut = c.completions.create(
+            model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0, stop=[stop]
+        )
+        assert cut.choices[0].text == full[: full.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        c.chat.completions.create(**dict(request("hi"), model="gpt-4o"))
+    with pytest.raises(openai.BadRequestError, match="`n`"):
+        c.chat.completions.create(**request("hi", n=2))
+    with pytest.raises(openai.NotFoundError):
+        c.embeddings.create(model=MODEL, input="x")
+
+
+def test_default_serve_without_the_model_is_a_clear_startup_error(tmp_path: Path) -> None:
+    # A model path that does not exist stands in for "no packaged model here": serve must refuse to
+    # start with a message naming the model and the alternative, not crash later on the first request.
+    from cachelm.server.runtime import Runtime
+    from cachelm.server.tenants import TenantRegistry
+
+    config = ServerConfig(store_url=f"sqlite:///{tmp_path}/c.db", local_model=str(tmp_path / "missing.gguf"))
+    with pytest.raises(Exception, match=r"cannot load the local model .*--upstream URL"):
+        Runtime(config, TenantRegistry())
