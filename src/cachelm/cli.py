@@ -4,6 +4,10 @@
     cachelm purge  [--store URL] [--tenant T] [--user U] [--tag G] [--model M] [--older-than 7d] | --all
     cachelm export [--store URL] [--out FILE] [filters]      JSONL, one entry per line (stdout by default)
     cachelm import [--store URL] FILE                         JSONL entries or request/response seed lines
+    cachelm feedback bad --key K --tenant T [--similarity S]  remove a bad answer and its semantic neighbours
+    cachelm refresh --model M --revision R --upstream URL --budget N | --budget-usd X
+                                                              recompute a model's most valuable entries
+                                                              under its new revision, drop the rest
     cachelm serve | eval | models | c2c ...                   the proxy, semantic evaluation, packaged
                                                               models, cache-to-cache (their own --help)
     cachelm bench                                             lists the benchmark scripts
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -104,10 +109,82 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", parents=[store], help="read JSONL entries or seed lines into the store")
     p.add_argument("file", metavar="FILE", help="JSONL file, or - for stdin")
 
+    _governance_parsers(sub, store)
+
     for name, (_module, _func, _extra, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
     sub.add_parser("bench", help="list the benchmark scripts and how to run them")
     return parser
+
+
+def _number_in(low: float, high: float, flag: str, kind: type = float) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number in [low, high] (high may be inf), else a message naming `flag`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high or value in (float("inf"), float("-inf")):
+            bounds = f"in [{low:g}, {high:g}]" if high != float("inf") else f">= {low:g}"
+            noun = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"`{flag}` must be a {noun} {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _governance_parsers(sub: Any, store: argparse.ArgumentParser) -> None:
+    """``feedback bad`` and ``refresh`` (implemented in `cachelm.governance.cli`, imported when run)."""
+    semantic = argparse.ArgumentParser(add_help=False)
+    semantic.add_argument("--pg-url", metavar="URL", help="semantic index on pgvector (or $CACHELM_PG_URL)")
+    semantic.add_argument("--pg-table", default="cachelm_semantic", help="its table (default: %(default)s)")
+    semantic.add_argument(
+        "--embedder", default="minilm", choices=["minilm", "hashing"], help="the proxy's embedder"
+    )
+    semantic.add_argument("--no-semantic", action="store_true", help="leave the semantic index alone")
+    semantic.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("feedback", help="report a bad answer (removes it and its semantic neighbours)")
+    kinds = p.add_subparsers(dest="feedback", required=True, metavar="KIND")
+    p = kinds.add_parser("bad", parents=[store, semantic], help="remove a bad answer and its neighbours")
+    p.add_argument("--key", required=True, help="the bad answer's response key")
+    p.add_argument("--tenant", required=True, help="its tenant (nothing of another tenant is touched)")
+    p.add_argument(
+        "--similarity", type=_number_in(-1.0, 1.0, "--similarity"), default=0.9,
+        help="remove semantic neighbours at least this similar (cosine, default %(default)s)",
+    )  # fmt: skip
+
+    p = sub.add_parser(
+        "refresh", parents=[store, semantic], help="after a model-version change, recompute the best entries"
+    )
+    p.add_argument("--model", required=True, help="the model id whose revision changed")
+    p.add_argument("--revision", required=True, help="its new revision (part of every response key)")
+    p.add_argument("--upstream", required=True, metavar="URL", help="OpenAI-compatible base URL (…/v1)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--budget", type=_number_in(0, math.inf, "--budget", int), help="entries to recompute"
+    )
+    budget.add_argument(
+        "--budget-usd", type=_number_in(0.0, math.inf, "--budget-usd"), help="USD to spend recomputing"
+    )
+    p.add_argument("--tenant", help="only this tenant's entries")
+    p.add_argument(
+        "--timeout", type=_number_in(0.001, math.inf, "--timeout"), default=60.0,
+        help="seconds per upstream call (default %(default)s)",
+    )  # fmt: skip
+
+
+def cmd_feedback(args: argparse.Namespace, out: IO[str]) -> int:
+    from cachelm.governance.cli import cmd_feedback as run
+
+    return run(args, out)
+
+
+def cmd_refresh(args: argparse.Namespace, out: IO[str]) -> int:
+    from cachelm.governance.cli import cmd_refresh as run
+
+    return run(args, out)
 
 
 def _open(url: str | None) -> Store:
@@ -296,6 +373,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, IO[str]], int]] = {
     "export": cmd_export,
     "import": cmd_import,
     "bench": cmd_bench,
+    "feedback": cmd_feedback,
+    "refresh": cmd_refresh,
 }
 
 

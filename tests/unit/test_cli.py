@@ -308,3 +308,141 @@ def test_the_server_keyring_seals_imports_and_opens_exports(
     monkeypatch.setenv("CACHELM_KEYRING", "k1:not-base64!")
     code, _, err = run(["stats", "--store", url], capsys)
     assert code == 2 and "not valid base64" in err
+
+
+# -- governance: feedback bad, refresh ---------------------------------------------------------------
+GOV_TEXTS = [  # the bad question first; paraphrases and unrelated questions in the same context
+    "What is the capital of France?",
+    "what is the capital of france",
+    "What is the capital city of France?",
+    "What is the population of France?",
+    "How do I bake sourdough bread?",
+]
+
+
+def _governed(path: Path, tenant: str = "acme") -> dict[str, str]:
+    """A SQLite store with GOV_TEXTS answered, logged and indexed in the persisted HNSW index beside it
+    (as `cachelm serve --semantic --semantic-embedder hashing` keeps it); returns text → response key."""
+    from cachelm.governance import Governance
+    from cachelm.semantic import EmbeddingCache, HashingEmbedder, HNSWIndex, SemanticCache
+
+    keys = {}
+    with SQLiteStore(path) as store:
+        embedder = HashingEmbedder()
+        index = HNSWIndex(embedder.dim, path=path)
+        semantic = SemanticCache(embedder=EmbeddingCache(store, embedder), index=index)
+        gov = Governance(ExactCache(store), semantic=semantic)
+        for text in GOV_TEXTS:
+            key = gov.store(chat(text), answer(text), tenant=tenant)
+            assert key is not None
+            keys[text] = key
+        semantic.close()
+    return keys
+
+
+def test_feedback_bad_removes_the_answer_and_its_neighbours(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachelm.semantic import HashingEmbedder, HNSWIndex
+
+    path = tmp_path / "cache.db"
+    keys = _governed(path)
+    vectors = HashingEmbedder().embed(GOV_TEXTS)
+    sims = {t: float(vectors[0] @ v) for t, v in zip(GOV_TEXTS, vectors, strict=True)}
+    above = {t for t, s in sims.items() if s >= 0.8}
+    assert 2 <= len(above) <= len(GOV_TEXTS) - 2  # the data straddles the bar
+    argv = ["feedback", "bad", "--store", f"sqlite:///{path}", "--embedder", "hashing"]
+    argv += ["--key", keys[GOV_TEXTS[0]], "--tenant", "acme", "--similarity", "0.8", "--json"]
+
+    code, out, _ = run(argv, capsys)
+
+    assert code == 0
+    report = json.loads(out)
+    assert set(report["response_keys"]) == {keys[t] for t in above} and report["neighbours_searched"]
+    with SQLiteStore(path) as store:
+        for text in GOV_TEXTS:
+            assert (store.peek(keys[text]) is None) == (text in above), text
+    index = HNSWIndex(256, path=path)
+    try:
+        assert len(index) == len(GOV_TEXTS) - len(above)  # the removal reached the persisted index
+    finally:
+        index.close()
+    code, out, _ = run(argv[:-1], capsys)  # again, as text: nothing left to remove
+    assert code == 0 and out.startswith("removed 0 answers") and "no answer of tenant acme" in out
+
+
+def test_feedback_with_the_index_held_by_a_running_proxy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachelm.semantic import HNSWIndex
+
+    path = tmp_path / "cache.db"
+    keys = _governed(path)
+    argv = ["feedback", "bad", "--store", f"sqlite:///{path}", "--embedder", "hashing"]
+    argv += ["--key", keys[GOV_TEXTS[0]], "--tenant", "acme"]
+    held = HNSWIndex(256, path=path)  # the proxy's open index: one owner at a time
+    try:
+        code, _, err = run(argv, capsys)
+        assert code == 1 and "open in another process" in err and err.count("\n") == 1
+        with SQLiteStore(path) as store:
+            assert store.peek(keys[GOV_TEXTS[0]]) is not None  # nothing was removed
+        code, out, _ = run([*argv, "--no-semantic"], capsys)
+        assert code == 0 and out.startswith("removed 1 answer and 0 semantic entries")
+        with SQLiteStore(path) as store:
+            assert store.peek(keys[GOV_TEXTS[0]]) is None and store.peek(keys[GOV_TEXTS[1]]) is not None
+    finally:
+        held.close()
+
+
+def test_refresh_recomputes_through_a_real_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dataclasses
+
+    import httpx
+
+    from cachelm.governance import Governance
+    from tests.upstream import OpenAIUpstream
+
+    path = tmp_path / "cache.db"
+    hits = {"q one": 100, "q two": 50, "q three": 20, "q four": 5, "q five": 0}
+    with SQLiteStore(path) as store:
+        gov = Governance(ExactCache(store))
+        for text, count in hits.items():
+            key = gov.store(chat(text), answer(text), tenant="acme")
+            assert key is not None
+            record = store.peek(key)
+            assert record is not None
+            store.put(dataclasses.replace(record, hits=count))
+    with OpenAIUpstream() as base_url:
+        argv = ["refresh", "--store", f"sqlite:///{path}", "--model", "gpt-4o-mini", "--revision", "r2"]
+        argv += ["--upstream", base_url, "--budget", "3", "--json"]
+        httpx.post(base_url.replace("/v1", "/_control/fault"), json={"fault": "status=503", "times": 1})
+        code, out, err = run(argv, capsys)
+        expected = {t: httpx.post(f"{base_url}/chat/completions", json=chat(t)).json() for t in hits}
+    final = json.loads(out)
+    assert code == 1  # one entry failed: scripts notice
+    assert (final["refreshed"], final["failed"], final["dropped"], final["state"]) == (2, 1, 2, "done")
+    assert "3 of 5 old entries" in err
+    with SQLiteStore(path) as store:
+        reader = ExactCache(store, model_revisions={"gpt-4o-mini": "r2"})
+        found = {t: reader.lookup(chat(t), tenant="acme") for t in hits}
+        assert len(store) == 2 * 2  # two refreshed answers and their logged requests, nothing else
+    # The most valuable entry's call met the 503: nothing cached; the next two hold the upstream's answer.
+    assert found["q one"] is None and found["q four"] is None and found["q five"] is None
+    for text in ("q two", "q three"):
+        hit = found[text]
+        assert hit is not None and hit.response == expected[text]
+
+
+def test_refresh_bad_input_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cache.db"
+    keys = _governed(path)
+    base = ["refresh", "--store", f"sqlite:///{path}", "--model", "gpt-4o-mini", "--revision", "r2"]
+    code, _, err = run([*base, "--upstream", "ftp://nowhere", "--budget", "1", "--no-semantic"], capsys)
+    assert code == 2 and "`base_url`" in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--upstream", "http://127.0.0.1:9/v1", "--budget", "-1"])
+    assert exit_info.value.code == 2 and "`--budget` must be a whole number >= 0" in capsys.readouterr().err
+    with SQLiteStore(path) as store:
+        assert all(store.peek(k) is not None for k in keys.values())

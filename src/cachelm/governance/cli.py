@@ -1,0 +1,154 @@
+"""``cachelm feedback bad`` and ``cachelm refresh``: governance from the command line (see `cachelm.cli`).
+
+Both open the store as the other commands do (``--store``, ``$CACHELM_STORE``, the SQLite default; keys
+salted with ``$CACHELM_KEY_SECRET``, values sealed with ``$CACHELM_KEYRING``) and the semantic index the
+proxy uses for that store, when there is one:
+
+- ``--pg-url URL`` (or ``$CACHELM_PG_URL``): the shared pgvector table (``--pg-table``, default
+  ``cachelm_semantic``, the proxy's for namespace ``cachelm``);
+- else the persisted HNSW index beside a SQLite store (``<file>.semantic.sqlite``), if it exists. It is
+  owned by one process at a time: with the proxy running on it the command fails (exit 1) — stop the
+  proxy, use pgvector, or pass ``--no-semantic`` (answers are still removed, and a semantic entry pointing
+  at a removed answer is a miss);
+- ``--embedder`` must be the proxy's (``minilm`` by default, ``hashing``): vectors of one model only compare
+  with vectors of the same model.
+
+The decision rule's statistics live in the serving process: the negative outcome `mark_bad` reports here
+reaches only this process's rule. Exit status: 0 done, 1 a store/index failure or (refresh) any entry
+failed, 2 bad input, 130 interrupted (refresh: the job is cancelled cleanly first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from cachelm.governance.core import Governance
+from cachelm.governance.refresh import RefreshProgress
+from cachelm.governance.upstream import http_recompute
+from cachelm.response.exact import ExactCache
+from cachelm.semantic.cache import SemanticCache
+from cachelm.store.base import Store
+
+PROGRESS_EVERY_S = 2.0
+
+
+def _semantic(args: argparse.Namespace, store: Store, store_url: str, secret: bytes) -> SemanticCache | None:
+    if args.no_semantic:
+        return None
+    from cachelm.semantic.embedder import Embedder, HashingEmbedder, MiniLMEmbedder
+    from cachelm.semantic.embedding_cache import EmbeddingCache
+    from cachelm.semantic.index import VectorIndex
+
+    pg_url = args.pg_url or os.environ.get("CACHELM_PG_URL")
+    db = store_url[len("sqlite://") :].split("?")[0] if store_url.startswith("sqlite:///") else None
+    if not pg_url and (db is None or not Path(f"{db}.semantic.sqlite").exists()):
+        return None  # this store has no semantic index
+    embedder: Embedder = HashingEmbedder() if args.embedder == "hashing" else MiniLMEmbedder()
+    index: VectorIndex
+    if pg_url:
+        from cachelm.semantic.pgvector import PgVectorIndex
+
+        index = PgVectorIndex(pg_url, embedder.dim, table=args.pg_table)
+    else:
+        from cachelm.semantic.hnsw import HNSWIndex
+
+        index = HNSWIndex(embedder.dim, path=db)
+    return SemanticCache(embedder=EmbeddingCache(store, embedder), index=index, tenant_secret=secret)
+
+
+def _governance(args: argparse.Namespace, store: Store) -> Governance:
+    from cachelm.cli import default_store_url
+
+    secret = os.environ.get("CACHELM_KEY_SECRET", "").encode()
+    semantic = _semantic(args, store, args.store or default_store_url(), secret)
+    return Governance(ExactCache(store, key_secret=secret), semantic=semantic)
+
+
+def cmd_feedback(args: argparse.Namespace, out: IO[str]) -> int:
+    from cachelm.cli import _open
+
+    with _open(args.store) as store:
+        gov = _governance(args, store)
+        try:
+            report = gov.mark_bad(args.key, tenant=args.tenant, similarity=args.similarity)
+        finally:
+            if gov.semantic is not None:
+                gov.semantic.close()
+    if args.json:
+        out.write(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+        return 0
+    answers, entries = len(report.response_keys), len(report.entries)
+    out.write(
+        f"removed {answers} answer{'' if answers == 1 else 's'} and {entries} semantic "
+        f"entr{'y' if entries == 1 else 'ies'} of tenant {report.tenant} (similarity >= {args.similarity})\n"
+    )
+    if not report.response_keys:
+        out.write(f"  no answer of tenant {report.tenant} under {report.response_key}\n")
+    for entry in report.entries:
+        out.write(f"  {entry.response_key}  similarity {entry.similarity:.3f}\n")
+    if gov.semantic is None or not report.neighbours_searched:
+        out.write("  (no semantic index or vector for this answer: neighbours were not searched)\n")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace, out: IO[str]) -> int:
+    from cachelm.cli import _open
+
+    budget: int | float = args.budget if args.budget is not None else args.budget_usd
+    recompute = http_recompute(
+        args.upstream, api_key=os.environ.get("CACHELM_UPSTREAM_API_KEY"), timeout=args.timeout
+    )
+    with _open(args.store) as store:
+        gov = _governance(args, store)
+        try:
+            job = gov.refresh_on_model_change(
+                args.model, args.revision, recompute=recompute, budget=budget, tenant=args.tenant
+            )
+            print(
+                f"refreshing {job.plan.model} → revision {job.plan.revision!r}: {len(job.plan.planned)} of "
+                f"{job.plan.old_entries} old entries ({job.plan.unlogged} without a logged request)",
+                file=sys.stderr,
+            )
+            interrupted = _follow(job)
+            final = job.result()
+        finally:
+            if gov.semantic is not None:
+                gov.semantic.close()
+    _summary(final, out, as_json=args.json)
+    if interrupted:
+        return 130
+    return 1 if final.failed else 0
+
+
+def _follow(job: Any) -> bool:
+    """Wait for `job`, printing progress to stderr; Ctrl-C cancels it cleanly. True if interrupted."""
+    shown = -1
+    try:
+        while not job.wait(PROGRESS_EVERY_S):
+            p = job.progress
+            if p.processed != shown:
+                shown = p.processed
+                print(f"  {p.processed}/{p.planned} done, {p.failed} failed", file=sys.stderr)
+    except KeyboardInterrupt:
+        job.cancel()
+        job.wait()
+        return True
+    return False
+
+
+def _summary(p: RefreshProgress, out: IO[str], *, as_json: bool) -> None:
+    if as_json:
+        out.write(json.dumps(dataclasses.asdict(p), indent=2) + "\n")
+        return
+    out.write(
+        f"{p.state}: {p.refreshed} refreshed, {p.already_fresh} already fresh, {p.failed} failed, "
+        f"{p.dropped} dropped of {p.old_entries} (estimated spend ${p.spent_usd:.6f})\n"
+    )
+    for error in p.errors:
+        out.write(f"  failed {error}\n")
