@@ -66,3 +66,25 @@ def test_rejects_what_it_cannot_run(llama: Any) -> None:
     runner = StaticLlamaRunner(llama, max_tokens=8)
     with pytest.raises(ConfigError, match="`start`"):
         runner([1, 2, 3], 6)
+
+
+def test_engine_with_static_runner_equals_plain_engine(llama: Any) -> None:
+    from cachelm.engine.engine import Engine, SamplingParams
+    from cachelm.engine.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    pc = build_prefix_cache(llama, model_id="tiny", block_size=16, cpu_bytes=1 << 24)
+    fast = Engine(llama, tok, prefix_cache=pc, static_runner=StaticLlamaRunner(llama, max_tokens=128))
+    plain = Engine(llama, tok)
+    ids = torch.randint(3, 384, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_new_tokens=8)
+    first = fast.generate(ids, params)
+    again = fast.generate(ids, params)
+    want = plain.generate(ids, params)
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 48
+    for got in (first, again):
+        assert got.token_ids == want.token_ids
+        assert got.first_logits is not None and want.first_logits is not None
+        torch.testing.assert_close(got.first_logits, want.first_logits, atol=1e-4, rtol=0)
+    longer = fast.generate(torch.randint(3, 384, (200,)).tolist(), params)  # beyond the buffer: HF path
+    assert len(longer.token_ids) == 8

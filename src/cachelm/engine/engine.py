@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from cachelm.kv import hf
 from cachelm.kv.codecs import dtype_name
 from cachelm.kv.layout import KVLayout
 from cachelm.kv.prefix_cache import KVPrefixCache
+
+if TYPE_CHECKING:
+    from cachelm.engine.static_llama import StaticLlamaRunner
 
 DEFAULT_TENANT_SALT = tenant_salt("default")
 
@@ -99,8 +102,18 @@ def make_fingerprint(model: Any, model_id: str | None = None, revision: str = ""
 class Engine:
     """Generation with KV prefix reuse. `prefix_cache` None: plain generation, nothing cached."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, prefix_cache: KVPrefixCache | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        prefix_cache: KVPrefixCache | None = None,
+        static_runner: StaticLlamaRunner | None = None,
+    ) -> None:
+        """`static_runner` (Llama only): run prefills through the lean static-buffer runner (CUDA graphs on
+        GPU) instead of HF eager; prompts longer than its buffer fall back to the HF path."""
         self.model = model
+        self.static_runner = static_runner
         self.tokenizer = tokenizer
         self.layout = KVLayout.from_model(model)
         if prefix_cache is not None and prefix_cache.layout != self.layout:
@@ -146,6 +159,8 @@ class Engine:
         """Run the prompt through the model, loading its longest cached prefix first."""
         if len(token_ids) == 0:
             raise ConfigError("`token_ids` must not be empty")
+        if self.static_runner is not None and len(token_ids) <= self.static_runner.max_tokens:
+            return self._prefill_static(token_ids, tenant_salt)
         cache = hf.new_cache(self.model)
         cached = 0
         if self.prefix_cache is not None:
@@ -160,6 +175,22 @@ class Engine:
         ids = torch.tensor([list(token_ids[cached:])], device=self.device)  # (1, T - P)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)
+        return Prefill(logits=logits, cache=cache, num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
+
+    def _prefill_static(self, token_ids: Sequence[int], tenant_salt: bytes) -> Prefill:
+        runner = self.static_runner
+        assert runner is not None
+        cached = 0
+        if self.prefix_cache is not None:
+            match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
+            if match.num_blocks:
+                cached = self.prefix_cache.load(match, out=runner.kv).shape[0]  # straight into the buffer
+            self.prefix_cache.stats.hit_tokens += cached
+            self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        logits = runner(list(token_ids[cached:]), cached).clone()  # (V,); the graph reuses its output
+        # Decoding continues in a DynamicCache. Clone: the runner's buffer is overwritten by the next request.
+        cache = hf.new_cache(self.model)
+        hf.restore(cache, runner.kv[: len(token_ids)].clone(), self.layout)
         return Prefill(logits=logits, cache=cache, num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
 
     def store(

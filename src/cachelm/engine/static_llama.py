@@ -38,8 +38,16 @@ class StaticLlamaRunner:
     """Suffix prefill on top of a prefix held in `kv` (see the module docstring)."""
 
     def __init__(
-        self, model: Any, *, max_tokens: int, use_cuda_graphs: bool | None = None, contiguous_kv: bool = False
+        self,
+        model: Any,
+        *,
+        max_tokens: int,
+        use_cuda_graphs: bool | None = None,
+        contiguous_kv: bool = False,
+        graph_after: int = 1,
     ) -> None:
+        """`graph_after`: calls with one (start, length) shape before a graph is captured for it (earlier
+        calls run the same math ungraphed), so one-off shapes do not pay a capture."""
         if model.config.model_type not in ("llama",):
             raise ConfigError(f"`model` must be a Llama-architecture model, got {model.config.model_type!r}")
         self.layout = KVLayout.from_model(model)
@@ -58,6 +66,8 @@ class StaticLlamaRunner:
         self.contiguous_kv = contiguous_kv
         self.kv = torch.zeros(self.layout.block_shape(max_tokens), dtype=model.dtype, device=self.device)
         self._graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self._seen: dict[tuple[int, int, bool], int] = {}
+        self.graph_after = max(1, graph_after)
         inner = model.model
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._rotary, self._lm_head = inner.rotary_emb, model.lm_head
@@ -123,6 +133,9 @@ class StaticLlamaRunner:
         key = (start, ids.shape[-1], self.contiguous_kv)
         entry = self._graphs.get(key)
         if entry is None:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < self.graph_after:
+                return self.forward_eager(ids, start)
             entry = self._capture(ids, start)
             self._graphs[key] = entry
         entry.input_ids.copy_(ids)
