@@ -82,13 +82,16 @@ def _pgvector(index: Any, tenant: str, response_key: str) -> list[IndexEntry]:
         " WHERE tenant = %s AND response_key = %s ORDER BY entry_id",
         (tenant, response_key),
     ).fetchall()
-    return [
-        IndexEntry(
-            entry_id=row[0],
-            tenant=tenant,
-            context_key=row[1],
-            response_key=response_key,
-            vector=np.asarray(row[2], dtype=np.float32),
+    out = []
+    for entry_id, context_key, raw in rows:
+        vector = raw.to_numpy() if hasattr(raw, "to_numpy") else raw  # pgvector's `Vector` type
+        out.append(
+            IndexEntry(
+                entry_id=entry_id,
+                tenant=tenant,
+                context_key=context_key,
+                response_key=response_key,
+                vector=np.asarray(vector, dtype=np.float32),
+            )
         )
-        for row in rows
-    ]
+    return out
