@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cachelm.errors import ConfigError
-from cachelm.governance import REQUEST_TAG, Governance, RequestLog
+from cachelm.governance import Governance, RequestLog
+from cachelm.governance.journal import REQUEST_TAG
 from cachelm.response.exact import ExactCache
 from cachelm.semantic import (
     BoundedErrorConfig,
@@ -298,3 +299,10 @@ def test_the_index_search_is_exhaustive_above_the_bar_beyond_one_batch(tmp_path:
         assert sims.min() >= 0.7 and similarity(texts[0], "How do I bake sourdough bread?") < 0.7
         report = gov.mark_bad(keys[0] or "", tenant="acme", similarity=0.7)
         assert set(report.response_keys) == set(keys) and store.peek(far or "") is not None
+
+
+def test_public_names_are_sorted_and_importable() -> None:
+    import cachelm.governance as governance
+
+    assert list(governance.__all__) == sorted(governance.__all__)
+    assert all(hasattr(governance, name) for name in governance.__all__)

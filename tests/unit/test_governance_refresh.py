@@ -7,6 +7,7 @@ documented formula, independently of the implementation.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
@@ -15,7 +16,8 @@ from typing import Any
 import pytest
 
 from cachelm.errors import BackendError, ConfigError
-from cachelm.governance import REQUEST_TAG, Governance, RequestLog
+from cachelm.governance import Governance, RequestLog
+from cachelm.governance.journal import REQUEST_TAG
 from cachelm.metrics import DEFAULT_PRICES
 from cachelm.response.exact import ExactCache
 from cachelm.semantic import EmbeddingCache, FlatIndex, SemanticCache, StaticThreshold
@@ -292,6 +294,7 @@ def test_bad_arguments_name_themselves(store: Store) -> None:
         ({"budget": float("inf")}, "budget"),
         ({"budget": 1, "value": 3}, "value"),
         ({"budget": 1, "tenant": ""}, "tenant"),
+        ({"budget": 1, "switched_at": "now"}, "switched_at"),
     ]
     for kwargs, name in cases:
         with pytest.raises(ConfigError, match=f"`{name}`"):
@@ -307,3 +310,54 @@ def test_bad_arguments_name_themselves(store: Store) -> None:
     job.run()
     with pytest.raises(ConfigError, match="already done"):
         job.start()
+
+
+class Halt(BaseException):
+    """Not an entry's failure: something that must stop the job (as KeyboardInterrupt would)."""
+
+
+def test_a_crash_stops_the_job_and_surfaces_through_result(store: Store) -> None:
+    gov = make_gov(store)
+    seed(gov, now=gov.exact.clock())
+    calls = Recorder()
+
+    def crashing(request: Mapping[str, Any], endpoint: str) -> dict[str, Any]:
+        if calls.texts:
+            raise Halt
+        return calls(request, endpoint)
+
+    job = gov.refresh_on_model_change(MODEL, "r2", recompute=crashing, budget=4)
+    with pytest.raises(Halt):
+        job.result(timeout=30)
+    final = job.progress
+    assert (final.state, final.refreshed, final.failed, final.dropped) == ("crashed", 1, 0, len(SPEC) - 1)
+    assert len([r for r in store.scan() if not r.key.startswith("request:")]) == 1
+
+
+async def test_join_awaits_the_job_without_blocking_the_loop(store: Store) -> None:
+    gov = make_gov(store)
+    seed(gov, now=gov.exact.clock())
+    release = threading.Event()
+
+    def gated(request: Mapping[str, Any], endpoint: str) -> dict[str, Any]:
+        assert release.wait(10)
+        return new_model(request, endpoint)
+
+    job = gov.refresh_on_model_change(MODEL, "r2", recompute=gated, budget=2)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, release.set)  # runs only if the loop is free while join() waits
+    final = await job.join()
+    assert (final.state, final.refreshed) == ("done", 2)
+
+
+def test_a_second_run_for_the_same_revision_keeps_answers_it_cannot_key(store: Store) -> None:
+    gov = make_gov(store)
+    now = gov.exact.clock()
+    seed(gov, now=now)
+    gov.refresh_on_model_change(MODEL, "r2", recompute=new_model, budget=2).result(timeout=30)
+    live = chat("written by the proxy after the switch")
+    key = gov.exact.store(live, answer(live, version="v2"), tenant="acme")  # no logged request
+    assert key is not None
+    again = gov.refresh_on_model_change(MODEL, "r2", recompute=new_model, budget=8).result(timeout=30)
+    assert again.old_entries == 0 and store.peek(key) is not None
+    assert sum(1 for t, *_ in SPEC if gov.exact.lookup(chat(t), tenant="acme") is not None) == 2

@@ -10,7 +10,7 @@ See docs/GOVERNANCE.md.
 """
 
 from cachelm.governance.core import BadAnswerReport, Governance, Neighbour
-from cachelm.governance.journal import REQUEST_TAG, LoggedRequest, RequestLog
+from cachelm.governance.journal import LoggedRequest, RequestLog
 from cachelm.governance.refresh import (
     EntryStats,
     Recompute,
@@ -23,7 +23,6 @@ from cachelm.governance.refresh import (
 from cachelm.governance.upstream import http_recompute
 
 __all__ = [
-    "REQUEST_TAG",
     "BadAnswerReport",
     "EntryStats",
     "Governance",

@@ -10,7 +10,8 @@ Planning (synchronous, in `Governance.refresh_on_model_change`, before it return
    by the new revision, so an old answer is never served for a new request by key.
 2. One scan of the store finds the model's answers (and their logged requests). An answer is *old* when
    its logged request keys differently under the new revision, or — for an answer with no logged request,
-   whose key cannot be recomputed — when it was created before `switched_at` (default: now).
+   whose key cannot be recomputed — when it was created before `switched_at` (default: now; when the
+   cache was already at the new revision — a second run — such answers are kept).
 3. Old answers are taken out of service at once: their semantic entries leave the index first (a semantic
    hit reads the answer by its old key, the one path that could still serve it), then the answers and
    their logged requests leave the store. The request text needed to recompute stays in memory only.
@@ -201,11 +202,22 @@ def plan_refresh(
     check_budget(budget)
     if value is not None and not callable(value):
         raise ConfigError(f"`value` must be callable (EntryStats → float), got {value!r}")
+    if switched_at is not None and (
+        isinstance(switched_at, bool)
+        or not isinstance(switched_at, int | float)
+        or not math.isfinite(switched_at)
+    ):
+        raise ConfigError(f"`switched_at` must be a wall-clock time in seconds or None, got {switched_at!r}")
     if tenant is not None and (not isinstance(tenant, str) or not tenant):
         raise ConfigError(f"`tenant` must be a non-empty string or None, got {tenant!r}")
     exact = gov.exact
     now = exact.clock()
-    switched = now if switched_at is None else float(switched_at)
+    if switched_at is None and exact.model_revisions.get(model) == revision:
+        # Already switched earlier (a second run): answers without a logged request cannot be told apart
+        # by key, and may well be new-revision answers written since; keep them.
+        switched = -math.inf
+    else:
+        switched = now if switched_at is None else float(switched_at)
     exact.set_model_revision(model, revision, purge=False)
     old = _old_answers(gov, model, tenant, switched)
     rate = value if value is not None else default_value
@@ -344,20 +356,28 @@ class RefreshJob:
             raise self.exception
         return self.progress
 
+    async def join(self) -> RefreshProgress:
+        """`result` for coroutines: waits in a worker thread, so the event loop keeps serving."""
+        import asyncio
+
+        await asyncio.to_thread(self.wait)
+        return self.result(0)
+
     def _run(self) -> None:
+        done = 0
         try:
-            for i, entry in enumerate(self.plan.planned):
+            for entry in self.plan.planned:
                 if self._cancel.is_set():
-                    left = len(self.plan.planned) - i
-                    self._update(state="cancelled", dropped=self.progress.dropped + left)
-                    return
+                    break
                 self._one(entry)
-            self._update(state="done")
-        except BaseException as exc:  # a bug, not an entry's failure: surface it through result()
+                done += 1
+        except BaseException as exc:  # not an entry's failure (those are counted): surface it in result()
             self.exception = exc
-            self._update(state="crashed")
-            raise
         finally:
+            left = len(self.plan.planned) - done
+            state = "crashed" if self.exception is not None else "cancelled" if left else "done"
+            with self._lock:
+                self._progress = replace(self._progress, state=state, dropped=self._progress.dropped + left)
             self._done.set()
 
     def _one(self, entry: PlannedEntry) -> None:
