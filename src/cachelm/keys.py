@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
@@ -208,7 +209,11 @@ def request_key(
 def is_sampled(request: Mapping[str, Any]) -> bool:
     """True when `request` samples (temperature > 0, default 1): its answer is not unique."""
     temperature = request.get("temperature", DEFAULTS["temperature"])
-    return temperature is None or float(temperature) > 0
+    if temperature is None:
+        return True
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ConfigError(f"`temperature` must be a number, got {temperature!r}")
+    return float(temperature) > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,8 +285,11 @@ def hash_block(
     h.update(model.encode())
     h.update(tenant_salt)
     h.update(len(token_ids).to_bytes(4, "big"))
-    for token_id in token_ids:
-        h.update(int(token_id).to_bytes(4, "big"))
+    try:  # one pack for the whole block: hashing runs on every prompt's tokens
+        h.update(struct.pack(f">{len(token_ids)}I", *token_ids))
+    except struct.error:
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < 2**32), None)
+        raise ConfigError(f"`token_ids` must be ints in [0, 2**32), got {bad!r}") from None
     return BlockHash(h.digest())
 
 

@@ -324,8 +324,6 @@ def test_corrupt_record_is_skipped_by_scan(backend: Backend) -> None:
 
 @pytest.mark.parametrize("bad", [None, "", 42, b"bytes"])
 def test_bad_keys_raise_config_error(backend: Backend, bad: object) -> None:
-    if backend.name == "memory":
-        pytest.skip("MemoryStore (base layer) does not validate keys on get/delete; reported")
     store = backend.store()
     for operation in (store.get, store.peek, store.delete):
         with pytest.raises(ConfigError, match="`key`"):

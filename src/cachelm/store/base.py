@@ -105,6 +105,12 @@ def record_from_meta(key: str, value: bytes, meta_json: str, hits: int = 0) -> R
     )
 
 
+def check_key(key: object) -> None:
+    """Raise ConfigError unless `key` is a non-empty string (what `Record.key` accepts)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Match:
     """A filter over record metadata; unset fields match anything. All set fields must match."""

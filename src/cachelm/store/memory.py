@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from cachelm.clock import Clock, wall_clock
-from cachelm.store.base import Match, Record, Store
+from cachelm.store.base import Match, Record, Store, check_key
 
 
 class MemoryStore(Store):
@@ -20,6 +20,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Record | None:
+        check_key(key)
         with self._lock:
             record = self._records.get(key)
             if record is None:
@@ -31,6 +32,7 @@ class MemoryStore(Store):
             return record
 
     def peek(self, key: str) -> Record | None:
+        check_key(key)
         with self._lock:
             record = self._records.get(key)
             return None if record is None or record.expired(self.clock()) else record
@@ -40,6 +42,7 @@ class MemoryStore(Store):
             self._records[record.key] = record
 
     def delete(self, key: str) -> bool:
+        check_key(key)
         with self._lock:
             return self._records.pop(key, None) is not None
 

@@ -37,8 +37,8 @@ from redis.retry import Retry
 
 from cachelm.clock import Clock, wall_clock
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Match, Record, Store
-from cachelm.store.sqlite import check_key, decode_verified
+from cachelm.store.base import Match, Record, Store, check_key
+from cachelm.store.sqlite import decode_verified
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BATCH = 256

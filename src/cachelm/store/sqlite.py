@@ -42,7 +42,7 @@ from typing import Any
 
 from cachelm.clock import Clock, wall_clock
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Match, Record, Store, record_from_meta
+from cachelm.store.base import Match, Record, Store, check_key, record_from_meta
 
 SCHEMA_VERSION = 1
 _SCAN_BATCH = 512  # rows per scan query: bounded memory, and no read transaction held across a generator
@@ -512,12 +512,6 @@ def _flush_loop(ref: weakref.ref[SQLiteStore], stop: threading.Event, interval: 
             except BackendError:  # closed between the check and the flush
                 return
         del store  # do not keep the store alive while waiting
-
-
-def check_key(key: object) -> None:
-    """Raise ConfigError unless `key` is a non-empty string (what `Record.key` accepts)."""
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
 
 
 def stored_checksum(key: str, meta_json: str, value: bytes) -> bytes:
