@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cachelm.clock import Clock, monotonic_clock
+from cachelm.errors import ConfigError
 from cachelm.policy import GDSFPolicy, LRUPolicy, S3FIFOPolicy, TinyLFUPolicy
 from tests.unit.policy_contract import PolicyContract
 
@@ -22,6 +25,44 @@ class TestTinyLFUOverS3FIFOContract(PolicyContract):
     ) -> TinyLFUPolicy:
         inner = S3FIFOPolicy(max_entries=max_entries, max_bytes=max_bytes, timer=timer or monotonic_clock)
         return TinyLFUPolicy(inner, large_bytes=10)
+
+
+class TestWTinyLFUOverGDSFContract(PolicyContract):
+    def make(
+        self, *, max_entries: int | None = None, max_bytes: int | None = None, timer: Clock | None = None
+    ) -> TinyLFUPolicy:
+        inner = GDSFPolicy(max_entries=max_entries, max_bytes=max_bytes, timer=timer or monotonic_clock)
+        return TinyLFUPolicy(inner, window_ratio=0.3)
+
+
+def test_window_admits_newcomers_then_filters_them_into_main() -> None:
+    inner = LRUPolicy(max_entries=10)
+    policy = TinyLFUPolicy(inner, window_ratio=0.2)
+    assert policy.window is not None and policy.window.max_entries == 2 and inner.max_entries == 8
+    for i in range(8):  # fill: each key passes through the window into main (room there)
+        policy.insert(f"hot{i}", 1)
+        for _ in range(3):
+            policy.access(f"hot{i}")
+    policy.insert("w1", 1)
+    policy.insert("w2", 1)
+    assert len(policy) == 10 and {"w1", "w2"} <= set(policy.window)
+    policy.access("w2")  # a newcomer can hit while in the window; w1 is now the window's LRU
+    # A third newcomer pushes w1 out of the window; w1 (1 request) loses to main's victim (4): refused.
+    assert policy.insert("w3", 1) == ["w1"]
+    assert policy.rejected == 1 and len(policy) == 10 and policy.total_bytes == 10
+    for _ in range(6):
+        policy.access("w2")  # w2 becomes popular while in the window
+    assert policy.insert("w4", 1) == ["w3"]  # w3 leaves the window first and is refused
+    evicted = policy.insert("w5", 1)  # now w2 leaves the window and beats main's LRU victim
+    assert evicted == ["hot0"] and "w2" in policy.inner and len(policy) == 10
+
+
+def test_window_needs_a_plain_inner_policy() -> None:
+    from cachelm.policy import TTLPolicy
+
+    with pytest.raises(ConfigError, match="window"):
+        TinyLFUPolicy(TTLPolicy(ttl=1, max_entries=100))
+    assert TinyLFUPolicy(TTLPolicy(ttl=1, max_entries=100), window_ratio=0).window is None
 
 
 def test_rare_large_key_is_refused_frequent_one_admitted() -> None:

@@ -44,6 +44,14 @@ class FrequencySketch:
         self.additions = 0
         self.resets = 0
 
+    @classmethod
+    def for_entries(cls, entries: int, **kwargs: int) -> FrequencySketch:
+        """A sketch for a cache of about `entries` entries, sized as Caffeine sizes its own: 4 counters per
+        entry per row and a reset every 10 × `entries` records. A longer sample lets old popularity saturate
+        the counters, and TinyLFU then refuses every newcomer until the next reset."""
+        entries = max(int(entries), 4)
+        return cls(width=4 * entries, sample_size=10 * entries, **kwargs)
+
     def _hashes(self, key: str) -> tuple[int, int]:
         data = key.encode()
         return zlib.crc32(data), zlib.crc32(data, 0x9E3779B9) | 1

@@ -1,18 +1,20 @@
-"""TinyLFU admission in front of any policy, for large values (KV blocks, long answers).
+"""W-TinyLFU admission in front of any policy, for large values (KV blocks, long answers).
 
 `TinyLFUPolicy(inner)` counts every request (inserts are misses, accesses are hits) in a `FrequencySketch`
-(count-min with aging + doorkeeper). A new key is always admitted when it is below `large_bytes` or when
-the inner policy has room for it without evicting. Otherwise it must earn its place:
+(count-min with aging + doorkeeper) and filters what enters `inner`, after Einziger, Friedman and Manes
+("TinyLFU: a highly efficient cache admission policy", 2017):
 
-- when the inner policy can name its next victim (`VictimPeek`: LRU, LFU, GDSF, the adaptive policy), the
-  candidate is admitted only if its estimated frequency is higher than the victim's — TinyLFU's rule;
-- otherwise (e.g. S3-FIFO, whose eviction moves keys between queues) only if its estimate is at least
-  `min_frequency` (2: seen before within the sketch's memory).
+- **window**: a new key first enters a small LRU window (`window_ratio` of the capacity, 1% by default, carved
+  out of `inner`'s capacity), admitted unconditionally, so a burst of a new key can hit before it has a count;
+- **admission**: a key the window evicts is a candidate for `inner`. It enters when `inner` has room, or when
+  its estimated frequency beats `inner`'s next victim's — when `inner` can name it (`VictimPeek`: LRU, LFU,
+  GDSF, the adaptive policy); otherwise (S3-FIFO, whose eviction moves keys between queues) when its
+  estimate reaches `min_frequency`. A refused candidate leaves the cache.
+- values below `large_bytes` skip window and filter and go straight to `inner` (cheap entries need no guard).
 
-A refused key comes back as ``[key]`` and is not tracked (the `Policy` contract). Updates of tracked keys and
-hits are passed through. This is TinyLFU's admission rule without W-TinyLFU's window LRU: small values
-bypassing the filter play the window's part for cheap entries, and the doorkeeper keeps one-hit wonders out of
-the counters. Overhead: O(sketch depth) on top of the inner policy's own cost.
+With ``window_ratio=0`` there is no window (plain TinyLFU): a new large key faces the filter at once and comes
+back as ``[key]`` when refused (the `Policy` contract). Updates of tracked keys and hits pass through.
+Overhead: O(sketch depth) plus the window's O(1) on top of the inner policy's own cost.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from collections.abc import Iterator
 from cachelm.errors import ConfigError
 from cachelm.policy._common import VictimPeek, check_entry, check_key
 from cachelm.policy.base import Policy
+from cachelm.policy.lru import LRUPolicy
 from cachelm.policy.sketch import FrequencySketch
+from cachelm.policy.ttl import TTLPolicy
 
 
 class TinyLFUPolicy(Policy):
-    """A TinyLFU admission filter wrapping `inner`; see the module docstring."""
+    """A (W-)TinyLFU admission filter wrapping `inner`; see the module docstring."""
 
     def __init__(
         self,
         inner: Policy,
         *,
         sketch: FrequencySketch | None = None,
+        window_ratio: float = 0.01,
         large_bytes: int = 0,
         min_frequency: int = 2,
     ) -> None:
@@ -40,20 +45,38 @@ class TinyLFUPolicy(Policy):
             raise ConfigError(f"`inner` must be a Policy, got {type(inner).__name__}")
         if len(inner):
             raise ConfigError(f"`inner` must be empty, it tracks {len(inner)} keys")
+        if window_ratio and isinstance(inner, TTLPolicy | TinyLFUPolicy):
+            raise ConfigError(
+                "a window needs a plain `inner` policy; wrap the TTL outside, or `window_ratio=0`"
+            )
+        if not isinstance(window_ratio, int | float) or not 0.0 <= window_ratio < 0.5:
+            raise ConfigError(f"`window_ratio` must be in [0, 0.5), got {window_ratio!r}")
         if isinstance(large_bytes, bool) or not isinstance(large_bytes, int) or large_bytes < 0:
             raise ConfigError(f"`large_bytes` must be an int >= 0, got {large_bytes!r}")
         if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
             raise ConfigError(f"`min_frequency` must be an int >= 1, got {min_frequency!r}")
         super().__init__(max_entries=inner.max_entries, max_bytes=inner.max_bytes, timer=inner.timer)
         self.inner = inner
-        if sketch is None:
-            width = 8 * inner.max_entries if inner.max_entries is not None else 8192
-            sketch = FrequencySketch(width=max(width, 1024))
-        self.sketch = sketch
+        self.window = self._carve_window(window_ratio)
+        self.sketch = sketch if sketch is not None else FrequencySketch.for_entries(inner.max_entries or 1024)
         self.large_bytes = large_bytes
         self.min_frequency = min_frequency
         self.rejected = 0
+        self._window_meta: dict[str, tuple[int, float]] = {}  # size, cost of window keys, for `inner`
 
+    def _carve_window(self, ratio: float) -> LRUPolicy | None:
+        """Give the window `ratio` of the capacity, taken from `inner` so the total stays as configured."""
+        entries = int(self.max_entries * ratio) if self.max_entries is not None else None
+        nbytes = int(self.max_bytes * ratio) if self.max_bytes is not None else None
+        if ratio == 0 or entries == 0 or nbytes == 0 or (entries is None and nbytes is None):
+            return None
+        if entries is not None:
+            self.inner.max_entries = self.max_entries - entries  # type: ignore[operator]
+        if nbytes is not None:
+            self.inner.max_bytes = self.max_bytes - nbytes  # type: ignore[operator]
+        return LRUPolicy(max_entries=entries, max_bytes=nbytes, timer=self.timer)
+
+    # -- admission ----------------------------------------------------------------------------------------
     def _needs_eviction(self, size: int) -> bool:
         inner = self.inner
         return (inner.max_entries is not None and len(inner) >= inner.max_entries) or (
@@ -61,7 +84,7 @@ class TinyLFUPolicy(Policy):
         )
 
     def admits(self, key: str, size: int) -> bool:
-        """Whether a new `key` of `size` bytes would be admitted now (the request already recorded)."""
+        """Whether `inner` would take a new `key` of `size` bytes now (its request already recorded)."""
         if size < self.large_bytes or not self._needs_eviction(size):
             return True
         candidate = self.sketch.estimate(key)
@@ -70,32 +93,66 @@ class TinyLFUPolicy(Policy):
             return victim is None or candidate > self.sketch.estimate(victim)
         return candidate >= self.min_frequency
 
-    def insert(self, key: str, size: int, cost: float = 1.0) -> list[str]:
-        check_entry(key, size, cost)
-        self.sketch.record(key)
-        if key not in self.inner and self.inner.fits(size) and not self.admits(key, size):
+    def _offer(self, key: str, size: int, cost: float) -> list[str]:
+        """Try to move `key` into `inner`; returns what left the cache (possibly `key`)."""
+        if not self.inner.fits(size) or not self.admits(key, size):
             self.rejected += 1
             return [key]
-        evicted = self.inner.insert(key, size, cost)
-        self.total_bytes = self.inner.total_bytes
+        return self.inner.insert(key, size, cost)
+
+    # -- Policy -------------------------------------------------------------------------------------------
+    def insert(self, key: str, size: int, cost: float = 1.0) -> list[str]:
+        fcost = check_entry(key, size, cost)
+        self.sketch.record(key)
+        window = self.window
+        if window is not None and key in window:
+            evicted = self._window_insert(key, size, fcost)
+        elif key in self.inner or size < self.large_bytes:
+            evicted = self.inner.insert(key, size, fcost)
+        elif window is not None and window.fits(size):
+            evicted = self._window_insert(key, size, fcost)
+        else:
+            evicted = self._offer(key, size, fcost)
+        self._sync()
         return evicted
+
+    def _window_insert(self, key: str, size: int, cost: float) -> list[str]:
+        assert self.window is not None
+        self._window_meta[key] = (size, cost)
+        evicted: list[str] = []
+        for candidate in self.window.insert(key, size, cost):
+            candidate_size, candidate_cost = self._window_meta.pop(candidate)
+            evicted.extend(self._offer(candidate, candidate_size, candidate_cost))
+        return evicted
+
+    def _sync(self) -> None:
+        self.total_bytes = self.inner.total_bytes + (self.window.total_bytes if self.window else 0)
 
     def access(self, key: str) -> None:
         check_key(key)
-        if key in self.inner:
+        if key in self:
             self.sketch.record(key)
-            self.inner.access(key)
+            if self.window is not None and key in self.window:
+                self.window.access(key)
+            else:
+                self.inner.access(key)
 
     def remove(self, key: str) -> None:
         check_key(key)
+        if self.window is not None:
+            self.window.remove(key)
+            self._window_meta.pop(key, None)
         self.inner.remove(key)
-        self.total_bytes = self.inner.total_bytes
+        self._sync()
 
     def __contains__(self, key: object) -> bool:
-        return key in self.inner
+        return key in self.inner or (self.window is not None and key in self.window)
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return len(self.inner) + (len(self.window) if self.window is not None else 0)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.inner)
+        keys = list(self.inner)
+        if self.window is not None:
+            keys += list(self.window)
+        return iter(keys)

@@ -27,8 +27,7 @@ TTL_SECONDS = 3600.0
 
 
 def _sketch(capacity: int, mean_size: float) -> FrequencySketch:
-    expected_entries = max(int(capacity / max(mean_size, 1.0)), 1)
-    return FrequencySketch(width=max(8 * expected_entries, 1024))
+    return FrequencySketch.for_entries(int(capacity / max(mean_size, 1.0)))
 
 
 def policy_factories(mean_size: float) -> dict[str, PolicyFactory]:
