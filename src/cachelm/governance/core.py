@@ -130,8 +130,8 @@ class Governance:
     def remember(self, request: Mapping[str, Any], response_key: str, *, endpoint: str) -> bool:
         """Log `request` behind the stored answer `response_key` and index it semantically.
 
-        For callers that write answers themselves. Returns False (and counts an error) when the answer is
-        not in the store or a write failed.
+        For callers that write answers themselves (e.g. a proxy's write path). Returns False when the
+        answer is not in the store, or when a write failed (then counted in ``errors{layer=governance}``).
         """
         if endpoint not in ENDPOINTS:
             raise ConfigError(f"`endpoint` must be one of {ENDPOINTS}, got {endpoint!r}")
