@@ -11,10 +11,12 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError
 from cachelm.governance import Governance, RequestLog
 from cachelm.governance.journal import REQUEST_TAG
@@ -23,6 +25,8 @@ from cachelm.response.exact import ExactCache
 from cachelm.semantic import EmbeddingCache, FlatIndex, SemanticCache, StaticThreshold
 from cachelm.store import MemoryStore, Store
 from cachelm.store.base import Match
+from cachelm.store.encrypted import EncryptedStore
+from cachelm.store.sqlite import SQLiteStore
 from tests.unit.test_governance import EMB, answer, chat, open_store
 
 MODEL = "gpt-4o-mini"
@@ -361,3 +365,20 @@ def test_a_second_run_for_the_same_revision_keeps_answers_it_cannot_key(store: S
     again = gov.refresh_on_model_change(MODEL, "r2", recompute=new_model, budget=8).result(timeout=30)
     assert again.old_entries == 0 and store.peek(key) is not None
     assert sum(1 for t, *_ in SPEC if gov.exact.lookup(chat(t), tenant="acme") is not None) == 2
+
+
+def test_on_an_encrypted_store_questions_are_sealed_and_refresh_works(tmp_path: Path) -> None:
+    """The request log inherits at-rest encryption: no question reaches the file; refresh still works."""
+    inner = SQLiteStore(tmp_path / "sealed.db")
+    with EncryptedStore(inner, Keyring.generate()) as store:
+        gov = make_gov(store)
+        seed(gov, now=gov.exact.clock())
+        final = gov.refresh_on_model_change(MODEL, "r2", recompute=new_model, budget=2).result(timeout=30)
+        assert (final.refreshed, final.dropped) == (2, len(SPEC) - 2)
+        top = chat(ranked_texts()[0])
+        hit = gov.exact.lookup(top, tenant="acme")
+        assert hit is not None and hit.response == new_model(top, "chat.completions")
+        inner.flush_hits()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("sealed.db"))
+    assert len(raw) > 0 and b"request:" in raw  # the log records are there (their keys are not secret)...
+    assert all(text.encode() not in raw for text, *_ in SPEC)  # ...but no question, old or new, in clear
