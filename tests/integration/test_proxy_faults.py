@@ -13,6 +13,7 @@ import pytest
 
 from cachelm.server.config import ServerConfig
 from cachelm.server.testing import ProxyThread
+from cachelm.server.upstream import AiohttpUpstream, HTTPUpstream
 from tests.upstream import OpenAIUpstream, chat_answer
 
 CHAT = "/v1/chat/completions"
@@ -26,8 +27,10 @@ def upstream() -> Iterator[OpenAIUpstream]:
     server.stop()
 
 
-@pytest.fixture
-def proxy(upstream: OpenAIUpstream, tmp_path: Path) -> Iterator[ProxyThread]:
+@pytest.fixture(params=["aiohttp", "httpx"])
+def proxy(upstream: OpenAIUpstream, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyThread]:
+    """The proxy with each HTTP upstream client: aiohttp (used when installed) and the httpx fallback."""
+    client_class = AiohttpUpstream if request.param == "aiohttp" else HTTPUpstream
     config = ServerConfig(
         upstream=upstream.base_url,
         store_url=f"sqlite:///{tmp_path}/cache.db",
@@ -35,7 +38,7 @@ def proxy(upstream: OpenAIUpstream, tmp_path: Path) -> Iterator[ProxyThread]:
         max_body_bytes=64 * 1024,
         access_log=False,
     )
-    with ProxyThread(config) as server:
+    with ProxyThread(config, upstream=client_class(upstream.base_url, read_timeout=0.5)) as server:
         yield server
 
 

@@ -111,6 +111,7 @@ class Proxy:
         self.invalidator = invalidator
         self.origin = origin
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
+        self._background: set[asyncio.Task[None]] = set()  # strong references until they finish
         self.upstream_calls = 0
 
     # -- entry -----------------------------------------------------------------------------------------
@@ -326,7 +327,11 @@ class Proxy:
             if sink is not None:
                 sink.put_nowait(_END)
             if lease is not None:
-                await lease.release()
+                # Released off the request path: the answer is stored already, so waiters on other
+                # replicas find it on their next poll whether or not the lock is gone yet.
+                task = asyncio.ensure_future(lease.release())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _acquire(self, key: str, *, refresh: bool) -> tuple[Lease | None, Outcome | None]:
         """Take the cross-replica lock of `key`, or wait for its holder's answer. Redis trouble → no lock."""

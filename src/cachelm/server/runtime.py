@@ -25,7 +25,7 @@ from cachelm.server.proxy import Proxy
 from cachelm.server.semantic_layer import SemanticLayer, SemanticSettings
 from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
 from cachelm.server.tenants import TenantRegistry
-from cachelm.server.upstream import HTTPUpstream, Upstream, UpstreamError
+from cachelm.server.upstream import Upstream, UpstreamError, http_upstream
 from cachelm.store.base import Match, Store
 from cachelm.store.bounded import BoundedStore
 from cachelm.store.memory import MemoryStore
@@ -104,7 +104,7 @@ class Runtime:
             upstream = (
                 _local_upstream(config)
                 if config.upstream == LOCAL_UPSTREAM
-                else HTTPUpstream(
+                else http_upstream(
                     config.upstream, api_key=config.upstream_api_key, read_timeout=config.upstream_timeout_s
                 )
             )
