@@ -1,0 +1,405 @@
+"""C2C benchmark: train the fuser and its fair control, evaluate five methods, write the report.
+
+One process does everything that needs the models, so they are loaded once (GGUF dequantisation costs
+about a minute on the GPU machine). Phases, each skippable and each leaving its files under `--out`:
+
+  train   fuser for (receiver ← sharer) → c2c.safetensors; the same fuser with the receiver as its own
+          sharer, same data, same steps, same fused layers → control.safetensors
+  eval    receiver, sharer, c2c, control, t2t on ARC-Easy, ARC-Challenge, OpenBookQA test sets
+          (option log-likelihood, Wilson 95% CI) + latency per question → results.json (rewritten
+          after every method, so a timeout keeps what finished)
+  report  results.json → docs/BENCHMARKS.md (section "c2c") and docs/C2C.md (section "c2c-results")
+
+Reproduce (GPU machine, models staged as in ../shared/gpu/README.md):
+  python benchmarks/c2c_eval.py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf \\
+      --sharer /root/models/gemma-3-270m-q4_k_m.gguf --data ../shared/data --out OUT --device cuda
+and on any machine, from the results: python benchmarks/c2c_eval.py --phases report --results FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+METHODS = ("receiver", "sharer", "c2c", "control", "t2t")
+LABELS = {
+    "receiver": "receiver alone (SmolLM2-135M)",
+    "sharer": "sharer alone (Gemma-3-270M)",
+    "t2t": "text-to-text (sharer hint → receiver)",
+    "control": "fair control (receiver ← itself)",
+    "c2c": "C2C (receiver ← Gemma-3 cache)",
+}
+SETS = ("arc_easy", "arc_challenge", "openbookqa")
+SET_LABELS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _save_hf(loaded: Any, target: Path) -> None:
+    """Keep a dequantised copy so a later run on the same machine skips GGUF dequantisation."""
+    model = loaded.model
+    # transformers refuses to serialise a GGUF-loaded model; the weights are plain tensors after loading.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    loaded.tokenizer.save_pretrained(target)
+
+
+def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any]) -> None:
+    from cachelm.c2c import data as c2c_data
+    from cachelm.c2c import pair
+    from cachelm.c2c.checkpoint import save_fuser
+    from cachelm.c2c.train import TrainConfig, train_fuser
+
+    examples = c2c_data.load_training(args.data, instructions=args.instructions)
+    steps = args.steps
+    if args.train_budget_s is not None and steps is None:
+        per_step = time_train_step(receiver, sharer, examples, args)
+        planned = TrainConfig(epochs=args.epochs, batch_size=args.batch_size).total_steps(len(examples))
+        # Both fusers get the same number of steps (the control's sharer is the cheaper receiver).
+        steps = max(1, min(planned, int(args.train_budget_s / (2.1 * per_step))))
+        log(f"train step {per_step * 1000:.0f} ms → {steps} steps per fuser (epochs would give {planned})")
+    cfg = TrainConfig(
+        epochs=args.epochs, steps=steps, batch_size=args.batch_size, lr=args.lr, save_every=10**9
+    )
+    c2c = pair.new_fuser(receiver, sharer, hidden_dim=args.hidden)
+    fused_layers = tuple(r for r, _ in c2c.config.layer_map)
+    control = pair.new_fuser(receiver, receiver, hidden_dim=args.hidden, receiver_layers=fused_layers)
+    for name, fuser, sh in (("c2c", c2c, sharer), ("control", control, receiver)):
+        target = args.out / f"{name}.safetensors"
+        if target.is_file():
+            log(f"{target} exists, not training {name}")
+            continue
+        log(f"training {name}: {sum(p.numel() for p in fuser.parameters()) / 1e6:.2f}M params")
+        info = train_fuser(
+            pair.pipeline(receiver, sh, fuser), examples, cfg, state_path=args.state_dir / name
+        )
+        info["data"] = "ARC-Easy/Challenge train, OpenBookQA train, alpaca_5000"
+        log(f"{name}: {json.dumps({k: v for k, v in info.items() if k != 'config'})}")
+        save_fuser(
+            fuser,
+            target,
+            receiver_fingerprint=receiver.fingerprint,
+            sharer_fingerprint=sh.fingerprint,
+            receiver_file_sha256=receiver.file_sha256,
+            sharer_file_sha256=sh.file_sha256,
+            train_info=info,
+        )
+        results.setdefault("train", {})[name] = {k: v for k, v in info.items()}
+        results["train"][name]["bytes"] = target.stat().st_size
+
+
+def time_train_step(receiver: Any, sharer: Any, examples: list[Any], args: argparse.Namespace) -> float:
+    """Seconds per C2C training step, measured on a throwaway fuser (3 warm-up + 8 timed steps)."""
+    import torch
+
+    from cachelm.c2c import pair
+
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=args.hidden)
+    pipe = pair.pipeline(receiver, sharer, fuser)
+    fuser.train()
+    opt = torch.optim.AdamW(fuser.parameters(), lr=1e-4)
+    tok = receiver.tokenizer
+    started = 0.0
+    for i in range(11):
+        batch = examples[i * args.batch_size : (i + 1) * args.batch_size]
+        responses = [tok(" " + e.response, add_special_tokens=False)["input_ids"][:48] for e in batch]
+        if i == 3:
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        loss = pipe.loss([e.prompt for e in batch], responses)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / 8
+
+
+def eval_phase(
+    args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any], t0: float
+) -> None:
+    import torch
+
+    from cachelm.c2c import data as c2c_data
+    from cachelm.c2c import evaluate as ev
+    from cachelm.c2c import pair
+
+    def ckpt(name: str) -> Path:
+        for d in (args.out, args.checkpoint_dir):
+            if d is not None and (d / f"{name}.safetensors").is_file():
+                return d / f"{name}.safetensors"
+        raise FileNotFoundError(f"{name}.safetensors not in {args.out} or {args.checkpoint_dir}")
+
+    sets = {s: c2c_data.load_test(args.data, s)[: args.limit] for s in SETS}
+    alone_r, alone_s = pair.pipeline(receiver), pair.pipeline(sharer)
+    device = alone_r.device
+    acc = results.setdefault("accuracy", {})
+    lat = results.setdefault("latency", {})
+    for method in args.methods:
+        if time.perf_counter() - t0 > args.deadline_s:
+            log(f"deadline reached, skipping {method}")
+            continue
+        log(f"eval {method}")
+        if method == "receiver":
+            pipe = alone_r
+        elif method == "sharer":
+            pipe = alone_s
+        elif method in ("c2c", "control"):
+            sh = sharer if method == "c2c" else receiver
+            pipe = pair.pipeline(receiver, sh, pair.load_checkpoint(ckpt(method), receiver, sh))
+        else:
+            pipe = alone_r
+        for s, questions in sets.items():
+            if (method, s) in {(m, x) for m in acc for x in acc[m]}:
+                continue
+            started = time.perf_counter()
+            prompts = None
+            extra: dict[str, Any] = {}
+            if method == "t2t":
+                hints = ev.make_hints(
+                    alone_s, questions, max_new_tokens=args.hint_tokens, batch_size=args.gen_batch
+                )
+                prompts = [ev.hint_prompt(q, h) for q, h in zip(questions, hints, strict=True)]
+                extra["hint_examples"] = hints[:5]
+            res = ev.score_questions(pipe, questions, prompts=prompts, batch_size=args.eval_batch)
+            acc.setdefault(method, {})[s] = {
+                **res.as_dict(),
+                **extra,
+                "seconds": time.perf_counter() - started,
+            }
+            log(f"  {s}: acc {res.acc:.4f} norm {res.acc_norm:.4f} ({time.perf_counter() - started:.1f}s)")
+            write_results(args, results)
+        lq = sets["arc_easy"][: args.latency_n]
+        if method == "t2t":
+            probe = ev.t2t_answer(alone_s, alone_r, args.answer_tokens, args.hint_tokens)
+        else:
+            probe = ev.direct_answer(pipe, args.answer_tokens)
+        probe(lq[0]).__next__()  # warm-up: first CUDA kernels and allocations
+        lat[method] = ev.measure_latency(probe, lq, device)
+        lat[method]["answer_tokens"] = args.answer_tokens
+        log(f"  latency {lat[method]}")
+        write_results(args, results)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    path = args.out / "results.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def paired_bootstrap(
+    a: list[int], b: list[int], answers: list[int], n: int = 2000
+) -> tuple[float, float, float]:
+    """Accuracy difference a − b (points) with a 95% paired bootstrap interval over questions."""
+    import random
+
+    diff = [int(x == y) - int(z == y) for x, z, y in zip(a, b, answers, strict=True)]
+    rng = random.Random(0)
+    k = len(diff)
+    stats = sorted(sum(diff[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return 100 * sum(diff) / k, 100 * stats[int(0.025 * n)], 100 * stats[int(0.975 * n) - 1]
+
+
+def targets(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
+    """The issue's targets, each with the measured value and whether it is met."""
+    acc, lat = results["accuracy"], results["latency"]
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def pct(m: str, s: str) -> float:
+        return float(100 * acc[m][s]["acc"])
+
+    for s in SETS:
+        best = max(pct("receiver", s), pct("sharer", s))
+        rows.append(
+            f"| {SET_LABELS[s]}: C2C ≥ better single model + 3 | {pct('c2c', s):.1f} vs {best:.1f} + 3 "
+            f"| {'yes' if pct('c2c', s) >= best + 3 else 'no'} |"
+        )
+        rows.append(
+            f"| {SET_LABELS[s]}: C2C ≥ text-to-text + 2 | {pct('c2c', s):.1f} vs {pct('t2t', s):.1f} + 2 "
+            f"| {'yes' if pct('c2c', s) >= pct('t2t', s) + 2 else 'no'} |"
+        )
+    for s in SETS:
+        if s in answers:
+            d, lo, hi = paired_bootstrap(
+                acc["c2c"][s]["predictions"], acc["control"][s]["predictions"], answers[s]
+            )
+            goal = " (target ≥ +2)" if s == "arc_easy" else ""
+            met = ("yes" if d >= 2 else "no") if s == "arc_easy" else "—"
+            rows.append(
+                f"| {SET_LABELS[s]}: C2C − fair control{goal} | {d:+.1f} points "
+                f"[95% paired bootstrap {lo:+.1f}, {hi:+.1f}] | {met} |"
+            )
+    if "c2c" in lat and "t2t" in lat:
+        for key, name in (("ttft_mean_s", "TTFT"), ("total_mean_s", "total")):
+            ratio = lat["t2t"][key] / lat["c2c"][key]
+            rows.append(
+                f"| ≥ 2× faster than text-to-text ({name}) | {ratio:.1f}× "
+                f"({1000 * lat['c2c'][key]:.0f} ms vs {1000 * lat['t2t'][key]:.0f} ms) "
+                f"| {'yes' if ratio >= 2 else 'no'} |"
+            )
+    size = results.get("train", {}).get("c2c", {}).get("bytes")
+    if size:
+        rows.append(f"| fuser ≤ 16 MB | {size / 1e6:.1f} MB | {'yes' if size <= 16e6 else 'no'} |")
+    return "\n".join(rows)
+
+
+def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None) -> str:
+    """Markdown: accuracy with 95% CI per set and latency per method, then the targets check."""
+    acc, lat = results.get("accuracy", {}), results.get("latency", {})
+    head = "| method | " + " | ".join(f"{SET_LABELS[s]} acc % [95% CI]" for s in SETS)
+    head += " | TTFT ms | total ms |\n|---|" + "---|" * (len(SETS) + 2) + "\n"
+    rows = []
+    for m in ("receiver", "sharer", "t2t", "control", "c2c"):
+        if m not in acc and m not in lat:
+            continue
+        cells = []
+        for s in SETS:
+            r = acc.get(m, {}).get(s)
+            cells.append(
+                f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, {100 * r['acc_ci'][1]:.1f}]" if r else "—"
+            )
+        lm = lat.get(m)
+        times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
+        rows.append(f"| {LABELS[m]} | " + " | ".join(cells + times) + " |")
+    meta = results.get("meta", {})
+    train = results.get("train", {})
+    lines = [head + "\n".join(rows), ""]
+    sizes = ", ".join(f"{SET_LABELS[s]} n={acc.get('receiver', {}).get(s, {}).get('n', '?')}" for s in SETS)
+    lines.append(
+        'Scoring: zero-shot option log-likelihood (`acc`: highest summed log-probability of " <option>" '
+        f'after "Question: …\\nAnswer:"), 95% Wilson intervals, full test sets ({sizes}). '
+        "acc_norm (per-character) is in the results file."
+    )
+    if lat:
+        n = next(iter(lat.values()))
+        lines.append(
+            f"Latency: mean over the first {n['n']} ARC-Easy test questions, batch size 1, greedy generation "
+            f"of {n['answer_tokens']} answer tokens; t2t includes the sharer's "
+            f"{meta.get('hint_tokens', '?')}-token "
+            "hint before the receiver's first token."
+        )
+    if train:
+        parts = []
+        for name, info in train.items():
+            parts.append(
+                f"{name}: {info['steps']} steps × batch {info['config']['batch_size']}, "
+                f"{info['seconds']:.0f} s, loss {info['first_loss']:.3f} → {info['final_loss']:.3f}, "
+                f"{info['open_gates']} gates open, {info['bytes'] / 1e6:.1f} MB"
+            )
+        lines.append("Training: " + "; ".join(parts) + ".")
+    short = results.get("short_run")
+    if short:
+        cells = [
+            f"{m} " + "/".join(f"{100 * short['accuracy'][m][s]['acc']:.1f}" for s in SETS)
+            for m in ("c2c", "control")
+        ]
+        steps = short["train"]["c2c"]["steps"]
+        lines.append(f"A first pair trained for {steps} steps scored (ARC-E/ARC-C/OBQA): {'; '.join(cells)}.")
+    if meta:
+        lines.append(f"Machine: {meta.get('machine', '?')}.")
+        for what, cmd in meta.get("runs", {"run": meta.get("command", "?")}).items():
+            lines.append(f"- {what}: `{cmd}`")
+    if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
+        lines += ["", "Targets (issue 5):", "", targets(results, answers)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--receiver", default="smollm2")
+    p.add_argument("--sharer", default="gemma3")
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, default=Path("c2c-out"))
+    p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/c2c"))
+    p.add_argument("--state-dir", type=Path, default=Path("/tmp/c2c-state"))
+    p.add_argument("--save-hf", type=Path, default=None, help="keep dequantised copies of both models here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--phases", default="train,eval,report")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--results", type=Path, default=None, help="report phase: results.json to read")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--train-budget-s", type=float, default=None, help="cap steps to fit both fusers in this")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--instructions", type=int, default=5000)
+    p.add_argument("--limit", type=int, default=None, help="questions per test set (debugging)")
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--gen-batch", type=int, default=128)
+    p.add_argument("--hint-tokens", type=int, default=24)
+    p.add_argument("--answer-tokens", type=int, default=8)
+    p.add_argument("--latency-n", type=int, default=40)
+    p.add_argument("--deadline-s", type=float, default=float("inf"))
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    phases = set(args.phases.split(","))
+    t0 = time.perf_counter()
+    if phases & {"train", "eval"}:
+        import torch
+
+        from _report import machine_description
+        from cachelm.c2c import pair
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "results.json"
+        results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
+        results["meta"] = {
+            "machine": f"{gpu}; {machine_description()}",
+            "command": "python benchmarks/c2c_eval.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "hint_tokens": args.hint_tokens,
+        }
+        log("loading models")
+        receiver = pair.load(args.receiver, device=args.device, dtype=dtype)
+        log(f"receiver loaded ({time.perf_counter() - t0:.0f}s)")
+        sharer = pair.load(args.sharer, device=args.device, dtype=dtype)
+        log(f"sharer loaded ({time.perf_counter() - t0:.0f}s)")
+        results["meta"]["receiver_fingerprint"] = receiver.fingerprint
+        results["meta"]["sharer_fingerprint"] = sharer.fingerprint
+        if args.save_hf is not None:
+            for name, loaded in (("receiver", receiver), ("sharer", sharer)):
+                if not (args.save_hf / name / "config.json").is_file():
+                    _save_hf(loaded, args.save_hf / name)
+            log("saved dequantised copies")
+        if "train" in phases:
+            train_phase(args, receiver, sharer, results)
+            write_results(args, results)
+        if "eval" in phases:
+            eval_phase(args, receiver, sharer, results, t0)
+        write_results(args, results)
+        log(f"done ({time.perf_counter() - t0:.0f}s)")
+    if "report" in phases:
+        from _report import write_section
+
+        src = args.results or args.out / "results.json"
+        answers: dict[str, list[int]] = {}
+        if args.data.is_dir():
+            from cachelm.c2c.data import load_test
+
+            answers = {s: [q.answer for q in load_test(args.data, s)] for s in SETS}
+        md = report(json.loads(Path(src).read_text()), answers)
+        print(md)
+        write_section("c2c", md)
+        write_section("c2c-results", md, path=Path(__file__).resolve().parent.parent / "docs" / "C2C.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

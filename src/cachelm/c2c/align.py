@@ -1,0 +1,135 @@
+"""Token alignment between two tokenizers by character spans, and the sharer's position ids.
+
+Both models read the same text. Each tokenizer reports, per token, the character span `[start, end)` it
+came from (`return_offsets_mapping`). The rules, for each receiver token:
+
+* **"last" (default)**: the sharer token that covers the receiver token's last character, i.e. the last
+  sharer token (with a non-empty span) that starts before the receiver token ends. It has read at least all
+  of the receiver token's characters, so its KV summarises the same text.
+* **"mean"**: the average of every sharer token whose span overlaps the receiver token's span; when none
+  overlaps, the "last" rule.
+
+Edge cases, and what the rules do with them:
+
+* *Multi-byte characters* (byte-level BPE splits 東 into two or three tokens): every piece reports the span
+  of the whole character, so all pieces map to the sharer token that covers that character.
+* *Tokens that split differently* ("café" as one sharer token, "caf"+"é" as two receiver tokens): both
+  receiver tokens map to the one sharer token; one receiver token spanning several sharer tokens maps to
+  the last of them ("last") or their mean ("mean").
+* *Special tokens* (BOS, chat markers) have empty spans `(c, c)`: a receiver special maps to the last
+  sharer special at the same offset if there is one (BOS ↔ BOS), else to the last sharer token that starts
+  before `c`, else to sharer token 0.
+* *Whitespace*: both tokenizers attach a leading space to the next word ("Ġword", "▁word") and report it in
+  the span; a receiver token that is only whitespace maps to the sharer token covering that whitespace; if
+  the sharer tokenizer dropped it (no sharer token covers it), to the nearest sharer token before it.
+
+Position ids: with `sharer_positions="receiver"` every sharer token gets the position id of the receiver
+token it ends in, found by the same rule with the roles swapped, so both caches carry the same positions
+and the decoding receiver continues at its own next position.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+from cachelm.c2c.config import TokenAlignment
+from cachelm.errors import ConfigError
+
+Span = tuple[int, int]
+
+
+def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
+    """Token ids (with the tokenizer's own special tokens) and character spans of `text`.
+
+    Raises ConfigError when the tokenizer cannot report offsets (slow, non-Rust tokenizers).
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"`text` must be a str, got {type(text).__name__}")
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    except NotImplementedError as exc:
+        raise ConfigError(f"`tokenizer` {type(tokenizer).__name__} cannot return character offsets") from exc
+    ids = list(enc["input_ids"])
+    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    return ids, spans
+
+
+class _SpanIndex:
+    """Lookups over one token sequence's spans: O(log n) per query."""
+
+    def __init__(self, spans: Sequence[Span]) -> None:
+        self.spans = spans
+        self.text_tokens = [i for i, (s, e) in enumerate(spans) if e > s]
+        # Starts of non-empty tokens are non-decreasing for every tokenizer we know; sorting keeps bisect
+        # correct even if one is not, at the price of "last" meaning "last by start".
+        self.text_tokens.sort(key=lambda i: spans[i][0])
+        self.starts = [spans[i][0] for i in self.text_tokens]
+        self.specials: dict[int, int] = {}
+        for i, (s, e) in enumerate(spans):
+            if e <= s:
+                self.specials[s] = i  # the last special at each offset wins
+
+    def last_starting_before(self, char: int) -> int | None:
+        """The last text token whose span starts before `char`, or None."""
+        k = bisect.bisect_left(self.starts, char)
+        return self.text_tokens[k - 1] if k > 0 else None
+
+    def overlapping(self, start: int, end: int) -> list[int]:
+        """Text tokens whose spans overlap `[start, end)`, in order."""
+        k = bisect.bisect_left(self.starts, end)
+        return [i for i in self.text_tokens[:k] if self.spans[i][1] > start]
+
+    def match(self, span: Span) -> int:
+        """The token that the "last" rule maps `span` (from the other tokenizer) to."""
+        start, end = span
+        if end <= start:
+            if start in self.specials:
+                return self.specials[start]
+            found = self.last_starting_before(start)
+        else:
+            found = self.last_starting_before(end)
+        return found if found is not None else 0
+
+
+def align_tokens(
+    receiver_spans: Sequence[Span], sharer_spans: Sequence[Span], mode: TokenAlignment = "last"
+) -> list[list[int]]:
+    """For each receiver token, the sharer token indices whose KV it reads (one for "last")."""
+    if not sharer_spans:
+        raise ConfigError("`sharer_spans` is empty: the sharer has no tokens to align to")
+    index = _SpanIndex(sharer_spans)
+    out: list[list[int]] = []
+    for span in receiver_spans:
+        start, end = span
+        if mode == "mean" and end > start:
+            hits = index.overlapping(start, end)
+            if hits:
+                out.append(hits)
+                continue
+        elif mode not in ("last", "mean"):
+            raise ConfigError(f"`mode` must be 'last' or 'mean', got {mode!r}")
+        out.append([index.match(span)])
+    return out
+
+
+def sharer_position_ids(receiver_spans: Sequence[Span], sharer_spans: Sequence[Span]) -> list[int]:
+    """Position id of each sharer token in receiver coordinates (the receiver token it ends in).
+
+    The result never decreases when the spans do not, so causal attention stays consistent.
+    """
+    if not receiver_spans:
+        raise ConfigError("`receiver_spans` is empty: nothing to take positions from")
+    index = _SpanIndex(receiver_spans)
+    positions = [index.match(span) for span in sharer_spans]
+    # A sharer special token before any receiver text (e.g. BOS) would otherwise get 0 while a later one
+    # could get less than its predecessor; a running maximum keeps the sequence monotone.
+    for i in range(1, len(positions)):
+        positions[i] = max(positions[i], positions[i - 1])
+    return positions
+
+
+def context_char_end(receiver_spans: Sequence[Span], num_context_tokens: int) -> int:
+    """The character where the receiver's context (its first `num_context_tokens` tokens) ends."""
+    return max((e for _, e in receiver_spans[:num_context_tokens]), default=0)

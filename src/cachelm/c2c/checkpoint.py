@@ -1,0 +1,140 @@
+"""Fuser checkpoints: safetensors with metadata that ties them to one (receiver, sharer) pair.
+
+Metadata keys (all strings, as safetensors requires):
+  format            "cachelm-c2c-fuser/1"
+  config            FuserConfig JSON (shapes, layer map, alignment, size)
+  receiver, sharer  model fingerprints (see `model_fingerprint`)
+  receiver_file_sha256, sharer_file_sha256   SHA-256 of the GGUF/weights file when known (else "")
+  train             free-form JSON about the training run (data, steps, loss)
+
+A fingerprint identifies the *weights and tokenizer*, not a path: it hashes the architecture, the KV shape,
+the tokenizer vocabulary and a fixed sample of every parameter rounded to bfloat16 (so the same GGUF
+loaded as float32 on a CPU or bfloat16 on a GPU gives the same fingerprint). Loading a checkpoint into a
+different pair raises CheckpointError naming the side that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachelm.c2c.config import FuserConfig, ModelShape
+from cachelm.c2c.fuser import C2CFuser
+from cachelm.errors import CheckpointError, ConfigError
+
+FORMAT = "cachelm-c2c-fuser/1"
+_SAMPLE = 256  # parameter values hashed per tensor: enough to tell models apart, cheap for large ones
+
+
+def model_fingerprint(model: Any, tokenizer: Any) -> str:
+    """SHA-256 (hex) identifying `model`'s architecture, KV shape, tokenizer vocabulary and weights."""
+    h = hashlib.sha256()
+    shape = ModelShape.of(model.config)
+    h.update(f"{type(model).__name__}|{shape.num_layers}|{shape.num_kv_heads}|{shape.head_dim}".encode())
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    with torch.no_grad():
+        for name, param in sorted(model.state_dict().items()):
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE)
+            sample = flat[::step][:_SAMPLE].to("cpu", torch.bfloat16).to(torch.float32)
+            h.update(name.encode())
+            h.update(str(tuple(param.shape)).encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_fuser(
+    fuser: C2CFuser,
+    path: str | Path,
+    *,
+    receiver_fingerprint: str,
+    sharer_fingerprint: str,
+    receiver_file_sha256: str = "",
+    sharer_file_sha256: str = "",
+    train_info: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write `fuser` to `path` (safetensors, parameters as `dtype`) with the identifying metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in fuser.state_dict().items()}
+    # Gate logits decide hard 0/1 at inference; keep them exact.
+    tensors["gate_logits"] = fuser.gate_logits.detach().to("cpu", torch.float32).contiguous()
+    metadata = {
+        "format": FORMAT,
+        "config": fuser.config.to_json(),
+        "receiver": receiver_fingerprint,
+        "sharer": sharer_fingerprint,
+        "receiver_file_sha256": receiver_file_sha256,
+        "sharer_file_sha256": sharer_file_sha256,
+        "train": json.dumps(train_info or {}, sort_keys=True),
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(out)  # atomic: a crash never leaves a truncated checkpoint under the final name
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a fuser checkpoint; CheckpointError if it is not one."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"`path` {str(p)!r} is not a file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
+        raise CheckpointError(f"{str(p)!r} is not a safetensors file: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(p)!r} is not a C2C fuser checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def load_fuser(
+    path: str | Path,
+    *,
+    receiver_fingerprint: str,
+    sharer_fingerprint: str,
+    device: str | torch.device = "cpu",
+) -> C2CFuser:
+    """Rebuild the fuser stored at `path` (eval mode, float32) after checking it belongs to this pair.
+
+    Raises CheckpointError when the stored receiver or sharer fingerprint differs from the one given.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    for side, given in (("receiver", receiver_fingerprint), ("sharer", sharer_fingerprint)):
+        if meta.get(side) != given:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was trained for {side} {meta.get(side, '')[:16]}…, "
+                f"but the {side} given is {given[:16]}…"
+            )
+    config = FuserConfig.from_json(meta["config"])
+    fuser = C2CFuser(config)
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        fuser.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {exc}") from exc
+    fuser.to(device)
+    fuser.eval()
+    return fuser

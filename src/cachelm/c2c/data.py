@@ -1,0 +1,129 @@
+"""Training and evaluation data for C2C: ARC (Easy, Challenge), OpenBookQA, Alpaca instructions.
+
+Every example is a prompt in one plain format, so training and evaluation read the same text::
+
+    Question: <question>
+    Answer:
+
+and the response / each option is read as " <text>". Training uses the *train* splits of ARC and
+OpenBookQA plus Alpaca; evaluation uses the *test* splits only (`load_test`), and nothing here reads a test
+split for training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from cachelm.errors import ConfigError
+
+TestSet = Literal["arc_easy", "arc_challenge", "openbookqa"]
+TEST_SETS: tuple[str, ...] = get_args(TestSet)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MCQuestion:
+    """One multiple-choice question: the prompt, its options and the index of the right one."""
+
+    id: str
+    prompt: str
+    options: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainExample:
+    """A prompt and the response the receiver should produce after it."""
+
+    prompt: str
+    response: str
+    source: str
+
+
+def format_prompt(question: str) -> str:
+    """The one prompt format used for training and evaluation."""
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, object]]:
+    if not path.is_file():
+        raise ConfigError(f"data file {str(path)!r} not found (is `--data` the shared data folder?)")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _arc(path: Path) -> list[MCQuestion]:
+    out = []
+    for row in _read_jsonl(path):
+        q = row["question"]
+        assert isinstance(q, dict)
+        labels = [c["label"] for c in q["choices"]]
+        out.append(
+            MCQuestion(
+                id=str(row["id"]),
+                prompt=format_prompt(q["stem"]),
+                options=tuple(str(c["text"]) for c in q["choices"]),
+                answer=labels.index(row["answerKey"]),
+            )
+        )
+    return out
+
+
+def _obqa(path: Path) -> list[MCQuestion]:
+    return [
+        MCQuestion(
+            id=str(row["id"]),
+            prompt=format_prompt(str(row["sent1"])),
+            options=tuple(str(row[f"ending{i}"]) for i in range(4)),
+            answer=int(str(row["label"])),
+        )
+        for row in _read_jsonl(path)
+    ]
+
+
+def _split_file(data: Path, name: str, split: Literal["Train", "Test"]) -> Path:
+    if name == "arc_easy":
+        return data / "arc" / "ARC-Easy" / f"ARC-Easy-{split}.jsonl"
+    if name == "arc_challenge":
+        return data / "arc" / "ARC-Challenge" / f"ARC-Challenge-{split}.jsonl"
+    if name == "openbookqa":
+        return data / "openbookqa" / f"{split.lower()}.json"
+    raise ConfigError(f"`name` must be one of {list(TEST_SETS)}, got {name!r}")
+
+
+def load_questions(data: str | Path, name: str, split: Literal["Train", "Test"]) -> list[MCQuestion]:
+    """The questions of one split of one multiple-choice set."""
+    path = _split_file(Path(data), name, split)
+    return _obqa(path) if name == "openbookqa" else _arc(path)
+
+
+def load_test(data: str | Path, name: str) -> list[MCQuestion]:
+    """The TEST split of `name` (arc_easy, arc_challenge, openbookqa): evaluation only."""
+    return load_questions(data, name, "Test")
+
+
+def load_training(
+    data: str | Path, *, instructions: int = 5000, seed: int = 0, max_response_chars: int = 400
+) -> list[TrainExample]:
+    """Train splits of ARC-Easy, ARC-Challenge and OpenBookQA (prompt → right option) plus up to
+    `instructions` Alpaca examples (responses cut at `max_response_chars`), shuffled with `seed`."""
+    root = Path(data)
+    out: list[TrainExample] = []
+    for name in TEST_SETS:
+        for q in load_questions(root, name, "Train"):
+            out.append(TrainExample(prompt=q.prompt, response=q.options[q.answer], source=name))
+    alpaca_path = root / "instruct" / "alpaca_5000.json"
+    if instructions > 0:
+        if not alpaca_path.is_file():
+            raise ConfigError(f"data file {str(alpaca_path)!r} not found")
+        rows = json.loads(alpaca_path.read_text(encoding="utf-8"))[:instructions]
+        for row in rows:
+            question = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+            response = str(row["output"]).strip()[:max_response_chars]
+            if response:
+                out.append(TrainExample(prompt=format_prompt(question), response=response, source="alpaca"))
+    random.Random(seed).shuffle(out)
+    return out

@@ -1,0 +1,129 @@
+"""Loading a (receiver, sharer) pair and building fusers for it.
+
+Models come from the engine's loader (`cachelm.engine.loader.load_model`): a packaged name ("smollm2",
+"gemma3"), a `.gguf` file, or a model directory. Both models are frozen on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachelm.c2c.checkpoint import file_sha256, load_fuser, model_fingerprint
+from cachelm.c2c.config import (
+    FuserConfig,
+    LayerMapKind,
+    ModelShape,
+    SharerPositions,
+    TokenAlignment,
+    make_layer_map,
+)
+from cachelm.c2c.fuser import C2CFuser
+from cachelm.c2c.runtime import C2CPipeline
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A frozen model with its tokenizer and identity."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    file_sha256: str
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.of(self.model.config)
+
+
+def load(path_or_name: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load, freeze and fingerprint one model (see `cachelm.engine.loader.load_model`)."""
+    from cachelm.engine.loader import load_model
+
+    model, tokenizer = load_model(path_or_name, device=device, dtype=dtype)
+    return from_objects(str(path_or_name), model, tokenizer)
+
+
+def from_objects(name: str, model: Any, tokenizer: Any, source_file: str | Path | None = None) -> LoadedModel:
+    """Wrap an already loaded model (e.g. a tiny one built from a config in tests)."""
+    model.requires_grad_(False)
+    model.eval()
+    sha = ""
+    if source_file is not None and Path(source_file).is_file():
+        sha = file_sha256(source_file)
+    elif Path(name).is_file():
+        sha = file_sha256(name)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=model_fingerprint(model, tokenizer),
+        file_sha256=sha,
+    )
+
+
+def new_fuser(
+    receiver: LoadedModel,
+    sharer: LoadedModel,
+    *,
+    hidden_dim: int = 192,
+    mlp_layers: int = 2,
+    layer_map: LayerMapKind = "terminal",
+    receiver_layers: tuple[int, ...] | None = None,
+    token_alignment: TokenAlignment = "last",
+    sharer_positions: SharerPositions = "receiver",
+    seed: int = 0,
+) -> C2CFuser:
+    """A freshly initialised fuser for the pair.
+
+    `receiver_layers` restricts fusion to those receiver layers, each paired with the sharer layer at the
+    same index; the fair control uses it to fuse exactly the layers the real pair fuses.
+    """
+    r, s = receiver.shape, sharer.shape
+    pairs = (
+        tuple((i, i) for i in receiver_layers)
+        if receiver_layers is not None
+        else make_layer_map(layer_map, r.num_layers, s.num_layers)
+    )
+    config = FuserConfig(
+        receiver=r,
+        sharer=s,
+        layer_map=pairs,
+        hidden_dim=hidden_dim,
+        mlp_layers=mlp_layers,
+        token_alignment=token_alignment,
+        sharer_positions=sharer_positions,
+    )
+    # A private RNG stream: building a fuser must not reset the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return C2CFuser(config)
+
+
+def pipeline(
+    receiver: LoadedModel, sharer: LoadedModel | None = None, fuser: C2CFuser | None = None
+) -> C2CPipeline:
+    """A C2C pipeline (receiver alone when `sharer` and `fuser` are None); moves the fuser to the device."""
+    if fuser is not None:
+        fuser.to(next(receiver.model.parameters()).device)
+    return C2CPipeline(
+        receiver.model,
+        receiver.tokenizer,
+        None if sharer is None else sharer.model,
+        None if sharer is None else sharer.tokenizer,
+        fuser,
+    )
+
+
+def load_checkpoint(path: str | Path, receiver: LoadedModel, sharer: LoadedModel) -> C2CFuser:
+    """The fuser at `path`, checked against this pair (CheckpointError otherwise), on the
+    receiver's device.
+    """
+    device = next(receiver.model.parameters()).device
+    return load_fuser(
+        path, receiver_fingerprint=receiver.fingerprint, sharer_fingerprint=sharer.fingerprint, device=device
+    )

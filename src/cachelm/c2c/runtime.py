@@ -1,0 +1,310 @@
+"""The C2C runtime: prefill both models, fuse the caches, let the receiver continue.
+
+For a prompt of `n` receiver tokens the *context* is its first `n - 1` tokens. The receiver prefills the
+context; the sharer prefills the same characters with its own tokenizer (position ids in receiver
+coordinates by default, see align.py); the fuser writes the sharer's projected KV into the receiver's cache;
+the receiver then reads the last prompt token on the fused cache and decodes normally. Everything works on
+batches: contexts are left-padded (position ids follow the real tokens), suffixes right-padded.
+
+`C2CPipeline` with no sharer and no fuser is the receiver alone through the same code path, which is what
+the baselines use, so every method is measured the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from cachelm.c2c.align import align_tokens, context_char_end, encode_with_offsets, sharer_position_ids
+from cachelm.c2c.fuser import KV, C2CFuser
+from cachelm.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextBatch:
+    """Tokenised, aligned contexts of a batch of prompts (B prompts, T receiver / S sharer positions)."""
+
+    receiver_ids: torch.Tensor  # (B, T) left-padded
+    receiver_mask: torch.Tensor  # (B, T) 1 for real tokens
+    receiver_positions: torch.Tensor  # (B, T)
+    last_token: torch.Tensor  # (B,) the prompt's last receiver token, read on the fused cache
+    context_lengths: torch.Tensor  # (B,) real context tokens per prompt
+    sharer_ids: torch.Tensor | None  # (B, S) left-padded
+    sharer_mask: torch.Tensor | None  # (B, S)
+    sharer_positions: torch.Tensor | None  # (B, S)
+    alignment: torch.Tensor | None  # (B, T, S) rows sum to 1 on real receiver tokens, 0 on padding
+
+
+def _pad_left(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer objects (each with `.keys` / `.values`, (B, H, T, D))."""
+    return list(cache.layers)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+class C2CPipeline:
+    """Receiver (+ optional sharer and fuser): scoring, training loss and generation on fused caches."""
+
+    def __init__(
+        self,
+        receiver: Any,
+        receiver_tokenizer: Any,
+        sharer: Any | None = None,
+        sharer_tokenizer: Any | None = None,
+        fuser: C2CFuser | None = None,
+    ):
+        if (sharer is None) != (fuser is None) or (sharer is None) != (sharer_tokenizer is None):
+            raise ConfigError("`sharer`, `sharer_tokenizer` and `fuser` must be given together or not at all")
+        self.receiver = receiver
+        self.receiver_tokenizer = receiver_tokenizer
+        self.sharer = sharer
+        self.sharer_tokenizer = sharer_tokenizer
+        self.fuser = fuser
+        self.device = next(receiver.parameters()).device
+
+    # ---- preparation -------------------------------------------------------------------------------
+
+    def prepare(self, prompts: Sequence[str]) -> ContextBatch:
+        """Tokenise and align `prompts` (each must give the receiver at least two tokens)."""
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"`prompts` must be a non-empty list of str, got {prompts!r:.80}")
+        r_rows, lasts, sh_rows, sh_pos, aligns = [], [], [], [], []
+        for prompt in prompts:
+            ids, spans = encode_with_offsets(self.receiver_tokenizer, prompt)
+            if len(ids) < 2:
+                raise ConfigError(f"`prompts` item {prompt!r:.60} gives the receiver fewer than 2 tokens")
+            r_rows.append(ids[:-1])
+            lasts.append(ids[-1])
+            if self.fuser is not None:
+                ctx_spans = spans[:-1]
+                s_ids, s_spans = encode_with_offsets(
+                    self.sharer_tokenizer, prompt[: context_char_end(spans, len(ids) - 1)]
+                )
+                if not s_ids:
+                    raise ConfigError(f"`prompts` item {prompt!r:.60} gives the sharer no context tokens")
+                sh_rows.append(s_ids)
+                if self.fuser.config.sharer_positions == "receiver":
+                    sh_pos.append(sharer_position_ids(ctx_spans, s_spans))
+                else:
+                    sh_pos.append(list(range(len(s_ids))))
+                aligns.append(align_tokens(ctx_spans, s_spans, self.fuser.config.token_alignment))
+        r_ids, r_mask = _pad_left(r_rows, _pad_id(self.receiver_tokenizer))
+        r_pos = (r_mask.cumsum(-1) - 1).clamp(min=0)
+        sharer_ids = sharer_mask = sharer_positions = alignment = None
+        if self.fuser is not None:
+            sharer_ids, sharer_mask = _pad_left(sh_rows, _pad_id(self.sharer_tokenizer))
+            sharer_positions = torch.zeros_like(sharer_ids)
+            t, s = r_ids.shape[1], sharer_ids.shape[1]
+            alignment = torch.zeros((len(prompts), t, s))
+            for b, (rows, pos) in enumerate(zip(aligns, sh_pos, strict=True)):
+                sharer_positions[b, s - len(pos) :] = torch.tensor(pos, dtype=torch.long)
+                r_off, s_off = t - len(rows), s - len(pos)
+                for i, hits in enumerate(rows):
+                    for j in hits:
+                        alignment[b, r_off + i, s_off + j] = 1.0 / len(hits)
+        dev = self.device
+        return ContextBatch(
+            receiver_ids=r_ids.to(dev),
+            receiver_mask=r_mask.to(dev),
+            receiver_positions=r_pos.to(dev),
+            last_token=torch.tensor(lasts, dtype=torch.long, device=dev),
+            context_lengths=r_mask.sum(-1).to(dev),
+            sharer_ids=None if sharer_ids is None else sharer_ids.to(dev),
+            sharer_mask=None if sharer_mask is None else sharer_mask.to(dev),
+            sharer_positions=None if sharer_positions is None else sharer_positions.to(dev),
+            alignment=None if alignment is None else alignment.to(dev),
+        )
+
+    # ---- prefill and fusion ------------------------------------------------------------------------
+
+    def prefill(self, batch: ContextBatch) -> DynamicCache:
+        """The receiver's cache of the contexts, fused with the sharer's when a fuser is set.
+
+        The two prefills run without gradients (both models are frozen); the fusion keeps the fuser's
+        gradients when the fuser is in training mode.
+        """
+        with torch.no_grad():
+            cache = DynamicCache()  # no config: full layers, so nothing is dropped by sliding windows
+            self.receiver.model(
+                input_ids=batch.receiver_ids,
+                attention_mask=batch.receiver_mask,
+                position_ids=batch.receiver_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            if self.fuser is None:
+                return cache
+            assert self.sharer is not None and batch.sharer_ids is not None and batch.alignment is not None
+            sharer_cache = DynamicCache()
+            self.sharer.model(
+                input_ids=batch.sharer_ids,
+                attention_mask=batch.sharer_mask,
+                position_ids=batch.sharer_positions,
+                past_key_values=sharer_cache,
+                use_cache=True,
+            )
+        receiver_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(cache)]
+        sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
+        fused = self.fuser.fuse(receiver_kv, sharer_kv, batch.alignment)
+        for layer, (k, v) in zip(_layers(cache), fused, strict=True):
+            layer.keys, layer.values = k, v
+        return cache
+
+    # ---- suffixes on the fused cache ---------------------------------------------------------------
+
+    def _suffix_logits(
+        self, batch: ContextBatch, cache: DynamicCache, rows: torch.Tensor, suffixes: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits of `suffixes` (each starting after the prompt's last token) for context rows `rows`.
+
+        Returns (logits (P, L, V), targets (P, L), target mask (P, L)): position t predicts target t.
+        """
+        if rows.numel() != batch.receiver_ids.shape[0] or not torch.equal(
+            rows, torch.arange(rows.numel(), device=rows.device)
+        ):
+            for layer in _layers(cache):
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+        width = 1 + max(len(s) for s in suffixes)
+        pad = _pad_id(self.receiver_tokenizer)
+        ids = torch.full((len(suffixes), width), pad, dtype=torch.long, device=self.device)
+        smask = torch.zeros((len(suffixes), width), dtype=torch.long, device=self.device)
+        ids[:, 0] = batch.last_token[rows]
+        smask[:, 0] = 1
+        for i, s in enumerate(suffixes):
+            ids[i, 1 : 1 + len(s)] = torch.tensor(list(s), dtype=torch.long, device=self.device)
+            smask[i, 1 : 1 + len(s)] = 1
+        mask = torch.cat([batch.receiver_mask[rows], smask], dim=1)  # (P, T + L)
+        positions = batch.context_lengths[rows, None] + torch.arange(width, device=self.device)  # (P, L)
+        out = self.receiver(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        logits = out.logits[:, :-1]  # (P, L-1, V): position t predicts token t+1
+        return logits, ids[:, 1:], smask[:, 1:]
+
+    def loss(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the receiver's response tokens (token ids per prompt)."""
+        if len(prompts) != len(responses) or any(len(r) == 0 for r in responses):
+            raise ConfigError("`responses` must give one non-empty token list per prompt")
+        batch = self.prepare(prompts)
+        cache = self.prefill(batch)
+        rows = torch.arange(len(prompts), device=self.device)
+        logits, targets, tmask = self._suffix_logits(batch, cache, rows, responses)
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view_as(targets)
+        return (nll * tmask).sum() / tmask.sum()
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Sum log-probability of each option (read as " " + option) after each prompt.
+
+        The context is prefilled and fused once per prompt and shared by its options.
+        """
+        if len(prompts) != len(options) or any(len(o) == 0 for o in options):
+            raise ConfigError("`options` must give one non-empty list of options per prompt")
+        batch = self.prepare(prompts)
+        cache = self.prefill(batch)
+        rows_list, suffixes = [], []
+        for q, opts in enumerate(options):
+            for opt in opts:
+                toks = self.receiver_tokenizer(" " + opt, add_special_tokens=False)["input_ids"]
+                if not toks:
+                    raise ConfigError(f"`options` item {opt!r} tokenises to nothing")
+                rows_list.append(q)
+                suffixes.append(toks)
+        rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
+        logits, targets, tmask = self._suffix_logits(batch, cache, rows, suffixes)
+        logits = logits.float()
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        totals = (picked * tmask).sum(-1).tolist()  # (P,)
+        out: list[list[float]] = []
+        k = 0
+        for opts in options:
+            out.append([float(x) for x in totals[k : k + len(opts)]])
+            k += len(opts)
+        return out
+
+    # ---- generation --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_ids(
+        self, prompts: Sequence[str], max_new_tokens: int = 32, *, stop_at_eos: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Greedy decoding on the fused cache; yields the (B,) next token ids step by step.
+
+        Sequences that produced EOS keep yielding EOS; the loop ends when all have (unless `stop_at_eos`
+        is False, as for fixed-length latency probes), or after `max_new_tokens` steps.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
+        batch = self.prepare(prompts)
+        cache = self.prefill(batch)
+        eos = getattr(self.receiver_tokenizer, "eos_token_id", None)
+        mask = batch.receiver_mask
+        position = batch.context_lengths.clone()  # (B,)
+        current = batch.last_token  # (B,)
+        done = torch.zeros_like(current, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + t + 1)
+            out = self.receiver(
+                input_ids=current[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            if eos is not None and stop_at_eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            yield nxt
+            if bool(done.all()):
+                return
+            current, position = nxt, position + 1
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy completions of `prompts` (batched), special tokens removed."""
+        steps = list(self.generate_ids(prompts, max_new_tokens))
+        if not steps:
+            return ["" for _ in prompts]
+        ids = torch.stack(steps, dim=1).tolist()  # (B, N)
+        return [self.receiver_tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def stream(self, prompt: str, max_new_tokens: int = 32) -> Iterator[str]:
+        """Greedy completion of one prompt, yielded as text pieces as soon as each token is decoded."""
+        ids: list[int] = []
+        shown = ""
+        eos = getattr(self.receiver_tokenizer, "eos_token_id", None)
+        for step in self.generate_ids([prompt], max_new_tokens):
+            token = int(step[0])
+            if token == eos:
+                return
+            ids.append(token)
+            text = self.receiver_tokenizer.decode(ids, skip_special_tokens=True)
+            # A piece that ends inside a multi-byte character decodes to U+FFFD; wait for the rest.
+            if text.endswith("\ufffd"):
+                continue
+            yield text[len(shown) :]
+            shown = text

@@ -1,0 +1,195 @@
+"""Training a fuser: both models frozen, next-token loss on the receiver's response tokens only.
+
+AdamW with linear warm-up and cosine decay; the gates' Gumbel temperature anneals geometrically from
+`tau_start` to `tau_end`, so late training sees nearly hard gates, as inference does. The run is resumable:
+every `save_every` steps (and at the end) the fuser, optimiser, scheduler and step go to `state_path`, and a
+restart with the same arguments continues from there with the same batch order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cachelm.c2c.data import TrainExample
+from cachelm.c2c.runtime import C2CPipeline
+from cachelm.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings; `steps` wins over `epochs` when given."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    max_response_tokens: int = 48
+    max_prompt_chars: int = 1000
+    grad_clip: float = 1.0
+    save_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.lr <= 0 or self.epochs <= 0:
+            raise ConfigError(
+                f"`batch_size`, `lr` and `epochs` must be positive, got {self.batch_size!r}, {self.lr!r}, "
+                f"{self.epochs!r}"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"`steps` must be ≥ 1, got {self.steps!r}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ConfigError(f"need 0 < `tau_end` ≤ `tau_start`, got {self.tau_end!r}, {self.tau_start!r}")
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimiser steps for a data set of `num_examples`."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_examples / self.batch_size))
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """Linear warm-up to 1 over the first `warmup_fraction` of `total`, then cosine decay to 0."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def temperature(step: int, total: int, tau_start: float, tau_end: float) -> float:
+    """Geometric annealing of the gate temperature from `tau_start` (step 0) to `tau_end` (last step)."""
+    return float(tau_start * (tau_end / tau_start) ** (step / max(1, total - 1)))
+
+
+def _batches(n: int, batch_size: int, total: int, seed: int) -> list[list[int]]:
+    """Index batches for `total` steps: one seeded permutation per epoch, concatenated."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total * batch_size:
+        perm = list(range(n))
+        random.Random(seed + epoch).shuffle(perm)
+        order += perm
+        epoch += 1
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(total)]
+
+
+def train_fuser(
+    pipeline: C2CPipeline,
+    examples: Sequence[TrainExample],
+    config: TrainConfig,
+    *,
+    state_path: str | Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train `pipeline.fuser` in place on `examples`; return a summary (steps, losses, seconds).
+
+    Only the fuser's parameters are optimised; the receiver and sharer must not require gradients.
+    """
+    fuser = pipeline.fuser
+    if fuser is None:
+        raise ConfigError("`pipeline` has no fuser to train")
+    frozen = [pipeline.receiver] + ([pipeline.sharer] if pipeline.sharer is not None else [])
+    if any(p.requires_grad for m in frozen for p in m.parameters()):
+        raise ConfigError("the receiver and sharer must be frozen (`requires_grad_(False)`) before training")
+    tok = pipeline.receiver_tokenizer
+    data = [e for e in examples if len(e.prompt) <= config.max_prompt_chars]
+    responses = [
+        tok(" " + e.response, add_special_tokens=False)["input_ids"][: config.max_response_tokens]
+        for e in data
+    ]
+    keep = [i for i, r in enumerate(responses) if r]
+    if not keep:
+        raise ConfigError("`examples` has no usable example (empty responses or prompts too long)")
+    total = config.total_steps(len(keep))
+    batches = _batches(len(keep), config.batch_size, total, config.seed)
+
+    optimizer = torch.optim.AdamW(fuser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, config.warmup_fraction)
+    )
+    step, losses = 0, []
+    path = Path(state_path) if state_path is not None else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location=pipeline.device, weights_only=False)
+        if state["config"] != asdict(config) or state["total"] != total:
+            raise ConfigError(f"`state_path` {str(path)!r} belongs to a run with different settings")
+        fuser.load_state_dict(state["fuser"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = int(state["step"]), list(state["losses"])
+        # The gates' Gumbel noise comes from torch's global generators: restore them so a resumed run
+        # draws the same noise as an uninterrupted one.
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def save() -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(
+            {
+                "config": asdict(config),
+                "total": total,
+                "step": step,
+                "losses": losses,
+                "fuser": fuser.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            tmp,
+        )
+        tmp.replace(path)
+
+    from tqdm import tqdm
+
+    fuser.train()
+    started = time.perf_counter()
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train fuser", mininterval=5.0)
+    while step < total:
+        idx = [keep[i] for i in batches[step]]
+        fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
+        loss = pipeline.loss([data[i].prompt for i in idx], [responses[i] for i in idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(fuser.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}", tau=f"{fuser.temperature:.2f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if step % config.save_every == 0:
+            save()
+    bar.close()
+    save()
+    fuser.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": total,
+        "examples": len(keep),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "seconds": time.perf_counter() - started,
+        "open_gates": int((fuser.gate_logits > 0).sum()),
+        "config": asdict(config),
+    }

@@ -1,0 +1,183 @@
+"""The fuser: shapes, gates, exact reproduction of the receiver with closed gates, training and resume."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from cachelm.c2c import pair
+from cachelm.c2c.data import TrainExample
+from cachelm.c2c.fuser import C2CFuser
+from cachelm.c2c.train import TrainConfig, lr_factor, temperature, train_fuser
+from cachelm.errors import ConfigError
+from tests.unit.test_c2c_support import randomize, receiver_model, receiver_tokenizer, sharer_model, sharer_tokenizer
+
+PROMPTS = ["Question: Which café is 東京?\nAnswer:", "Question: What melts ice?\nAnswer:"]
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Any, Any]:
+    return (
+        pair.from_objects("tiny-llama", receiver_model(), receiver_tokenizer()),
+        pair.from_objects("tiny-gemma3", sharer_model(), sharer_tokenizer()),
+    )
+
+
+def _fuser(models: tuple[Any, Any], **kw: Any) -> C2CFuser:
+    receiver, sharer = models
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=16, **kw)
+    randomize(fuser)  # non-zero projections, so an open gate really changes the cache
+    with torch.no_grad():
+        fuser.gate_logits.fill_(1.0)
+    return fuser
+
+
+def test_fused_cache_has_the_receivers_shapes_and_unfused_layers_are_untouched(
+    models: tuple[Any, Any],
+) -> None:
+    fuser = _fuser(models)
+    assert fuser.config.layer_map == ((1, 0), (2, 1), (3, 2))  # terminal: 4 receiver layers, 3 sharer
+    b, t, s = 2, 5, 7
+    rec = [(torch.randn(b, 2, t, 16), torch.randn(b, 2, t, 16)) for _ in range(4)]
+    sh = [(torch.randn(b, 1, s, 32), torch.randn(b, 1, s, 32)) for _ in range(3)]
+    align = torch.softmax(torch.randn(b, t, s), -1)
+    fused = fuser.eval().fuse(rec, sh, align)
+    assert fused[0][0] is rec[0][0] and fused[0][1] is rec[0][1]
+    for (k, v), (rk, rv) in zip(fused[1:], rec[1:], strict=True):
+        assert k.shape == rk.shape and v.shape == rv.shape
+        assert not torch.equal(k, rk) and not torch.equal(v, rv)
+    with pytest.raises(ConfigError, match="receiver"):
+        fuser.fuse(rec[:3], sh, align)
+
+
+def test_gates_are_hard_at_inference_and_gumbel_in_training(models: tuple[Any, Any]) -> None:
+    fuser = _fuser(models)
+    with torch.no_grad():
+        fuser.gate_logits.copy_(torch.tensor([2.0, -0.5, 0.1]))
+    assert fuser.eval().gates().tolist() == [1.0, 0.0, 1.0]
+    fuser.train()
+    fuser.temperature = 1.0
+    torch.manual_seed(0)
+    soft = torch.stack([fuser.gates() for _ in range(200)])
+    assert ((soft > 0) & (soft < 1)).all()
+    assert soft[:, 0].mean() > soft[:, 1].mean()  # a larger logit opens the gate more often
+    fuser.temperature = 1e-3
+    sharp = torch.stack([fuser.gates() for _ in range(200)])
+    assert ((sharp < 1e-3) | (sharp > 1 - 1e-3)).float().mean() > 0.95
+
+
+def test_all_gates_closed_reproduces_the_receiver_exactly(models: tuple[Any, Any]) -> None:
+    receiver, sharer = models
+    fuser = _fuser(models)
+    options = [["carbon dioxide", "heat"], ["the sun", "a rock", "ice"]]
+    alone = pair.pipeline(receiver).score(PROMPTS, options)
+    with torch.no_grad():
+        fuser.gate_logits.fill_(-1.0)
+    closed = pair.pipeline(receiver, sharer, fuser.eval()).score(PROMPTS, options)
+    assert closed == alone  # bit for bit
+    assert pair.pipeline(receiver, sharer, fuser.eval()).generate(PROMPTS, 5) == pair.pipeline(
+        receiver
+    ).generate(PROMPTS, 5)
+    with torch.no_grad():
+        fuser.gate_logits.fill_(1.0)
+    opened = pair.pipeline(receiver, sharer, fuser.eval()).score(PROMPTS, options)
+    assert opened != alone
+
+
+def test_size_counts_every_parameter(models: tuple[Any, Any]) -> None:
+    fuser = _fuser(models)
+    n = sum(p.numel() for p in fuser.parameters())
+    assert fuser.num_bytes(torch.bfloat16) == 2 * n
+    assert fuser.num_bytes(torch.float32) == 4 * n
+
+
+def test_schedules() -> None:
+    assert lr_factor(0, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert temperature(0, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert temperature(9, 10, 1.0, 0.1) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="`tau_end`"):
+        TrainConfig(tau_start=0.1, tau_end=1.0)
+    with pytest.raises(ConfigError, match="`steps`"):
+        TrainConfig(steps=0)
+
+
+EXAMPLES = [
+    TrainExample(prompt=PROMPTS[0], response="a café in Tokyo", source="t"),
+    TrainExample(prompt=PROMPTS[1], response="heat from the sun", source="t"),
+    TrainExample(prompt="Question: What do magnets attract?\nAnswer:", response="iron", source="t"),
+]
+
+
+def test_training_lowers_the_loss_and_touches_only_the_fuser(models: tuple[Any, Any]) -> None:
+    receiver, sharer = models
+    before = {k: v.clone() for k, v in receiver.model.state_dict().items()}
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=16)
+    info = train_fuser(
+        pair.pipeline(receiver, sharer, fuser),
+        EXAMPLES,
+        TrainConfig(steps=30, batch_size=3, lr=1e-2, warmup_fraction=0.1),
+        progress=False,
+    )
+    assert info["final_loss"] < info["first_loss"]
+    assert not fuser.training
+    assert all(torch.equal(v, receiver.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_training_refuses_unfrozen_models(models: tuple[Any, Any]) -> None:
+    receiver, sharer = models
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    receiver.model.lm_head.weight.requires_grad_(True)
+    try:
+        with pytest.raises(ConfigError, match="frozen"):
+            train_fuser(
+                pair.pipeline(receiver, sharer, fuser), EXAMPLES, TrainConfig(steps=1), progress=False
+            )
+    finally:
+        receiver.model.lm_head.weight.requires_grad_(False)
+
+
+def test_resumed_training_ends_where_an_uninterrupted_run_ends(
+    models: tuple[Any, Any], tmp_path: Any
+) -> None:
+    receiver, sharer = models
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-2, save_every=3)
+
+    torch.manual_seed(1)
+    full = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    torch.manual_seed(5)
+    train_fuser(pair.pipeline(receiver, sharer, full), EXAMPLES, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(step: int, loss: float) -> None:
+        if step == 4:
+            raise Stop
+
+    state = tmp_path / "state.pt"
+    torch.manual_seed(1)
+    first = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    torch.manual_seed(5)
+    with pytest.raises(Stop):
+        train_fuser(
+            pair.pipeline(receiver, sharer, first),
+            EXAMPLES,
+            cfg,
+            state_path=state,
+            progress=False,
+            on_step=stop_at_4,
+        )
+    torch.manual_seed(1)
+    resumed = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    torch.manual_seed(123)  # whatever the global RNG holds now, the saved state is restored
+    info = train_fuser(
+        pair.pipeline(receiver, sharer, resumed), EXAMPLES, cfg, state_path=state, progress=False
+    )
+    assert info["steps"] == 6
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -1,0 +1,107 @@
+"""Tiny real models and tokenizers for the C2C tests (random weights, tokenizers trained in-process).
+
+Receiver: a Llama with a byte-level BPE tokenizer (no BOS; multi-byte characters split into byte pieces).
+Sharer: a Gemma-3 text model with sliding-window layers and a different tokenizer (Metaspace "▁" BPE with a
+BOS token), so the two split the same text differently.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide",
+    "Question: What is the boiling point of water at sea level?\nAnswer: 100 degrees Celsius",
+    "The café in 東京 serves crème brûlée and naïve jalapeño dishes. 😀 emoji!",
+    "Energy from the sun reaches Earth as light. Magnets attract iron. Ice melts into water.",
+    "A student measures the mass of a rock with a balance, then records it in grams.",
+] * 20
+
+
+@cache
+def receiver_tokenizer() -> Any:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@cache
+def sharer_tokenizer() -> Any:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def receiver_model(seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(receiver_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        eos_token_id=receiver_tokenizer().eos_token_id,
+        pad_token_id=receiver_tokenizer().pad_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def sharer_model(seed: int = 1, sliding_window: int = 8) -> Any:
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(sharer_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        pad_token_id=sharer_tokenizer().pad_token_id,
+        eos_token_id=sharer_tokenizer().eos_token_id,
+        bos_token_id=sharer_tokenizer().bos_token_id,
+    )
+    return Gemma3ForCausalLM(config).eval().requires_grad_(False)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Give every parameter (the zero-initialised output layers included) random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale / max(1, p.shape[-1]) ** 0.5)
