@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks._report import DOCS_IMG, machine_description, write_section  # noqa: E402
+
 from cachelm.server.testing import ProxyProcess, free_port, wait_healthy  # noqa: E402
 
 
@@ -158,8 +159,8 @@ async def measure(proxy_port: int, upstream_port: int, args: argparse.Namespace,
 def start_upstream() -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     code = (
-        "import sys, time; sys.path.insert(0, %r); from tests.upstream import OpenAIUpstream; "
-        "u = OpenAIUpstream(port=%d); u.start(); time.sleep(3600)" % (str(REPO), port)
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from tests.upstream import OpenAIUpstream; "
+        f"u = OpenAIUpstream(port={port}); u.start(); time.sleep(3600)"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -225,14 +226,14 @@ def plot(results: list[Result], path: Path) -> None:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| store | hit P50 (ms) | hit P99 (ms) | hit req/s | miss P50 (ms) | direct P50 (ms) | miss overhead P50 (ms) "
-        "| miss P99 / direct P99 (ms) | errors |",
+        "| store | hit P50 (ms) | hit P99 (ms) | hit req/s | miss P50 (ms) | direct P50 (ms) "
+        "| miss overhead P50 (ms) | miss P99 / direct P99 (ms) | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.store} | {r.hit_p50_ms:.2f} | {r.hit_p99_ms:.2f} | {r.hit_rps:,.0f} | {r.miss_p50_ms:.2f} | "
-            f"{r.direct_p50_ms:.2f} | {r.overhead_p50_ms:+.2f} | {r.miss_p99_ms:.2f} / {r.direct_p99_ms:.2f} "
+            f"| {r.store} | {r.hit_p50_ms:.2f} | {r.hit_p99_ms:.2f} | {r.hit_rps:,.0f} "
+            f"| {r.miss_p50_ms:.2f} | {r.direct_p50_ms:.2f} | {r.overhead_p50_ms:+.2f} | {r.miss_p99_ms:.2f} / {r.direct_p99_ms:.2f} "
             f"| {r.errors} |"
         )
     return "\n".join(lines)
