@@ -233,8 +233,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         lines.append(
             f"| {r.store} | {r.hit_p50_ms:.2f} | {r.hit_p99_ms:.2f} | {r.hit_rps:,.0f} "
-            f"| {r.miss_p50_ms:.2f} | {r.direct_p50_ms:.2f} | {r.overhead_p50_ms:+.2f} | {r.miss_p99_ms:.2f} / {r.direct_p99_ms:.2f} "
-            f"| {r.errors} |"
+            f"| {r.miss_p50_ms:.2f} | {r.direct_p50_ms:.2f} | {r.overhead_p50_ms:+.2f} "
+            f"| {r.miss_p99_ms:.2f} / {r.direct_p99_ms:.2f} | {r.errors} |"
         )
     return "\n".join(lines)
 
