@@ -45,8 +45,9 @@ Budget: an ``int`` is the number of entries to recompute (upstream calls); a ``f
 fit).
 
 Caveats: the switch in step 1 is per `ExactCache` object; every process that serves the cache must switch
-too. A request that computed its key before the switch and stores its answer just after it writes under
-the old key with a new timestamp: such an answer (if it has no logged request) is kept, unreachable by key,
+too. Between the switch and step 3 (one scan) a concurrent semantic lookup may still serve an old answer.
+A request that computed its key before the switch and stores its answer just after it writes under the
+old key with a new timestamp: such an answer (if it has no logged request) is kept, unreachable by key,
 until it expires or is purged.
 """
 
