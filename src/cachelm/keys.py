@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NewType
 
+import orjson
+
 from cachelm.errors import ConfigError
 
 KEY_SCHEMA_VERSION = 1
@@ -150,10 +152,15 @@ def _normalise(value: Any, path: str) -> Any:
 
 
 def _dumps(normalised: Any) -> bytes:
-    return json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8",
-        "surrogatepass",  # JSON bodies may carry lone surrogates ("\ud800")
-    )
+    # orjson is ~5x faster and this runs on every lookup. It refuses lone surrogates and integers beyond
+    # 64 bits; such values take the json path, which is deterministic too (same request, same bytes).
+    try:
+        return orjson.dumps(normalised, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8",
+            "surrogatepass",  # JSON bodies may carry lone surrogates ("\ud800")
+        )
 
 
 def canonical_json(value: Any) -> bytes:

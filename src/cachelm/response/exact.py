@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+import orjson
+
 from cachelm.clock import Clock
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import is_sampled, request_key, tenant_salt
@@ -194,7 +196,7 @@ class ExactCache:
 
     def _decode(self, record: Record) -> CachedResponse | None:
         try:
-            response = json.loads(record.value)
+            response = orjson.loads(record.value)  # ~4x faster than json.loads on the hit path
             if not isinstance(response, dict):
                 raise ValueError("not a JSON object")
         except ValueError:
