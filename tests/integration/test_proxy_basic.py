@@ -3,6 +3,8 @@ cache control, tenants, the admin API. Upstream: the real local OpenAI-protocol 
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,7 +176,7 @@ def test_bad_cache_control_is_a_clear_400(proxy: ProxyThread) -> None:
     c = client(proxy)
     with pytest.raises(openai.BadRequestError, match="x-cachelm-ttl"):
         c.chat.completions.create(**chat("x"), extra_headers={"x-cachelm-ttl": "-5"})
-    with pytest.raises(openai.BadRequestError, match="cache.*unknown fields"):
+    with pytest.raises(openai.BadRequestError, match=r"cache.*unknown fields"):
         c.chat.completions.create(**chat("x"), extra_body={"cache": {"nope": 1}})
 
 
@@ -240,3 +242,20 @@ def test_metrics_healthz_openapi(proxy: ProxyThread) -> None:
     assert health["status"] == "ok" and health["store"] == "ok"
     document = httpx.get(proxy.url + "/openapi.json").json()
     assert set(document["paths"]) >= {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+
+
+def test_structured_access_log_with_request_ids(upstream: OpenAIUpstream, tmp_path: Path) -> None:
+    config = ServerConfig(upstream=upstream.base_url, store_url=f"sqlite:///{tmp_path}/c.db", access_log=True)
+    with ProxyThread(config, registry()) as proxy:
+        assert proxy.runtime.access_log is not None
+        stream = proxy.runtime.access_log.stream = io.StringIO()
+        c = client(proxy)
+        c.chat.completions.create(**chat("logged"), extra_headers={"x-request-id": "req-123"})
+        answer = c.chat.completions.with_raw_response.create(**chat("logged"))
+        proxy.runtime.access_log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["request_id"], x["tenant"], x["cache"], x["status"]) for x in lines] == [
+        ("req-123", "acme", "miss", 200),
+        (answer.headers["x-request-id"], "acme", "hit", 200),
+    ]
+    assert all(x["endpoint"] == "chat.completions" and x["ms"] >= 0 and x["ts"] > 0 for x in lines)

@@ -9,6 +9,7 @@ by hand (`control.py`) with messages that name the bad field; the OpenAPI docume
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import time
@@ -84,9 +85,14 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+_PROCESS_ID = uuid.uuid4().hex[:8]
+_SEQUENCE = itertools.count(1)
+
+
 def request_id_of(request: Request) -> str:
+    """The client's ``x-request-id`` when well-formed, else ``<process id>-<sequence>`` (unique, cheap)."""
     given = request.headers.get("x-request-id")
-    return given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else f"{_PROCESS_ID}-{next(_SEQUENCE)}"
 
 
 def completion_handler(runtime: Runtime, endpoint: str) -> Handler:
@@ -142,10 +148,10 @@ def completion_handler(runtime: Runtime, endpoint: str) -> Handler:
             tokens=call.saved_tokens if call else 0,
             cost=call.saved_cost if call else 0.0,
         )
-        if config.access_log:
-            log.info(
-                "request",
-                extra={
+        if runtime.access_log is not None:
+            runtime.access_log.write(
+                {
+                    "msg": "request",
                     "request_id": request_id,
                     "tenant": tenant_id,
                     "endpoint": endpoint,

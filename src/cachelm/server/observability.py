@@ -53,6 +53,46 @@ def setup_logging(level: str = "info") -> None:
     logger.propagate = False
 
 
+class AccessLog:
+    """Per-request JSON lines, buffered: one write call per `batch` lines or per `interval_s`.
+
+    Why not `logging`: building a LogRecord and formatting it costs more than a cache hit itself (a fifth
+    of the hit path's CPU in a profile). Lines go to `stream` (stderr) in the same JSON shape as
+    `JSONFormatter`'s, at most `interval_s` late; `flush` runs at shutdown.
+    """
+
+    def __init__(self, stream: Any = None, *, batch: int = 64, interval_s: float = 0.25) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.batch = batch
+        self.interval_s = interval_s
+        self._lines: list[bytes] = []
+        self._last_flush = time.monotonic()
+
+    def write(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        self._lines.append(
+            orjson.dumps({"ts": round(now, 6), "level": "info", "logger": "cachelm.access", **fields})
+        )
+        if len(self._lines) >= self.batch or time.monotonic() - self._last_flush > self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines.clear()
+        self._last_flush = time.monotonic()
+        try:
+            buffer = getattr(self.stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                self.stream.write(data.decode())
+        except (OSError, ValueError):
+            pass  # a closed or broken log stream must never fail a request
+
+
 @dataclass
 class _Bucket:
     start: float
@@ -145,11 +185,17 @@ class ServerMetrics:
         self.series = TimeSeries()
         self.totals: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.started = time.time()
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(
         self, endpoint: str, outcome: str, status: int, seconds: float, *, tokens: int = 0, cost: float = 0.0
     ) -> None:
-        self.requests.labels(endpoint, outcome, str(status)).inc()
-        self.latency.labels(outcome).observe(seconds)
+        # Labelled children are looked up once per label set: `labels()` takes a lock and hashes strings.
+        children = self._children.get((endpoint, outcome, status))
+        if children is None:
+            children = (self.requests.labels(endpoint, outcome, str(status)), self.latency.labels(outcome))
+            self._children[(endpoint, outcome, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         self.totals[outcome] = self.totals.get(outcome, 0) + 1
         self.series.record(outcome, seconds, tokens=tokens, cost=cost)

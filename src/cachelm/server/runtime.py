@@ -20,7 +20,7 @@ from cachelm.metrics import CacheMetrics
 from cachelm.policy.lru import LRUPolicy
 from cachelm.response.exact import ExactCache
 from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
-from cachelm.server.observability import ServerMetrics
+from cachelm.server.observability import AccessLog, ServerMetrics
 from cachelm.server.proxy import Proxy
 from cachelm.server.semantic_layer import SemanticLayer, SemanticSettings
 from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
@@ -100,6 +100,7 @@ class Runtime:
             self.store, default_ttl=config.default_ttl, metrics=CacheMetrics(), key_secret=config.key_secret
         )
         self.metrics = ServerMetrics(self.cache.metrics)
+        self.access_log = AccessLog() if config.access_log else None
         if upstream is None:
             upstream = (
                 _local_upstream(config)
@@ -151,6 +152,8 @@ class Runtime:
         )
 
     async def aclose(self) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.invalidator is not None:
             await self.invalidator.aclose()
         if self.redis is not None:
