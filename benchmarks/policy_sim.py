@@ -48,17 +48,20 @@ CHAT_TRACES = ("chat-response", "chat-kv")
 LEARNED = "Adaptive"
 
 
-def build_traces(data: Path, quick: bool) -> list[Trace]:
+def build_traces(data: Path, quick: bool, seed: int = 0, chat_only: bool = False) -> list[Trace]:
     scale = 0.25 if quick else 1.0
     n = int(200_000 * scale)
     builders: list[Callable[[], Trace]] = [
-        lambda: chat_response_trace(data, n_sessions=int(30_000 * scale)),
-        lambda: chat_kv_trace(data, n_sessions=int(6_000 * scale)),
-        lambda: qqp_trace(data, n_requests=int(100_000 * scale)),
-        lambda: zipf_trace(n_requests=n),
-        lambda: scan_trace(n_requests=n),
-        lambda: shifting_trace(n_requests=n),
+        lambda: chat_response_trace(data, n_sessions=int(30_000 * scale), seed=seed),
+        lambda: chat_kv_trace(data, n_sessions=int(6_000 * scale), seed=seed),
     ]
+    if not chat_only:
+        builders += [
+            lambda: qqp_trace(data, n_requests=int(100_000 * scale), seed=seed),
+            lambda: zipf_trace(n_requests=n, seed=seed),
+            lambda: scan_trace(n_requests=n, seed=seed),
+            lambda: shifting_trace(n_requests=n, seed=seed),
+        ]
     return [build() for build in builders]
 
 
@@ -104,24 +107,33 @@ def trace_table(trace: Trace, results: list[SimResult], fractions: list[float]) 
     return head + "\n".join(lines)
 
 
-def target_table(results: dict[str, list[SimResult]], fractions: list[float]) -> tuple[str, bool]:
+def target_table(per_seed: dict[int, dict[str, list[SimResult]]], fractions: list[float]) -> tuple[str, bool]:
+    """Adaptive vs the best baseline on the chat traces, for every seed; met = met on every seed."""
+    seeds = sorted(per_seed)
     lines = [
-        f"| trace | capacity | {LEARNED} | best of {', '.join(BASELINES)} | margin | met |",
-        "|---|---:|---:|---:|---:|:---:|",
+        f"| trace | capacity | seed | {LEARNED} | best of {', '.join(BASELINES)} | margin | met |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     all_met = True
     for name in CHAT_TRACES:
-        rows = results.get(name, [])
-        caps = sorted({r.capacity_bytes or 0 for r in rows})
-        for fraction, cap in zip(fractions, caps, strict=True):
-            at = {r.policy: r.saved_compute for r in rows if r.capacity_bytes == cap}
-            base_name = max(BASELINES, key=lambda b: at[b])
-            margin = at[LEARNED] - at[base_name]
-            met = margin >= 0
-            all_met &= met
+        for i, fraction in enumerate(fractions):
+            margins = []
+            for seed in seeds:
+                rows = per_seed[seed][name]
+                cap = sorted({r.capacity_bytes or 0 for r in rows})[i]
+                at = {r.policy: r.saved_compute for r in rows if r.capacity_bytes == cap}
+                base = max(BASELINES, key=lambda b: at[b])
+                margin = at[LEARNED] - at[base]
+                margins.append(margin)
+                lines.append(
+                    f"| {name} | {fraction:.0%} | {seed} | {at[LEARNED]:.4f} | {at[base]:.4f} ({base}) | "
+                    f"{margin:+.4f} | {'yes' if margin >= 0 else '**no**'} |"
+                )
+            met = sum(m >= 0 for m in margins)
+            all_met &= met == len(margins)
             lines.append(
-                f"| {name} | {fraction:.0%} | {at[LEARNED]:.4f} | {at[base_name]:.4f} ({base_name}) | "
-                f"{margin:+.4f} | {'yes' if met else '**no**'} |"
+                f"| {name} | {fraction:.0%} | mean | | | {sum(margins) / len(margins):+.4f} | "
+                f"{met}/{len(margins)} seeds |"
             )
     return "\n".join(lines), all_met
 
@@ -164,6 +176,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=_report.REPO_ROOT.parent / "shared" / "data")
     parser.add_argument("--capacities", default="0.01,0.05,0.2", help="fractions of the working set")
     parser.add_argument("--quick", action="store_true", help="traces at 1/4 size; does not write the docs")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the chat traces (tables show the first)")
     args = parser.parse_args()
     if not (args.data / "chat" / "mtbench101.jsonl").exists():
         parser.error(f"--data {str(args.data)!r} does not hold chat/mtbench101.jsonl")
@@ -171,12 +184,16 @@ def main() -> None:
     if len(fractions) < 1 or any(not 0 < f <= 1 for f in fractions):
         parser.error(f"--capacities must be fractions in (0, 1], got {args.capacities!r}")
 
+    seeds = [int(x) for x in args.seeds.split(",")]
     start = time.perf_counter()
-    traces = build_traces(args.data, args.quick)
+    traces = build_traces(args.data, args.quick, seed=seeds[0])
     results = run(traces, fractions)
+    per_seed = {seeds[0]: results}
+    for seed in seeds[1:]:
+        per_seed[seed] = run(build_traces(args.data, args.quick, seed=seed, chat_only=True), fractions)
     elapsed = time.perf_counter() - start
 
-    target, met = target_table(results, fractions)
+    target, met = target_table(per_seed, fractions)
     parts = [
         "## Eviction policies (trace simulation)",
         "",
@@ -185,10 +202,12 @@ def main() -> None:
         "depend on it). Each cell: **saved compute** (cost-weighted hit ratio) / hit ratio / byte hit ratio; "
         "bold = best saved compute at that capacity. Every run replays the trace through the real policy "
         "classes of `cachelm.policy` (`cachelm.sim.simulate`); traces are derived as documented in "
-        "`cachelm.sim.chat` and `cachelm.sim.synthetic` (seed 0).",
+        f"`cachelm.sim.chat` and `cachelm.sim.synthetic`. Tables below: seed {seeds[0]}; the target is "
+        f"checked on the chat traces for seeds {args.seeds}. The adaptive policy runs with its defaults "
+        "(fixed before this run; `weight_floor` in 0.005–0.02 on seed 1 moved results by < 0.003).",
         "",
         f"### Target: {LEARNED} ≥ the best of {', '.join(BASELINES)} on the chat-derived traces — "
-        + ("met at every capacity" if met else "**not met everywhere**"),
+        + ("met at every capacity and seed" if met else "**not met everywhere** (see the rows marked no)"),
         "",
         target,
         "",

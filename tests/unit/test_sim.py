@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 from collections import Counter
@@ -203,3 +204,11 @@ def test_request_validation() -> None:
         Request(key="a", size=1, cost=float("nan"))
     with pytest.raises(ConfigError, match="no requests"):
         Trace(name="x", requests=[], cost_unit="USD")
+
+
+@pytest.mark.parametrize("name", ["cachelm.policy", "cachelm.sim"])
+def test_all_is_sorted_and_importable(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert exported == sorted(exported)
+    assert all(hasattr(module, attr) for attr in exported)

@@ -7,8 +7,8 @@
 | `TTLPolicy` | expired keys, then its inner policy's victims | O(1) + inner |
 | `GDSFPolicy` | lowest ``L + freq × cost / size`` | O(log n) (lazy heap) |
 | `S3FIFOPolicy` | one-hit wonders in the small FIFO, then the main FIFO's CLOCK | O(1) amortised |
-| `AdaptiveCostPolicy` | a regret-weighted choice between two cost-aware experts | O(log n) |
-| `TinyLFUPolicy` | wraps any policy: refuses large new keys rarer than the victim | O(1) + inner |
+| `AdaptiveCostPolicy` | a regret-weighted choice between two cost-aware experts (learned) | O(log n) |
+| `TinyLFUPolicy` | wraps any policy: a window LRU, then refuses keys rarer than the victim | O(1) + inner |
 """
 
 from cachelm.policy.adaptive import AdaptiveCostPolicy

@@ -2,8 +2,8 @@
 
 TTL only makes sense where entries go stale; here it wraps LRU with a one-hour TTL (sessions in the
 chat traces last minutes, popular prompts recur for hours), so it shows what expiring popular entries costs.
-TinyLFU variants use `large_bytes=0` (every value goes through the filter) and a sketch sized from the
-expected number of entries (capacity / mean value size).
+TinyLFU variants use the default 1% window, `large_bytes=0` (every value goes through the filter) and a
+sketch sized for the expected number of entries (capacity / mean value size), as Caffeine sizes its own.
 """
 
 from __future__ import annotations
