@@ -204,3 +204,10 @@ def test_requests_without_a_user_turn_are_misses_and_bad_args_raise() -> None:
         cache.add(chat("x"), tenant="t", response_key="")
     with pytest.raises(ConfigError, match="`index`"):
         SemanticCache(embedder=EMB, index=FlatIndex(7))
+
+
+def test_public_names_are_sorted_and_exported() -> None:
+    import cachelm.semantic as semantic
+
+    assert semantic.__all__ == sorted(semantic.__all__)
+    assert all(hasattr(semantic, name) for name in semantic.__all__)

@@ -136,3 +136,30 @@ def test_bounded_config_validates() -> None:
         BoundedErrorConfig(delta=0.0)
     with pytest.raises(ConfigError, match="`explore_rate`"):
         BoundedErrorConfig(explore_rate=0)
+
+
+def test_bounded_policy_follows_a_growing_cache() -> None:
+    """As a cache grows, near neighbours become common: P(s >= t) rises while P(wrong | s >= t) stays put.
+
+    A certificate pooled over the whole history would lag behind and overshoot delta late in the stream;
+    the frequency factor comes from recent lookups, so the late false-hit rate stays below delta too.
+    """
+    delta, n = 0.02, 30_000
+    policy = BoundedErrorPolicy(BoundedErrorConfig(delta=delta, seed=7))
+    rng = random.Random(8)
+    late_lookups = late_wrong = late_hits = 0
+    for i in range(n):
+        near = rng.random() < 0.02 + 0.3 * i / n  # the share of close candidates grows 16-fold
+        s = rng.uniform(0.9, 1.0) if near else rng.uniform(0.3, 0.9)
+        wrong = rng.random() < (0.3 if s >= 0.9 else 0.8)
+        d = policy.decide(s, entry_id=f"e{i}", region="r")
+        if d.verify:
+            policy.observe(s, not wrong, entry_id=f"e{i}", region="r", sampled=d.sampled)
+        if i >= 3 * n // 4:
+            late_lookups += 1
+            late_wrong += d.serve and wrong
+            late_hits += d.serve
+    assert late_hits > 0.01 * late_lookups  # it does serve
+    assert late_wrong / late_lookups <= delta
+    # late in the stream the true FHR(t) = q * (1 - t) / 0.1 * 0.3 with q ~ 0.3: t must sit near 0.98
+    assert policy.threshold("r") >= 0.97
