@@ -118,7 +118,7 @@ def time_train_step(receiver: Any, sharer: Any, examples: list[Any], args: argpa
                 torch.cuda.synchronize()
             started = time.perf_counter()
         loss = pipe.loss([e.prompt for e in batch], responses)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         opt.zero_grad(set_to_none=True)
     if pipe.device.type == "cuda":
@@ -138,7 +138,7 @@ def eval_phase(
     def ckpt(name: str) -> Path:
         for d in (args.out, args.checkpoint_dir):
             if d is not None and (d / f"{name}.safetensors").is_file():
-                return d / f"{name}.safetensors"
+                return Path(d) / f"{name}.safetensors"
         raise FileNotFoundError(f"{name}.safetensors not in {args.out} or {args.checkpoint_dir}")
 
     sets = {s: c2c_data.load_test(args.data, s)[: args.limit] for s in SETS}

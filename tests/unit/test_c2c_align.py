@@ -113,3 +113,13 @@ def test_config_json_round_trip_and_validation() -> None:
         ModelShape(num_layers=1, num_kv_heads=1, head_dim=0)
     with pytest.raises(ConfigError):
         FuserConfig.from_json("{}")
+
+
+def test_package_exports_are_sorted_and_resolve() -> None:
+    import cachelm.c2c as c2c
+
+    assert list(c2c.__all__) == sorted(c2c.__all__)
+    for name in c2c.__all__:
+        assert getattr(c2c, name) is not None
+    with pytest.raises(AttributeError):
+        _ = c2c.no_such_name

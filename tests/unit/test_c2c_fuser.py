@@ -13,7 +13,13 @@ from cachelm.c2c.data import TrainExample
 from cachelm.c2c.fuser import C2CFuser
 from cachelm.c2c.train import TrainConfig, lr_factor, temperature, train_fuser
 from cachelm.errors import ConfigError
-from tests.unit.test_c2c_support import randomize, receiver_model, receiver_tokenizer, sharer_model, sharer_tokenizer
+from tests.unit.test_c2c_support import (
+    randomize,
+    receiver_model,
+    receiver_tokenizer,
+    sharer_model,
+    sharer_tokenizer,
+)
 
 PROMPTS = ["Question: Which café is 東京?\nAnswer:", "Question: What melts ice?\nAnswer:"]
 
@@ -113,6 +119,7 @@ EXAMPLES = [
 ]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_touches_only_the_fuser(models: tuple[Any, Any]) -> None:
     receiver, sharer = models
     before = {k: v.clone() for k, v in receiver.model.state_dict().items()}

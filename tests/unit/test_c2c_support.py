@@ -42,7 +42,9 @@ def receiver_tokenizer() -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
 
 
 @cache
@@ -56,7 +58,7 @@ def sharer_tokenizer() -> Any:
     tok.train_from_iterator(CORPUS, trainer)
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
 
@@ -76,7 +78,8 @@ def receiver_model(seed: int = 0) -> Any:
         pad_token_id=receiver_tokenizer().pad_token_id,
         bos_token_id=None,
     )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    model: Any = LlamaForCausalLM(config)
+    return model.eval().requires_grad_(False)
 
 
 def sharer_model(seed: int = 1, sliding_window: int = 8) -> Any:
@@ -96,7 +99,8 @@ def sharer_model(seed: int = 1, sliding_window: int = 8) -> Any:
         eos_token_id=sharer_tokenizer().eos_token_id,
         bos_token_id=sharer_tokenizer().bos_token_id,
     )
-    return Gemma3ForCausalLM(config).eval().requires_grad_(False)
+    model: Any = Gemma3ForCausalLM(config)
+    return model.eval().requires_grad_(False)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:

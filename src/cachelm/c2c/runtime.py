@@ -300,7 +300,7 @@ class C2CPipeline:
         for step in self.generate_ids([prompt], max_new_tokens):
             token = int(step[0])
             if token == eos:
-                return
+                break
             ids.append(token)
             text = self.receiver_tokenizer.decode(ids, skip_special_tokens=True)
             # A piece that ends inside a multi-byte character decodes to U+FFFD; wait for the rest.
@@ -308,3 +308,8 @@ class C2CPipeline:
                 continue
             yield text[len(shown) :]
             shown = text
+        # Whatever was held back (a character that never completed) goes out as it decodes, so the
+        # stream always adds up to `generate`'s text.
+        text = self.receiver_tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown) :]

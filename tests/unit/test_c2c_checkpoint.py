@@ -1,0 +1,100 @@
+"""Fuser checkpoints: round trip, and refusal to load into a pair it was not trained for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cachelm.c2c import pair
+from cachelm.c2c.checkpoint import model_fingerprint, read_metadata
+from cachelm.errors import CheckpointError, ConfigError
+from tests.unit.test_c2c_support import (
+    randomize,
+    receiver_model,
+    receiver_tokenizer,
+    sharer_model,
+    sharer_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Any, Any]:
+    return (
+        pair.from_objects("tiny-llama", receiver_model(), receiver_tokenizer()),
+        pair.from_objects("tiny-gemma3", sharer_model(), sharer_tokenizer()),
+    )
+
+
+def _saved(models: tuple[Any, Any], path: Path) -> Any:
+    receiver, sharer = models
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=16, token_alignment="mean")
+    randomize(fuser)
+    with torch.no_grad():
+        for p in fuser.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # stored as bf16: make the round trip exact
+        fuser.gate_logits.copy_(torch.tensor([0.3, -0.2, 1e-3]))
+    from cachelm.c2c.checkpoint import save_fuser
+
+    save_fuser(
+        fuser,
+        path,
+        receiver_fingerprint=receiver.fingerprint,
+        sharer_fingerprint=sharer.fingerprint,
+        train_info={"steps": 3},
+    )
+    return fuser.eval()
+
+
+def test_round_trip_restores_config_weights_and_gates(models: tuple[Any, Any], tmp_path: Path) -> None:
+    fuser = _saved(models, tmp_path / "f.safetensors")
+    loaded = pair.load_checkpoint(tmp_path / "f.safetensors", *models)
+    assert loaded.config == fuser.config
+    assert not loaded.training
+    for (name, a), b in zip(fuser.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.gates().tolist() == [1.0, 0.0, 1.0]
+    meta = read_metadata(tmp_path / "f.safetensors")
+    assert meta["receiver"] == models[0].fingerprint and '"steps": 3' in meta["train"]
+    prompts, options = ["Question: Which café?\nAnswer:"], [["a café", "東京"]]
+    assert pair.pipeline(*models, fuser).score(prompts, options) == pair.pipeline(*models, loaded).score(
+        prompts, options
+    )
+
+
+def test_loading_into_another_pair_raises_checkpoint_error(models: tuple[Any, Any], tmp_path: Path) -> None:
+    receiver, sharer = models
+    _saved(models, tmp_path / "f.safetensors")
+    other_receiver = pair.from_objects("other", receiver_model(seed=7), receiver_tokenizer())
+    assert other_receiver.fingerprint != receiver.fingerprint
+    with pytest.raises(CheckpointError, match="receiver"):
+        pair.load_checkpoint(tmp_path / "f.safetensors", other_receiver, sharer)
+    with pytest.raises(CheckpointError, match="sharer"):
+        pair.load_checkpoint(tmp_path / "f.safetensors", receiver, receiver)  # swapped sharer
+
+
+def test_files_that_are_not_fuser_checkpoints_are_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        read_metadata(junk)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"), metadata={"format": "other"})
+    with pytest.raises(CheckpointError, match="not a C2C fuser"):
+        read_metadata(tmp_path / "plain.safetensors")
+    with pytest.raises(ConfigError, match="`path`"):
+        read_metadata(tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_ignores_dtype_but_sees_weights_and_tokenizer() -> None:
+    model = receiver_model()
+    fp32 = model_fingerprint(model, receiver_tokenizer())
+    bf16 = model_fingerprint(receiver_model().to(torch.bfloat16), receiver_tokenizer())
+    assert fp32 == bf16  # the same weights loaded as float32 (CPU) or bfloat16 (GPU)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] += 1.0
+    assert model_fingerprint(model, receiver_tokenizer()) != fp32
+    assert model_fingerprint(receiver_model(), sharer_tokenizer()) != fp32
