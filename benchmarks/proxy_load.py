@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -239,6 +240,247 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+# -- reliability scenarios -----------------------------------------------------------------------------
+
+
+class _Redis:
+    """A private redis-server on a fixed port, so it can be killed and restarted at the same address."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import shutil
+
+        import redis
+
+        binary = shutil.which("redis-server") or "redis-server"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(500):
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(5)
+            self.process = None
+
+
+def _sdk(url: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=30)
+
+
+def _chat_body(text: str) -> dict[str, object]:
+    return {"model": "gpt-4o-mini", "temperature": 0, "messages": [{"role": "user", "content": text}]}
+
+
+def scenario_coalescing(upstream: Any, redis_url: str, rounds: int = 3) -> str:
+    """64 identical concurrent misses (half streaming) over 2 replicas: upstream calls per round."""
+    import openai
+
+    args = [
+        "--upstream",
+        upstream.base_url,
+        "--redis",
+        redis_url,
+        "--namespace",
+        f"rel{uuid.uuid4().hex[:6]}",
+    ]
+    replicas = [ProxyProcess([*args, "--no-access-log"]) for _ in range(2)]
+    calls = []
+    for proxy in replicas:
+        proxy.start()
+    try:
+        for r in range(rounds):
+            body = _chat_body(f"coalesce round {r} {uuid.uuid4().hex}")
+            before = upstream.count("/v1/chat/completions")
+            upstream.inject("delay=0.3", times=64)
+
+            async def run(body: dict[str, object] = body) -> None:
+                clients = [
+                    openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="b", max_retries=0) for p in replicas
+                ]
+
+                async def one(i: int, body: dict[str, object] = body) -> None:
+                    c = clients[i % 2]
+                    if i % 4 < 2:
+                        stream = await c.chat.completions.create(**body, stream=True)
+                        async for _ in stream:
+                            pass
+                    else:
+                        await c.chat.completions.create(**body)
+
+                await asyncio.gather(*(one(i) for i in range(64)))
+                for c in clients:
+                    await c.close()
+
+            asyncio.run(run())
+            calls.append(upstream.count("/v1/chat/completions") - before)
+            upstream.reset()
+    finally:
+        for proxy in replicas:
+            proxy.stop()
+    scenario = f"64 identical concurrent misses over 2 replicas (half streaming), {rounds} rounds"
+    return f"| {scenario} | upstream calls per round: {calls} |"
+
+
+def scenario_redis_kill(upstream: Any) -> str:
+    """Redis SIGKILLed under load and restarted: client errors, requests served, time to recover."""
+    import threading
+
+    import httpx
+
+    server = _Redis()
+    server.start()
+    args = ["--upstream", upstream.base_url, "--redis", server.url, "--no-access-log"]
+    replicas = [ProxyProcess(args) for _ in range(2)]
+    for proxy in replicas:
+        proxy.start()
+    stop = threading.Event()
+    errors: list[str] = []
+    served = [0]
+
+    def load(worker: int) -> None:
+        c = _sdk(replicas[worker % 2].url)
+        n = 0
+        while not stop.is_set() and n < 5000:
+            n += 1
+            try:
+                c.chat.completions.create(**_chat_body(f"q {(worker * 7 + n) % 50}"))
+                served[0] += 1
+            except Exception as exc:  # every client-visible failure is counted
+                errors.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        server.kill()
+        time.sleep(3.0)
+        server.start()
+        restarted = time.monotonic()
+        recovered = None
+        while time.monotonic() - restarted < 15:
+            health = [httpx.get(p.url + "/healthz").json() for p in replicas]
+            if all(h.get("redis") == "ok" and h.get("invalidation") == "subscribed" for h in health):
+                recovered = time.monotonic() - restarted
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        for proxy in replicas:
+            proxy.stop()
+        server.kill()
+    took = "not within 15 s" if recovered is None else f"{recovered:.2f} s"
+    return (
+        f"| Redis SIGKILLed under load (6 clients, 2 replicas), down 3 s, restarted | {served[0]} requests "
+        f"served, {len(errors)} client errors; both replicas healthy and re-subscribed {took} after restart |"
+    )
+
+
+def scenario_sigkill_stream(upstream: Any, tmp: str) -> str:
+    """A proxy SIGKILLed mid-stream: what the store holds afterwards, and what a restarted proxy does."""
+    import signal
+
+    from cachelm.store.url import open_store
+
+    store_url = f"sqlite:///{tmp}/kill.db"
+    args = ["--upstream", upstream.base_url, "--store", store_url, "--no-access-log"]
+    proxy = ProxyProcess(args)
+    proxy.start()
+    upstream.inject("chunk_delay=0.05")
+    body = _chat_body("a long answer that is cut short when the proxy is killed " * 3)
+    chunks = 0
+    try:
+        for _ in _sdk(proxy.url).chat.completions.create(**body, stream=True):
+            chunks += 1
+            if chunks == 5:
+                proxy.kill(signal.SIGKILL)
+    except Exception:  # the cut connection is the point
+        pass
+    with open_store(store_url) as store:
+        entries = len(store)
+    with ProxyProcess(args) as again:
+        raw = _sdk(again.url).chat.completions.with_raw_response.create(**body)
+    from tests.upstream import chat_answer
+
+    whole = raw.parse().choices[0].message.content == chat_answer(body)["choices"][0]["message"]["content"]
+    return (
+        f"| proxy SIGKILLed after {chunks} streamed chunks | entries stored: {entries}; restarted proxy: "
+        f"`{raw.headers['x-cachelm-cache']}`, {'the whole answer' if whole else 'A DIFFERENT ANSWER'} |"
+    )
+
+
+def scenario_faults(upstream: Any, tmp: str) -> str:
+    """Each upstream fault once: was anything cached (the next identical request is a hit)?"""
+    args = [
+        "--upstream",
+        upstream.base_url,
+        "--store",
+        f"sqlite:///{tmp}/faults.db",
+        "--upstream-timeout",
+        "0.5",
+    ]
+    faults = ["status=500", "status=502", "status=503", "status=429", "delay=1.5", "cut=3", "truncate=3"]
+    cached = 0
+    with ProxyProcess([*args, "--no-access-log"]) as proxy:
+        c = _sdk(proxy.url)
+        for fault in faults:
+            body = _chat_body(f"fault {fault} {uuid.uuid4().hex}")
+            upstream.inject(fault)
+            try:
+                stream = "cut" in fault or "truncate" in fault
+                result = c.chat.completions.create(**body, stream=stream)
+                if stream:
+                    for _ in result:
+                        pass
+            except Exception:  # the client is told; what matters is the cache
+                pass
+            raw = c.chat.completions.with_raw_response.create(**body)
+            cached += raw.headers["x-cachelm-cache"] == "hit"
+    return f"| upstream faults: {', '.join(faults)} | cached after the fault: {cached} of {len(faults)} |"
+
+
+def reliability(args: argparse.Namespace) -> str:
+    sys.path.insert(0, str(REPO))
+    from tests.upstream import OpenAIUpstream
+
+    upstream = OpenAIUpstream()
+    upstream.start()
+    server = _Redis()
+    server.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [
+                scenario_coalescing(upstream, server.url),
+                scenario_redis_kill(upstream),
+                scenario_sigkill_stream(upstream, tmp),
+                scenario_faults(upstream, tmp),
+            ]
+    finally:
+        server.kill()
+        upstream.stop()
+    return "\n".join(["| scenario | result |", "|---|---|", *rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hit-requests", type=int, default=3000)
@@ -250,8 +492,22 @@ def main(argv: list[str] | None = None) -> int:
         "--redis-url", default=os.environ.get("CACHELM_BENCH_REDIS", "redis://127.0.0.1:6379/0")
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, docs untouched")
+    parser.add_argument("--reliability", action="store_true", help="run the fault scenarios instead")
     parser.add_argument("--data", default=None, help="unused: this benchmark generates its own requests")
     args = parser.parse_args(argv)
+    if args.reliability:
+        text = reliability(args)
+        print(text)
+        write_section(
+            "proxy_reliability",
+            "## Caching proxy under faults (`benchmarks/proxy_load.py --reliability`)\n\n"
+            f"Machine: {machine_description()} — shared 2-core VM. Real servers on loopback: two or one "
+            "`cachelm serve` processes, a private redis-server, the tests' OpenAI-protocol upstream with "
+            "injected faults. The same scenarios are asserted in tests/integration/test_proxy_shared.py "
+            "and test_proxy_faults.py; fuzzing (1,050 cases from `/openapi.json`, no 5xx) is in "
+            "`test_proxy_fuzz.py`.\n\n" + text,
+        )
+        return 0
     if args.quick:
         args.hit_requests, args.miss_requests, args.seconds = 300, 50, 2.0
     upstream, upstream_port = start_upstream()
