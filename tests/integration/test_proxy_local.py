@@ -12,6 +12,7 @@ import pytest
 
 from cachelm.server.config import ServerConfig
 from cachelm.server.local import LocalEngineUpstream
+from cachelm.server.tenants import TenantRegistry, hash_key
 from cachelm.server.testing import ProxyThread
 
 MODEL = "tiny-llama"
@@ -57,6 +58,27 @@ def test_local_engine_answers_stream_and_hits_equal_recompute(proxy: ProxyThread
     assert answer.choices[0].message.content == recomputed
     assert answer.usage is not None and answer.usage.completion_tokens > 0
     assert [m.id for m in c.models.list().data] == [MODEL]
+
+
+def test_kv_prefix_cache_is_never_shared_across_tenants(engine: Any, tmp_path: Path) -> None:
+    keys = {"acme": "acme-local-key-1", "globex": "globex-local-key-1"}
+    registry = TenantRegistry.from_config({"tenants": {t: {"keys": [hash_key(k)]} for t, k in keys.items()}})
+    config = ServerConfig(store_url=f"sqlite:///{tmp_path}/cache.db", access_log=False)
+    body = request("A cache keeps the results of earlier work so that later requests are answered faster.")
+    bypass = {"x-cachelm-bypass": "on"}  # straight to the engine every time: only the KV layer can reuse
+
+    def cached_tokens(tenant: str) -> int:
+        c = openai.OpenAI(base_url=proxy.url + "/v1", api_key=keys[tenant], max_retries=0, timeout=60)
+        usage = c.chat.completions.create(**body, extra_headers=bypass).usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        return int(usage.prompt_tokens_details.cached_tokens or 0)
+
+    with ProxyThread(config, registry, upstream=LocalEngineUpstream(engine, model_id=MODEL)) as proxy:
+        first = cached_tokens("acme")
+        again = cached_tokens("acme")
+        other = cached_tokens("globex")
+    assert first == 0 and again > 0  # the tenant's own prefix is reused
+    assert other == 0  # the same prompt from another tenant computes its own KV
 
 
 def test_local_engine_completions_stop_and_refusals(proxy: ProxyThread, engine: Any) -> None:

@@ -157,6 +157,8 @@ class LocalEngineUpstream:
             "prompt_tokens": result.num_prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": result.num_prompt_tokens + completion,
+            # OpenAI's field for prompt tokens served from a prefix cache: here, the KV prefix cache.
+            "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
         }
 
     def _complete(self, path: str, body: dict[str, Any], tenant: str) -> dict[str, Any]:
