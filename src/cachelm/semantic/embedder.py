@@ -114,24 +114,32 @@ class MiniLMEmbedder:
     The model loads lazily on the first `embed` (so constructing a cache is cheap) and is shared by threads
     behind a lock: sentence-transformers' ``encode`` is not documented thread-safe. Texts are encoded in
     batches of `batch_size`; the library truncates at 256 word pieces, the model's trained length.
+
+    ``quantize=True`` (CPU only) converts the transformer's Linear layers to dynamic int8: about 2.5× less
+    CPU per query, at the price of vectors that differ from the float model's (cosine ≈ 0.96–0.99 to
+    them). It has its own `model_id`, so the two never share embedding-cache entries; docs/BENCHMARKS.md
+    gives its speed and accuracy side by side.
     """
 
     MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
     DIM = 384
 
-    def __init__(self, *, device: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, *, device: str | None = None, batch_size: int = 64, quantize: bool = False) -> None:
         if device is not None and not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"`device` must be None, 'cpu' or 'cuda[:N]', got {device!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
-        self._device = device
+        if quantize and device is not None and device != "cpu":
+            raise ConfigError(f"`quantize` needs device='cpu' (dynamic int8 runs on CPU), got {device!r}")
+        self._device = "cpu" if quantize else device
         self.batch_size = batch_size
+        self.quantize = quantize
         self._model: Any = None
         self._lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
-        return self.MODEL_ID
+        return self.MODEL_ID + ("+int8-dynamic" if self.quantize else "")
 
     @property
     def dim(self) -> int:
@@ -153,7 +161,10 @@ class MiniLMEmbedder:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._model = SentenceTransformer(minilm_model_path(), device=device)
+            model = SentenceTransformer(minilm_model_path(), device=device)
+            if self.quantize:
+                model[0].auto_model = _quantize_linear(model[0].auto_model)
+            self._model = model
         return self._model
 
     def embed(self, texts: Sequence[str]) -> Vectors:
@@ -170,3 +181,17 @@ class MiniLMEmbedder:
                 show_progress_bar=False,
             )
         return normalise_rows(vectors)  # (n, 384); re-normalised in float32 for exact unit norm
+
+
+def _quantize_linear(module: Any) -> Any:
+    """`module` with its Linear layers as dynamic int8 (torch's eager API, deprecated towards torchao but
+    present in the pinned torch and dependency-free)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+            module, {torch.nn.Linear}, dtype=torch.qint8
+        )

