@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     int8.embed(["warm up"])
     int8_p50 = p50_us(lambda text: int8.embed([text + " ?"]), query_texts[:100])
     text = render(lib_rows, paths, args) + (
-        f" With `MiniLMEmbedder(quantize=True)` (dynamic int8) the embedding P50 is {int8_p50[0] / 1000:.2f} / "
+        " With `MiniLMEmbedder(quantize=True)` (dynamic int8) the embedding P50 is "
+        f"{int8_p50[0] / 1000:.2f} / "
         f"{int8_p50[1] / 1000:.2f} ms (wall / CPU); its accuracy is in the int8 accuracy section."
     )
     print(text)
@@ -288,7 +289,8 @@ def render(lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: ar
     ]
     for r in lib_rows:
         lines.append(
-            f"| {r['n']:,} | {r['backend']} | {r['build_per_s']:,.0f} | {r['p50_us']:.0f} / {r['cpu_p50_us']:.0f} | "
+            f"| {r['n']:,} | {r['backend']} | {r['build_per_s']:,.0f} | "
+            f"{r['p50_us']:.0f} / {r['cpu_p50_us']:.0f} | "
             f"{r['recall@1']:.4f} | {r['file_bytes_per_entry']:.0f} | {r['rss_bytes_per_entry']:.0f} |"
         )
     lines += [
