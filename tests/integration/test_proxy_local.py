@@ -10,6 +10,7 @@ from typing import Any
 import openai
 import pytest
 
+from cachelm.semantic.embedder import HashingEmbedder
 from cachelm.server.config import ServerConfig
 from cachelm.server.local import LocalEngineUpstream
 from cachelm.server.tenants import TenantRegistry, hash_key
@@ -32,7 +33,8 @@ def engine() -> Any:
 @pytest.fixture
 def proxy(engine: Any, tmp_path: Path) -> Iterator[ProxyThread]:
     config = ServerConfig(store_url=f"sqlite:///{tmp_path}/cache.db", access_log=False)  # upstream: local
-    with ProxyThread(config, upstream=LocalEngineUpstream(engine, model_id=MODEL)) as server:
+    upstream = LocalEngineUpstream(engine, model_id=MODEL, embedder=HashingEmbedder)
+    with ProxyThread(config, upstream=upstream) as server:
         yield server
 
 
@@ -99,8 +101,20 @@ def test_local_engine_completions_stop_and_refusals(proxy: ProxyThread, engine: 
         c.chat.completions.create(**dict(request("hi"), model="gpt-4o"))
     with pytest.raises(openai.BadRequestError, match="`n`"):
         c.chat.completions.create(**request("hi", n=2))
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="local embeddings"):
         c.embeddings.create(model=MODEL, input="x")
+
+
+def test_local_embeddings_through_the_embedding_cache(proxy: ProxyThread) -> None:
+    c = openai.OpenAI(base_url=proxy.url + "/v1", api_key="open", max_retries=0, timeout=60)
+    embedder = HashingEmbedder()
+    first = c.embeddings.with_raw_response.create(model=embedder.model_id, input=["red apple", "green pear"])
+    second = c.embeddings.with_raw_response.create(model=embedder.model_id, input=["green pear", "blue plum"])
+    assert second.headers["x-cachelm-hits"] == "1/2"
+    expected = embedder.embed(["green pear", "blue plum"])
+    for got, want in zip(second.parse().data, expected, strict=True):
+        assert got.embedding == pytest.approx([float(x) for x in want], abs=1e-6)
+    assert first.headers["x-cachelm-cache"] == "miss"
 
 
 def test_default_serve_without_the_model_is_a_clear_startup_error(tmp_path: Path) -> None:

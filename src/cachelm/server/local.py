@@ -6,19 +6,22 @@ queued on one worker thread; streaming pushes tokens from that thread to the eve
 The KV prefix cache is keyed by the caller's tenant, like every other layer.
 
 OpenAI parameters honoured: ``max_tokens``/``max_completion_tokens`` (default 256, at most 2,048),
-``temperature``, ``top_p``, ``seed``, ``stop`` (strings, applied to the generated text). ``n > 1`` and
-embeddings are refused with a 400 naming the parameter.
+``temperature``, ``top_p``, ``seed``, ``stop`` (strings, applied to the generated text). ``n > 1`` is
+refused with a 400 naming the parameter. ``/v1/embeddings`` is answered by a local `Embedder` (by default
+the packaged all-MiniLM-L6-v2, loaded on first use) under its own model id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import numpy as np
 import orjson
 
 from cachelm.errors import ConfigError
@@ -52,9 +55,18 @@ def _stops(body: dict[str, Any]) -> list[str]:
 class LocalEngineUpstream:
     """An `Upstream` answering with a local `Engine`. Build with `load` (a packaged model) or directly."""
 
-    def __init__(self, engine: Any, *, model_id: str, key_secret: bytes = b"") -> None:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        model_id: str,
+        key_secret: bytes = b"",
+        embedder: Callable[[], Any] | None = None,
+    ) -> None:
         self.engine = engine
         self.model_id = model_id
+        self._make_embedder = embedder  # called once, on the first embeddings request
+        self._embedder: Any = None
         self.name = f"local:{model_id}"
         self._secret = key_secret
         # One thread: the engine runs one generation at a time; queued requests wait their turn.
@@ -74,7 +86,13 @@ class LocalEngineUpstream:
                 "start with `--upstream URL` to proxy an OpenAI-compatible endpoint instead"
             ) from exc
         engine = Engine(model, tokenizer, prefix_cache=build_prefix_cache(model, model_id=name))
-        return cls(engine, model_id=name, key_secret=key_secret)
+
+        def minilm() -> Any:
+            from cachelm.semantic.embedder import MiniLMEmbedder
+
+            return MiniLMEmbedder(device=device)
+
+        return cls(engine, model_id=name, key_secret=key_secret, embedder=minilm)
 
     # -- request translation ---------------------------------------------------------------------------
 
@@ -175,11 +193,52 @@ class LocalEngineUpstream:
         out["usage"] = self._usage(result)
         return out
 
+    def _embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._make_embedder is None:
+            raise RequestRefused("the local engine serves no embeddings model", status=404)
+        if self._embedder is None:
+            self._embedder = self._make_embedder()
+        embedder = self._embedder
+        if body.get("model") != embedder.model_id:
+            raise RequestRefused(
+                f"model {body.get('model')!r} is not served here; local embeddings: {embedder.model_id!r}",
+                status=404,
+                param="model",
+            )
+        if body.get("dimensions") not in (None, embedder.dim):
+            raise RequestRefused(
+                f"`dimensions` must be {embedder.dim} for {embedder.model_id}", param="dimensions"
+            )
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestRefused(
+                "local embeddings take a string or a list of strings as `input`", param="input"
+            )
+        vectors = embedder.embed(texts)
+        data = []
+        for i, vector in enumerate(vectors):
+            value: Any = (
+                base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+                if body.get("encoding_format") == "base64"
+                else [float(x) for x in vector]
+            )
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return {
+            "object": "list",
+            "data": data,
+            "model": embedder.model_id,
+            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        }
+
     # -- Upstream protocol -----------------------------------------------------------------------------
 
     async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]:
         try:
             request = orjson.loads(body)
+            if path == "embeddings":
+                answer = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, request)
+                return 200, orjson.dumps(answer)
             answer = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._complete, path, request, tenant
             )
@@ -225,7 +284,10 @@ class LocalEngineUpstream:
         yield b"[DONE]"
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "owned_by": "cachelm"}]}
+        data = [{"id": self.model_id, "object": "model", "owned_by": "cachelm"}]
+        if self._embedder is not None:
+            data.append({"id": self._embedder.model_id, "object": "model", "owned_by": "cachelm"})
+        return {"object": "list", "data": data}
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
