@@ -35,17 +35,21 @@ def _hf_prefill(model: Any, ids: list[int]) -> tuple[torch.Tensor, Any]:
     return logits, cache
 
 
-def test_suffix_on_loaded_prefix_matches_hf(llama: Any) -> None:
+@pytest.mark.parametrize(
+    "options", [{}, {"attention": "split", "split_chunk": 8}, {"attention": "split", "split_chunk": 5}]
+)
+def test_suffix_on_loaded_prefix_matches_hf(llama: Any, options: dict[str, Any]) -> None:
     ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     want, full_cache = _hf_prefill(llama, ids)
-    runner = StaticLlamaRunner(llama, max_tokens=64)
+    runner = StaticLlamaRunner(llama, max_tokens=64, **options)
     runner.kv[:32] = hf.extract(full_cache, 48)[:32]
     got = runner(ids[32:], 32)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     # The suffix's KV written into the buffer equals HF's.
     torch.testing.assert_close(runner.kv[32:48], hf.extract(full_cache, 48)[32:], atol=1e-5, rtol=0)
     # A whole prompt from position 0 works too.
-    torch.testing.assert_close(StaticLlamaRunner(llama, max_tokens=64)(ids, 0), want, atol=1e-4, rtol=0)
+    whole = StaticLlamaRunner(llama, max_tokens=64, **options)(ids, 0)
+    torch.testing.assert_close(whole, want, atol=1e-4, rtol=0)
 
 
 def test_prefix_cache_loads_straight_into_the_buffer(llama: Any) -> None:
