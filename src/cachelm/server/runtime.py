@@ -42,7 +42,15 @@ def _open_records(config: ServerConfig) -> Store:
 
         keyring = Keyring.parse(config.keyring)
     if config.redis_url is not None:
-        return open_store(config.redis_url, namespace=config.namespace, keyring=keyring)
+        # Short timeouts: the store is read on the event loop, so a hung Redis must cost a fraction of a
+        # second per request, not the client default (a `?socket_timeout=` in the URL still wins).
+        return open_store(
+            config.redis_url,
+            namespace=config.namespace,
+            keyring=keyring,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+        )
     return open_store(config.store_url, keyring=keyring)
 
 
