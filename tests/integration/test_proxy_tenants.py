@@ -136,3 +136,15 @@ def test_semantic_index_on_pgvector_is_shared_by_replicas(
         assert kind == "semantic-hit"
         assert text == "Echo from gpt-4o-mini: Which river flows through the city of Paris?"
         assert ask(sdk(b.url, "globex"), "which river flows through the city of Paris")[0] == "miss"
+
+
+def test_embedded_semantic_index_survives_a_restart(upstream: OpenAIUpstream, tmp_path: Path) -> None:
+    with proxy_for(upstream, tmp_path, semantic_threshold=0.8) as proxy:
+        assert ask(sdk(proxy.url, "acme"), "Which planet is known as the red planet?")[0] == "miss"
+    with proxy_for(
+        upstream, tmp_path, semantic_threshold=0.8
+    ) as proxy:  # same SQLite file, new process state
+        kind, text = ask(sdk(proxy.url, "acme"), "which planet is known as the red planet")
+    assert kind == "semantic-hit"
+    assert text == "Echo from gpt-4o-mini: Which planet is known as the red planet?"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".semantic" in p.name)  # persisted beside the store
