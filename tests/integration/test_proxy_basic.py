@@ -107,6 +107,16 @@ def test_streaming_miss_is_recorded_and_replayed(proxy: ProxyThread, upstream: O
     assert upstream.count("/v1/chat/completions") == 1
 
 
+def test_streamed_miss_records_usage_without_sending_it(proxy: ProxyThread, upstream: OpenAIUpstream) -> None:
+    c = client(proxy)
+    request = chat("stream without asking for usage")
+    chunks = list(c.chat.completions.create(**request, stream=True))
+    assert all(ch.usage is None for ch in chunks) and all(ch.choices for ch in chunks)  # as the client asked
+    assert upstream.calls[-1].body["stream_options"] == {"include_usage": True}  # but cachelm asked for it
+    hit = c.chat.completions.create(**request)
+    assert hit.usage is not None and hit.usage.total_tokens == chat_answer(request)["usage"]["total_tokens"]
+
+
 def test_completions_and_models(proxy: ProxyThread, upstream: OpenAIUpstream) -> None:
     c = client(proxy)
     request = {"model": "gpt-4o-mini", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 3}

@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ms", type=int, default=10_000, help="cross-replica lock lease")
     p.add_argument("--log-level", default="info")
     p.add_argument("--no-access-log", action="store_true")
+    p.add_argument(
+        "--no-stream-usage",
+        action="store_true",
+        help="do not add stream_options.include_usage to streamed upstream calls (for upstreams without it)",
+    )
     p.add_argument("--hash-key", metavar="KEY", help="print the digest to put in a tenant config, and exit")
     return p
 
@@ -83,6 +88,7 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
         key_secret=env.get("CACHELM_KEY_SECRET", "").encode(),
         keyring=env.get("CACHELM_KEYRING"),
         access_log=not args.no_access_log,
+        stream_usage=not args.no_stream_usage,
     )
     return config, registry
 

@@ -32,6 +32,7 @@ class ServerConfig:
     key_secret: bytes = b""
     keyring: str | None = None  # at-rest encryption: 'id:base64key,...' (crypto.Keyring.parse)
     access_log: bool = True
+    stream_usage: bool = True  # ask streaming upstreams for token usage, to record it with the answer
     local_model: str = "smollm2"
 
     def __post_init__(self) -> None:

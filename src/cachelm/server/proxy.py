@@ -80,6 +80,13 @@ class Call:
             return self.raw
         return orjson.dumps({k: v for k, v in self.body.items() if k != "cache"})
 
+    def upstream_body_with_usage(self) -> bytes:
+        """`upstream_body` with ``stream_options.include_usage`` set."""
+        body = {k: v for k, v in self.body.items() if k != "cache"}
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, Mapping) else {}), "include_usage": True}
+        return orjson.dumps(body)
+
 
 def error_body(message: str, *, kind: str = "upstream_error", code: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
@@ -100,6 +107,7 @@ class Proxy:
         locks: RedisLocks | None = None,
         invalidator: Invalidator | None = None,
         origin: str = "",
+        stream_usage: bool = True,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
@@ -110,6 +118,7 @@ class Proxy:
         self.locks = locks
         self.invalidator = invalidator
         self.origin = origin
+        self.stream_usage = stream_usage  # ask streaming upstreams for usage (stream_options.include_usage)
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Task[None]] = set()  # strong references until they finish
         self.upstream_calls = 0
@@ -399,11 +408,17 @@ class Proxy:
         started = time.perf_counter()
         recorder = StreamRecorder(call.endpoint)
         sent = False
+        # Ask for the usage chunk even when this client did not, so the stored answer carries token counts
+        # (hits then credit them); the extra chunk is not forwarded to a client that did not ask for it.
+        hide_usage = self.stream_usage and not call.include_usage
+        body = call.upstream_body() if not hide_usage else call.upstream_body_with_usage()
         try:
             async for payload in self.upstream.stream(
-                PATHS[call.endpoint], call.upstream_body(), tenant=call.tenant.tenant_id
+                PATHS[call.endpoint], body, tenant=call.tenant.tenant_id
             ):
                 recorder.feed(payload)
+                if hide_usage and _usage_only(payload):
+                    continue
                 sink.put_nowait(frame(payload))
                 sent = True
         except UpstreamError as exc:
@@ -457,6 +472,17 @@ class _End:
 
 
 _END: Any = _End()
+
+
+def _usage_only(payload: bytes) -> bool:
+    """Whether an SSE payload is the usage-only chunk (``choices: []`` plus ``usage``)."""
+    if b'"usage"' not in payload:
+        return False
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
 
 
 async def _iterate(frames: Any) -> AsyncIterator[bytes]:

@@ -140,6 +140,7 @@ class Runtime:
             locks=self.locks,
             invalidator=self.invalidator,
             origin=self.origin,
+            stream_usage=config.stream_usage,
         )
         self.embeddings: Any = None
         self._models: tuple[float, dict[str, Any]] | None = None
