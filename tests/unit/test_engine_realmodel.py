@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache
+from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache, make_fingerprint
 from cachelm.engine.loader import PACKAGED_MODELS, default_cache_dir, load_model
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
@@ -31,6 +31,7 @@ def test_real_model_reuse_equals_recompute(name: str, prefix: int) -> None:
     if not (MODELS_DIR / PACKAGED_MODELS[name].filename).is_file():
         pytest.skip(f"{name} is not pulled into {MODELS_DIR}")
     model, tok = load_model(name, cache_dir=MODELS_DIR)
+    assert make_fingerprint(model).revision == PACKAGED_MODELS[name].sha256  # the GGUF's hash keys its KV
     text = "The history of the printing press begins long before Gutenberg. " * 80
     ids = tok(text).input_ids[: prefix + 17]
     pc = build_prefix_cache(model, model_id=name, block_size=64, cpu_bytes=1 << 30)

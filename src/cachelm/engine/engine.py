@@ -92,7 +92,12 @@ class GenerationResult:
 
 
 def make_fingerprint(model: Any, model_id: str | None = None, revision: str = "") -> ModelFingerprint:
-    """The KV identity of `model`: id (default: its `name_or_path`), revision and dtype."""
+    """The KV identity of `model`: id and revision (defaults: what `load_model` recorded — the packaged
+    name or GGUF file and its SHA-256 — else the model's `name_or_path` and ""), and dtype."""
+    identity = getattr(model, "cachelm_identity", None)
+    if identity is not None:
+        model_id = model_id or identity[0]
+        revision = revision or identity[1]
     name = model_id or getattr(model, "name_or_path", "") or ""
     if not name:
         raise ConfigError("`model_id` is required: the model has no name_or_path to identify its KV cache by")

@@ -238,4 +238,10 @@ def load_model(
     )
     model.to(device)
     model.eval()
+    # The KV cache identity (see `cachelm.engine.engine.make_fingerprint`): a GGUF's content hash is its
+    # revision, so two files under one name never share KV blocks.
+    if gguf_file is not None:
+        spec = next((m for m in PACKAGED_MODELS.values() if m.filename == gguf_file), None)
+        digest = spec.sha256 if spec is not None else _sha256(directory / gguf_file)
+        model.cachelm_identity = (spec.name if spec is not None else gguf_file, digest)
     return model, tokenizer
