@@ -104,35 +104,46 @@ def bench_ttft(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, t
     configs = [c for c in CONFIGS if c[0] != "redis" or args.redis_url]
     for length in args.lengths:
         prompt = ids[:length] + suffix
-        miss = _median_time(lambda p=prompt: base.prefill(p), args.reps)
-        # The suffix alone on a restored cache (no lookup, no load): the compute part of every hit's limit.
         with torch.inference_mode():
             full = hf.new_cache(model)
             model(input_ids=torch.tensor([prompt[:length]]), past_key_values=full, logits_to_keep=1)
             prefix_kv = hf.extract(full, length)
 
         def suffix_only(p: list[int] = prompt, kv: torch.Tensor = prefix_kv, n: int = length) -> None:
+            # The suffix alone on a restored cache (no lookup, no load): the compute part of every limit.
             cache = hf.new_cache(model)
             hf.restore(cache, kv, layout)
             with torch.inference_mode():
                 model(input_ids=torch.tensor([p[n:]]), past_key_values=cache, logits_to_keep=1)
 
-        t_suffix = _median_time(suffix_only, args.reps)
-        row: dict[str, Any] = {"prefix": length, "miss_s": miss, "suffix_s": t_suffix, "hits": {}}
+        runs: dict[str, Callable[[], Any]] = {
+            "miss": lambda p=prompt: base.prefill(p),
+            "suffix": suffix_only,
+        }
+        caches: dict[str, tuple[Tier, KVPrefixCache]] = {}
         for kind, codec in configs:
             tier = _make_tier(kind, codec, tmp, args.redis_url)
             pc = KVPrefixCache(layout=layout, model=fingerprint, tiers=[tier], block_size=args.block_size)
             pc.store(prompt, prefix_kv, tenant_salt=b"bench")
             engine = Engine(model, tok, prefix_cache=pc)
-            hit = _median_time(lambda p=prompt, e=engine: e.prefill(p, tenant_salt=b"bench"), args.reps)
+            caches[f"{kind}/{codec}"] = (tier, pc)
+            runs[f"{kind}/{codec}"] = lambda p=prompt, e=engine: e.prefill(p, tenant_salt=b"bench")
+        # Round robin: every configuration is timed once per round, so load changes on the shared machine
+        # hit all of them alike instead of whichever happened to run during a busy minute.
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        miss, t_suffix = statistics.median(times["miss"]), statistics.median(times["suffix"])
+        row: dict[str, Any] = {"prefix": length, "miss_s": miss, "suffix_s": t_suffix, "hits": {}}
+        for name, (tier, pc) in caches.items():
             assert pc.stats.hit_tokens == length * args.reps, pc.stats
-            kv_bytes = tier.used_bytes
-            limit = t_suffix + kv_bytes / bw[kind]
-            row["hits"][f"{kind}/{codec}"] = {"ttft_s": hit, "limit_s": limit, "kv_bytes": kv_bytes}
-            print(
-                f"prefix {length}: {kind}/{codec} hit {hit * 1e3:.0f} ms (limit {limit * 1e3:.0f} ms)",
-                flush=True,
-            )
+            hit, kind = statistics.median(times[name]), name.split("/")[0]
+            limit = t_suffix + tier.used_bytes / bw[kind]
+            row["hits"][name] = {"ttft_s": hit, "limit_s": limit, "kv_bytes": tier.used_bytes}
+            print(f"prefix {length}: {name} hit {hit * 1e3:.0f} ms (limit {limit * 1e3:.0f} ms)", flush=True)
             tier.clear()
             pc.close()
         print(f"prefix {length}: miss {miss * 1e3:.0f} ms, suffix alone {t_suffix * 1e3:.0f} ms", flush=True)
@@ -275,7 +286,8 @@ def _report(
         "`.venv/bin/python benchmarks/kv_bench.py --data /work/shared/data --models-dir .cache/models "
         f"--lengths {','.join(map(str, args.lengths))} --reps {args.reps}`",
         "",
-        f"TTFT = prefill + first token, median of {args.reps}; suffix = {ttft['suffix_tokens']} new tokens "
+        f"TTFT = prefill + first token, median of {args.reps} rounds (configurations interleaved); "
+        f"suffix = {ttft['suffix_tokens']} new tokens "
         f"after the cached prefix; block size {args.block_size}. Limit = suffix prefill alone + KV bytes ÷ "
         "tier bandwidth "
         "(measured here: "
