@@ -91,3 +91,15 @@ def test_load_model_validates_arguments(tmp_path: Path, kwargs: dict[str, str], 
 def test_load_model_rejects_unknown_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="path_or_name"):
         load_model(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("package", ["cachelm.engine", "cachelm.kv"])
+def test_lazy_exports_resolve_and_are_sorted(package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(package)
+    assert module.__all__ == sorted(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+    with pytest.raises(AttributeError):
+        module.__getattr__("nope")
