@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,37 @@ async def test_coalesced_waiters_of_a_failed_flight_get_the_error_then_recompute
         assert upstream.count(CHAT) == 1
         again = await http.post("/v1/chat/completions", json=chat("together"))
     assert again.status_code == 200 and again.headers["x-cachelm-cache"] == "miss"
+
+
+def test_streaming_followers_receive_the_leaders_chunks_live(
+    proxy: ProxyThread, upstream: OpenAIUpstream
+) -> None:
+    request = chat("one two three four five six seven eight nine ten")
+    upstream.inject("chunk_delay=0.08")
+    arrivals: dict[str, list[float]] = {"leader": [], "follower": []}
+    texts: dict[str, str] = {}
+
+    def consume(name: str, delay: float) -> None:
+        time.sleep(delay)
+        parts = []
+        for chunk in client(proxy).chat.completions.create(**request, stream=True):
+            arrivals[name].append(time.monotonic())
+            parts.extend(ch.delta.content or "" for ch in chunk.choices)
+        texts[name] = "".join(parts)
+
+    threads = [threading.Thread(target=consume, args=("leader", 0.0)),
+               threading.Thread(target=consume, args=("follower", 0.3))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    expected = chat_answer(request)["choices"][0]["message"]["content"]
+    assert texts == {"leader": expected, "follower": expected}
+    assert upstream.count(CHAT) == 1
+    # Live, not replayed afterwards: the follower (0.3 s late into a ~1.1 s stream) had its first chunk
+    # before the leader had the middle one; a replay would only start once the whole answer was in.
+    leader = arrivals["leader"]
+    assert arrivals["follower"][0] < leader[len(leader) // 2]
 
 
 @pytest.mark.parametrize(

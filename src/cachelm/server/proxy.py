@@ -5,7 +5,8 @@ purpose (one key computation, one L1 read, one JSON encode); everything a miss n
 
 In-process single-flight is a dict of futures rather than `response.singleflight.AsyncSingleFlight`: the
 leader of a *streaming* miss must forward chunks to its own client while the computation runs, which a
-result-only flight cannot express. Followers wait for the leader's `Outcome` and replay it. Across
+result-only flight cannot express. Streaming followers tail the leader's frames live (`Broadcast`);
+the others wait for the leader's `Outcome` and replay it. Across
 replicas the leader additionally takes the Redis lock (`shared.RedisLocks`).
 """
 
@@ -120,6 +121,9 @@ class Proxy:
         self.origin = origin
         self.stream_usage = stream_usage  # ask streaming upstreams for usage (stream_options.include_usage)
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
+        # Streaming flights by key, with whether their leader asked for usage (followers that asked the
+        # same tail the frames live; the others wait for the outcome and get their own replay).
+        self._streams: dict[str, tuple[Broadcast, bool]] = {}
         self._background: set[asyncio.Task[None]] = set()  # strong references until they finish
         self.upstream_calls = 0
 
@@ -278,29 +282,44 @@ class Proxy:
         key = self.cache.key_for(call.body, tenant=call.tenant.tenant_id, endpoint=call.endpoint)
         headers = {"x-cachelm-cache": "miss", "x-cachelm-age": "0", "x-request-id": call.request_id}
         flight = self._flights.get(key)
-        if flight is not None:  # follower: wait for the leader's outcome, then replay it
+        if flight is not None:  # follower: tail the leader's stream live, or wait for its outcome and replay
             self.cache.metrics.coalesced("exact")
+            live = self._streams.get(key)
+            if call.stream and live is not None and live[1] == call.include_usage:
+                headers["x-cachelm-cache"], headers["x-cachelm-coalesced"] = "hit", "1"
+                return await self._stream_from(live[0], headers)
             outcome = await asyncio.shield(flight)
             headers["x-cachelm-coalesced"] = "1"
             if outcome.response is not None:  # served by the leader's computation: no upstream call of ours
                 headers["x-cachelm-cache"] = "hit"
             return self._outcome_response(call, outcome, headers)
         flight = self._flights[key] = asyncio.get_running_loop().create_future()
-        sink: asyncio.Queue[bytes | Outcome] | None = asyncio.Queue() if call.stream else None
+        sink: Broadcast | None = None
+        if call.stream:
+            sink = Broadcast()
+            self._streams[key] = (sink, call.include_usage)
         task = asyncio.ensure_future(self._lead(key, call, sink))
         task.add_done_callback(lambda t: self._land(key, flight, t))
         if sink is None:
             return self._outcome_response(call, await asyncio.shield(flight), headers)
-        first = await sink.get()
-        if isinstance(first, Outcome):  # failed before the first event: a plain HTTP error
+        return await self._stream_from(sink, headers)
+
+    async def _stream_from(self, broadcast: Broadcast, headers: dict[str, str]) -> Response:
+        """Stream a flight's frames from its first one; a failure before any frame is a plain HTTP error."""
+        reader = broadcast.read()
+        first = await anext(reader, None)
+        if first is None:  # cannot happen for a flight that ran: it always emits or fails
+            return Response(error_body("empty stream"), status_code=502, media_type=JSON, headers=headers)
+        if isinstance(first, Outcome):
             return Response(first.body, status_code=first.status, media_type=JSON, headers=headers)
         return StreamingResponse(
-            _drain(first, sink), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
+            _drain(first, reader), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
         )
 
     def _land(self, key: str, flight: asyncio.Future[Outcome], task: asyncio.Task[Outcome]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
+            self._streams.pop(key, None)
         if task.cancelled():
             flight.set_result(Outcome(status=503, body=error_body("request cancelled")))
         elif task.exception() is not None:
@@ -320,7 +339,7 @@ class Proxy:
             )
         return Response(outcome.body, status_code=outcome.status, media_type=JSON, headers=headers)
 
-    async def _lead(self, key: str, call: Call, sink: asyncio.Queue[bytes | Outcome] | None) -> Outcome:
+    async def _lead(self, key: str, call: Call, sink: Broadcast | None) -> Outcome:
         """Compute the answer once (across replicas when shared), store it if cacheable, report it."""
         lease: Lease | None = None
         try:
@@ -374,7 +393,7 @@ class Proxy:
             status=200, body=orjson.dumps(found.response), response=found.response, created=found.created
         )
 
-    def _emit(self, sink: asyncio.Queue[bytes | Outcome] | None, outcome: Outcome, call: Call) -> Outcome:
+    def _emit(self, sink: Broadcast | None, outcome: Outcome, call: Call) -> Outcome:
         if sink is not None and outcome.response is not None:
             for chunk in replay(call.endpoint, outcome.response, include_usage=call.include_usage):
                 sink.put_nowait(chunk)
@@ -402,7 +421,7 @@ class Proxy:
         ok = isinstance(response, dict) and cacheable_response(response, call.endpoint)
         return Outcome(status=200, body=body, response=response if ok else None)
 
-    async def _compute_stream(self, call: Call, sink: asyncio.Queue[bytes | Outcome]) -> Outcome:
+    async def _compute_stream(self, call: Call, sink: Broadcast) -> Outcome:
         self.upstream_calls += 1
         self.metrics.upstream_calls.labels(call.endpoint).inc()
         started = time.perf_counter()
@@ -468,10 +487,54 @@ class Proxy:
 
 
 class _End:
-    """Marks the end of a sink."""
+    """Marks the end of a flight's frames."""
 
 
 _END: Any = _End()
+
+
+class Broadcast:
+    """The frames of one streaming flight: every reader gets all of them from the first, as they arrive.
+
+    Items are SSE frames (bytes), or an `Outcome` when the flight failed before its first frame. Appends
+    are O(1); frames are kept until the flight is over (a response's worth of bytes).
+    """
+
+    def __init__(self) -> None:
+        self.items: list[bytes | Outcome] = []
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def put_nowait(self, item: bytes | Outcome) -> None:
+        if item is _END:
+            self.closed = True
+        else:
+            self.items.append(item)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def read(self) -> AsyncIterator[bytes | Outcome]:
+        index = 0
+        while True:
+            while index < len(self.items):
+                yield self.items[index]
+                index += 1
+            if self.closed:
+                return
+            await self._changed.wait()
+
+
+async def _iterate(frames: Any) -> AsyncIterator[bytes]:
+    for chunk in frames:
+        yield chunk
+
+
+async def _drain(first: bytes, reader: AsyncIterator[bytes | Outcome]) -> AsyncIterator[bytes]:
+    yield first
+    async for item in reader:
+        if isinstance(item, Outcome):
+            return
+        yield item
 
 
 def _usage_only(payload: bytes) -> bool:
@@ -483,20 +546,6 @@ def _usage_only(payload: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
-
-
-async def _iterate(frames: Any) -> AsyncIterator[bytes]:
-    for chunk in frames:
-        yield chunk
-
-
-async def _drain(first: bytes, sink: asyncio.Queue[bytes | Outcome]) -> AsyncIterator[bytes]:
-    yield first
-    while True:
-        item = await sink.get()
-        if item is _END or isinstance(item, Outcome):
-            return
-        yield item
 
 
 def _tokens(usage: Mapping[str, Any], name: str) -> int:
