@@ -178,6 +178,14 @@ def test_streaming_followers_receive_the_leaders_chunks_live(
             413,
             "byte limit",
         ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": '
+            + b"[" * 1000
+            + b"]" * 1000
+            + b"}",
+            400,
+            "nests deeper",
+        ),
     ],
 )
 def test_invalid_payloads_are_4xx_with_a_clear_message(

@@ -75,6 +75,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_DEPTH = 64  # nesting levels of a request body; far beyond any real tool schema
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests deeper than `limit` (iterative: a deep body must not exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -82,6 +98,9 @@ def parse_object(raw: bytes) -> dict[str, Any]:
         raise RequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
+    if _too_deep(body, MAX_DEPTH):
+        # Key computation walks the body recursively; refuse what would exhaust the stack there.
+        raise RequestError(f"request body nests deeper than {MAX_DEPTH} levels")
     return body
 
 
