@@ -156,7 +156,7 @@ class TestFlatIndex(IndexContract):
 
 
 class _GraphContract(IndexContract):
-    backend = "usearch"
+    backend = "hnswlib"
 
     def make(self, dim: int = DIM) -> VectorIndex:
         # min_graph_size=8 forces real graphs in these small tests; high ef keeps tiny graphs exact.

@@ -82,7 +82,7 @@ def test_snapshot_of_other_settings_is_not_trusted(tmp_path: Path) -> None:
     ix = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "c.sqlite")
     ix.add(entries(vectors(40)))
     ix.close()
-    other = HNSWConfig(backend="hnswlib", min_graph_size=16, expansion_search=256)
+    other = HNSWConfig(backend="faiss", min_graph_size=16, expansion_search=256)
     again = HNSWIndex(DIM, config=other, path=tmp_path / "c.sqlite")
     assert again.recovery["rebuilt"] == 1
     assert_same_answers(again, entries(vectors(40)), vectors(10, seed=4))
