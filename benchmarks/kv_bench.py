@@ -9,8 +9,8 @@ Writes the `kv-cpu` section of docs/BENCHMARKS.md and docs/img/kv_ttft_cpu.png.
 TTFT is prefill + first-token argmax, median of `--reps` runs, measured side by side in one process.
 Beside every hit, its physical limit: the suffix prefill alone (on an already restored cache) plus the KV
 bytes the tier must deliver ÷ that tier's copy bandwidth, both measured in the same run (memory: a copy of
-256 MB; disk: a read of a 256 MB file just written, i.e. from the page cache, as the hits are; Redis: GET
-of a 64 MB value over the loopback).
+256 MB; disk: reads of 2 MB files just written, i.e. from the page cache, as the hits are; Redis: GETs of
+2 MB values over the loopback).
 """
 
 from __future__ import annotations
@@ -61,24 +61,30 @@ def _median_time(fn: Callable[[], Any], reps: int) -> float:
 
 
 def _bandwidths(redis_url: str | None, tmp: Path) -> dict[str, float]:
-    """Bytes per second of each tier's copy path."""
+    """Bytes per second of each tier's copy path, moved in 2 MB pieces (about one KV block of SmolLM2 at
+    block size 64), one after another — the way a hit reads its blocks."""
     out: dict[str, float] = {}
     x = torch.randn(64 << 20)  # 256 MB float32
     y = torch.empty_like(x)
     y.copy_(x)
     out["cpu"] = x.numel() * 4 / _median_time(lambda: y.copy_(x), 3)
-    path = tmp / "bw.bin"
-    path.write_bytes(x.numpy().tobytes())
-    out["disk"] = path.stat().st_size / _median_time(path.read_bytes, 3)
-    path.unlink()
+    piece = x[: 1 << 19].numpy().tobytes()  # 2 MB
+    count = 64
+    paths = [tmp / f"bw{i}.bin" for i in range(count)]
+    for path in paths:
+        path.write_bytes(piece)
+    out["disk"] = count * len(piece) / _median_time(lambda: [p.read_bytes() for p in paths], 3)
+    for path in paths:
+        path.unlink()
     if redis_url:
         import redis
 
         client = redis.Redis.from_url(redis_url)
-        key, blob = f"kvbench:{uuid.uuid4().hex}", x[: 16 << 20].numpy().tobytes()
-        client.set(key, blob)
-        out["redis"] = len(blob) / _median_time(lambda: client.get(key), 3)
-        client.delete(key)
+        keys = [f"kvbench:{uuid.uuid4().hex}" for _ in range(count)]
+        for key in keys:
+            client.set(key, piece)
+        out["redis"] = count * len(piece) / _median_time(lambda: [client.get(k) for k in keys], 3)
+        client.delete(*keys)
     return out
 
 
