@@ -111,7 +111,10 @@ class _Unencodable(Exception):
         self.reason, self.path = reason, path
 
 
-def _normalise_value(value: Any) -> Any:
+MAX_DEPTH = 64  # deeper JSON than this is refused: no real request nests so deep, and recursion has a limit
+
+
+def _normalise_value(value: Any, depth: int = 0) -> Any:
     # Exact type checks first: str/int dominate requests and this runs on every cache lookup.
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
@@ -120,13 +123,15 @@ def _normalise_value(value: Any) -> Any:
         if not math.isfinite(value):
             raise _Unencodable(f"must be a finite number, got {value!r}")
         return int(value) if value.is_integer() else value
+    if depth > MAX_DEPTH:
+        raise _Unencodable(f"nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise _Unencodable(f"keys must be strings, got {k!r}")
             try:
-                out[k] = _normalise_value(v)
+                out[k] = _normalise_value(v, depth + 1)
             except _Unencodable as exc:
                 raise _Unencodable(exc.reason, f".{k}{exc.path}") from None
         return out
@@ -134,7 +139,7 @@ def _normalise_value(value: Any) -> Any:
         items = []
         for i, v in enumerate(value):
             try:
-                items.append(_normalise_value(v))
+                items.append(_normalise_value(v, depth + 1))
             except _Unencodable as exc:
                 raise _Unencodable(exc.reason, f"[{i}]{exc.path}") from None
         return items

@@ -314,3 +314,13 @@ def test_semantic_context_key_keeps_non_text_parts_of_the_last_turn() -> None:
     dog = semantic_query(req("https://example.com/dog.png"), tenant_salt=SALT)
     assert cat is not None and dog is not None and cat.text == dog.text
     assert cat.context_key != dog.context_key
+
+
+def test_deeply_nested_request_is_a_config_error_not_a_recursion_error() -> None:
+    nested: list[Any] = []
+    inner = nested
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(ConfigError, match="nests deeper than"):
+        request_key({"model": "m", "messages": nested}, tenant_salt=SALT)
