@@ -19,9 +19,15 @@ Measured, at each size (10K and 100K entries by default), on the same data:
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread for numpy: a single query's mat-vec gains nothing from threads, and on a shared 2-core VM
+# spinning BLAS workers turned a 0.2 ms flat search into 7 ms of CPU. Must be set before numpy loads. (The
+# HNSW libraries keep their own thread pools for building.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -149,9 +155,10 @@ def cachelm_paths(
     def request(text: str) -> dict[str, Any]:
         return {"model": "gpt-x", "temperature": 0, "messages": [{"role": "user", "content": text}]}
 
+    # HNSW first: RSS growth is only trustworthy for the first index built (later ones reuse freed memory).
     for name, make in (
-        ("flat", lambda: FlatIndex(base.shape[1])),
         ("hnsw", lambda: HNSWIndex(base.shape[1], config=HNSWConfig(backend=backend))),
+        ("flat", lambda: FlatIndex(base.shape[1])),
     ):
         gc.collect()
         before = rss_bytes()
@@ -281,7 +288,9 @@ def render(lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: ar
         "absolute times are noisy; compare rows of one run. Vectors: all-MiniLM-L6-v2 (384-d) of QQP "
         "questions; beyond the distinct real questions, noisy copies of them (see the script's docstring). "
         f"{args.queries} held-out real queries; lookups use {args.lookup_queries} of them, MiniLM on "
-        f"{args.threads} torch thread(s).",
+        f"{args.threads} torch thread(s), numpy BLAS on 1 thread. Memory: the serialised index size per "
+        "entry is the dependable figure; RSS growth is measured in-process after earlier structures were freed, so "
+        "later rows can reuse freed memory and read low.",
         "",
         f"### HNSW libraries on the same data (M={M}, ef_construction={EF_ADD}, ef_search={EF_SEARCH})",
         "",
