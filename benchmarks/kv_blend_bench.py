@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_description, write_section
-
 from cachelm.engine.loader import load_model
 from cachelm.kv import hf
 from cachelm.kv.blend import Segment, blend_prefill, prefill_chunk
@@ -40,7 +39,10 @@ PLACEHOLDER = "\u00a7DOC\u00a7"
 
 def _segments(tok: Any, system: str, question: str, doc_ids: list[int]) -> tuple[list[int], list[int]]:
     """Token ids before and after the document in the agent's chat prompt (template rendered once)."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": PLACEHOLDER + "\n\n" + question}]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": PLACEHOLDER + "\n\n" + question},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = text.split(PLACEHOLDER)
     return tok(before, add_special_tokens=False).input_ids, tok(after, add_special_tokens=False).input_ids
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-tokens", type=int, default=768)
     p.add_argument("--docs", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.15, 0.3])
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.15, 0.3, 0.5])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -101,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             full_ttft.append(time.perf_counter() - t0)
             want = _decode(model, full.kv, full.logits, args.new_tokens, eos)
             for ratio in args.ratios:
-                segs = [Segment(token_ids=before), Segment(token_ids=doc_ids, kv=doc_kv), Segment(token_ids=after)]
+                segs = [
+                    Segment(token_ids=before),
+                    Segment(token_ids=doc_ids, kv=doc_kv),
+                    Segment(token_ids=after),
+                ]
                 t0 = time.perf_counter()
                 res = blend_prefill(model, segs, recompute_ratio=ratio)
                 ttft = time.perf_counter() - t0
@@ -125,22 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         "`.venv/bin/python benchmarks/kv_blend_bench.py --data /work/shared/data --models-dir .cache/models`",
         "",
         f"{args.docs} documents × {len(AGENTS)} agents (different system prompts and questions), "
-        f"{args.doc_tokens}-token excerpts of /work/shared/data/longtext, greedy answers of {args.new_tokens} "
-        "tokens. The document is prefilled once, alone; each agent re-positions its KV (exact rotary shift) and "
-        "recomputes the top r of its tokens by layer-1 KV deviation. A prefix cache reuses nothing here: the "
-        "prompts differ from their first token.",
+        f"{args.doc_tokens}-token excerpts of /work/shared/data/longtext, greedy answers of "
+        f"{args.new_tokens} tokens. The document is prefilled once, alone; each agent re-positions its KV "
+        "(exact rotary shift) and recomputes the top r of its tokens by layer-1 KV deviation. A prefix cache "
+        "reuses nothing here: the prompts differ from their first token.",
         "",
         f"Full recompute: TTFT P50 {statistics.median(full_ttft) * 1e3:.0f} ms per agent; the document is "
         f"{doc_tokens_total / prompt_tokens:.0%} of the prompt tokens.",
         "",
-        "| recompute r | prefill work vs full | TTFT P50 | answers identical | token agreement | first token same "
-        "| max abs Δlogit (first token) |",
+        "| recompute r | prefill work vs full | TTFT P50 | answers identical | token agreement "
+        "| first token same | max abs Δlogit (first token) |",
         "|---|---|---|---|---|---|---|",
     ]
     for ratio in args.ratios:
         s = stats[f"{ratio:.2f}"]
         lines.append(
-            f"| {ratio:.2f} | {statistics.mean(s['compute']):.0%} | {statistics.median(s['ttft']) * 1e3:.0f} ms | "
+            f"| {ratio:.2f} | {statistics.mean(s['compute']):.0%} | "
+            f"{statistics.median(s['ttft']) * 1e3:.0f} ms | "
             f"{sum(s['exact']):.0f}/{n_agents} | {statistics.mean(s['agree']):.0%} | "
             f"{sum(s['first']):.0f}/{n_agents} | {statistics.mean(s['dlogit']):.2f} |"
         )
