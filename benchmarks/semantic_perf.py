@@ -289,8 +289,8 @@ def render(lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: ar
         "questions; beyond the distinct real questions, noisy copies of them (see the script's docstring). "
         f"{args.queries} held-out real queries; lookups use {args.lookup_queries} of them, MiniLM on "
         f"{args.threads} torch thread(s), numpy BLAS on 1 thread. Memory: the serialised index size per "
-        "entry is the dependable figure; RSS growth is measured in-process after earlier structures were freed, so "
-        "later rows can reuse freed memory and read low.",
+        "entry is the dependable figure; RSS growth is measured in-process after earlier structures were "
+        "freed, so later rows can reuse freed memory and read low.",
         "",
         f"### HNSW libraries on the same data (M={M}, ef_construction={EF_ADD}, ef_search={EF_SEARCH})",
         "",
