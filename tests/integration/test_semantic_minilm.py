@@ -84,3 +84,14 @@ def test_semantic_cache_with_minilm_and_persisted_hnsw(minilm: MiniLMEmbedder, t
     assert hit2.similarity == pytest.approx(hit.similarity, abs=1e-5)
     assert embeddings.stats.hits >= 1
     again.close()
+
+
+def test_quantized_minilm_is_a_different_but_close_model() -> None:
+    texts = ["How do I reset my password?", "Best pizza in Naples"]
+    fp32 = MiniLMEmbedder(device="cpu").embed(texts)
+    int8 = MiniLMEmbedder(device="cpu", quantize=True)
+    v = int8.embed(texts)
+    assert int8.model_id != MiniLMEmbedder.MODEL_ID  # never shares embedding-cache entries with fp32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    cos = np.einsum("ij,ij->i", v, fp32)
+    assert np.all(cos > 0.9) and np.all(cos < 0.9999)  # the int8 layers are really in use

@@ -163,7 +163,12 @@ class MiniLMEmbedder:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             model = SentenceTransformer(minilm_model_path(), device=device)
             if self.quantize:
-                model[0].auto_model = _quantize_linear(model[0].auto_model)
+                inner = model[0]
+                quantized = _quantize_linear(inner.auto_model)
+                if isinstance(getattr(type(inner), "auto_model", None), property):
+                    inner.model = quantized  # sentence-transformers 5: `auto_model` is a view of `.model`
+                else:
+                    inner.auto_model = quantized
             self._model = model
         return self._model
 
