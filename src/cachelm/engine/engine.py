@@ -127,7 +127,7 @@ class Engine:
             )
         self.prefix_cache = prefix_cache
         eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos]
+        eos_ids = list(eos) if isinstance(eos, list) else [eos]  # a copy: never mutate the model's config
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(int(i) for i in eos_ids if i is not None)

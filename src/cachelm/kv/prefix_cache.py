@@ -101,7 +101,7 @@ class KVPrefixCache:
         for i in range(usable):
             tier_index = self._find(hashes[i])
             if tier_index is None:
-                tier_index = self._probe_shared(hashes[i:usable], len(where))
+                tier_index = self._probe_shared(hashes[i])
                 if tier_index is None:
                     break
             where.append(tier_index)
@@ -115,12 +115,12 @@ class KVPrefixCache:
         with self._inflight_lock:
             return -1 if block_hash in self._inflight else None
 
-    def _probe_shared(self, rest: list[BlockHash], _matched: int) -> int | None:
-        """Ask shared tiers (Redis) whether another process stored the next block."""
+    def _probe_shared(self, block_hash: BlockHash) -> int | None:
+        """Ask shared tiers (Redis) whether another process stored `block_hash`."""
         for index, tier in enumerate(self.tiers):
             if isinstance(tier, RedisTier):
                 try:
-                    if tier.probe(rest[:1])[0]:
+                    if tier.probe([block_hash])[0]:
                         return index
                 except BackendError:
                     self.stats.backend_errors += 1
