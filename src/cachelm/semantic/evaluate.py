@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cachelm.errors import ConfigError
 from cachelm.semantic.cache import SemanticCache
 from cachelm.semantic.datasets import (
     PairSet,
@@ -46,6 +47,7 @@ from cachelm.semantic.datasets import (
 from cachelm.semantic.decision import (
     BoundedErrorConfig,
     BoundedErrorPolicy,
+    Calibration,
     DecisionRule,
     StaticThreshold,
     calibrate_threshold,
@@ -253,12 +255,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = {name: ps.labels for name, ps in sets.items()}
     gpt = StaticThreshold.gptcache_default().threshold
     cal_f1 = calibrate_threshold(sims["meancache-val"], labels["meancache-val"], objective="f1")
-    cal_p95 = calibrate_threshold(
-        sims["meancache-val"],
-        labels["meancache-val"],
-        objective="precision",
-        target_precision=args.target_precision,
-        alpha=0.05,
+    notes: list[str] = []
+    cal_p95: Calibration | None = None
+    try:
+        cal_p95 = calibrate_threshold(
+            sims["meancache-val"],
+            labels["meancache-val"],
+            objective="precision",
+            target_precision=args.target_precision,
+            alpha=0.05,
+        )
+    except ConfigError:  # an unreachable target is a result, not a crash
+        notes.append(f"No threshold reaches precision {args.target_precision} on MeanCache val: row omitted.")
+    p_val = [] if cal_p95 is None else [(f"calibrated P>={args.target_precision} (val)", cal_p95.threshold)]
+    p_mc = (
+        []
+        if cal_p95 is None
+        else [(f"calibrated P>={args.target_precision} (MeanCache val)", cal_p95.threshold)]
     )
     sts_f1 = calibrate_threshold(sims["stsb-dev"], labels["stsb-dev"], objective="f1")
     rows = []
@@ -266,21 +279,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, thresholds in (
         (
             "meancache-test",
-            (
-                ("GPTCache default", gpt),
-                ("calibrated F1 (val)", cal_f1.threshold),
-                (f"calibrated P>={args.target_precision} (val)", cal_p95.threshold),
-            ),
+            [("GPTCache default", gpt), ("calibrated F1 (val)", cal_f1.threshold), *p_val],
         ),
         (
             "gptcache",
-            (
-                ("GPTCache default", gpt),
-                ("calibrated F1 (MeanCache val)", cal_f1.threshold),
-                (f"calibrated P>={args.target_precision} (MeanCache val)", cal_p95.threshold),
-            ),
+            [("GPTCache default", gpt), ("calibrated F1 (MeanCache val)", cal_f1.threshold), *p_mc],
         ),
-        ("stsb-test", (("GPTCache default", gpt), ("calibrated F1 (dev)", sts_f1.threshold))),
+        ("stsb-test", [("GPTCache default", gpt), ("calibrated F1 (dev)", sts_f1.threshold)]),
     ):
         for label, t in thresholds:
             sc = pair_scores(sims[name], labels[name], t)
@@ -321,11 +326,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rules += [
                     ("GPTCache default (0.60)", StaticThreshold(gpt)),
                     (f"calibrated F1 ({cal_f1.threshold:.3f})", StaticThreshold(cal_f1.threshold)),
-                    (
-                        f"calibrated P>={args.target_precision} ({cal_p95.threshold:.3f})",
-                        StaticThreshold(cal_p95.threshold),
-                    ),
                 ]
+                if cal_p95 is not None:
+                    label = f"calibrated P>={args.target_precision} ({cal_p95.threshold:.3f})"
+                    rules.append((label, StaticThreshold(cal_p95.threshold)))
             rules += [
                 (
                     f"δ-bounded δ={d}",
@@ -349,11 +353,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sweep": sweep,
         "worst_pairs": worst_pairs,
         "streams": streams,
-        "calibration": {"f1": cal_f1.__dict__, "p95": cal_p95.__dict__, "stsb_f1": sts_f1.__dict__},
+        "calibration": {
+            "f1": cal_f1.__dict__,
+            "p95": None if cal_p95 is None else cal_p95.__dict__,
+            "stsb_f1": sts_f1.__dict__,
+        },
         "sizes": {k: len(v) for k, v in sets.items()},
         "seconds": time.perf_counter() - started,
         "curves": {k: (sims[k], labels[k]) for k in ("meancache-test", "gptcache", "stsb-test")},
         "points": points,
+        "notes": notes,
     }
 
 
@@ -418,6 +427,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {r['data']} | {r['rule']} | {_fmt(r['threshold'])} | {_fmt(r['precision'])} | "
             f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {_fmt(r['hit_rate'])} | {_fmt(r['false_hit_rate'])} |"
         )
+    lines += [f"\n{note}" for note in result.get("notes", [])]
     lines += [
         "",
         f"![PR curves](img/semantic_pr{_suffix(args)}.png) "
