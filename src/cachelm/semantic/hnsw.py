@@ -7,9 +7,10 @@ Each (tenant, context_key) partition starts as an exact `FlatPartition`; when it
 vectors a mat-vec is faster than a graph walk and exact, and most partitions (one per conversation context)
 stay small. The graph library is pluggable (usearch, hnswlib, faiss) so benchmarks/semantic_perf.py can
 compare them on identical data. The default is hnswlib: on 100K MiniLM vectors (M=16, ef 128/64, the shared
-2-core VM) it answered in 132 µs P50 vs 390 µs for usearch and 132 µs for faiss, built 1.7× faster than
+2-core VM) it answered in 166 µs P50 vs 520 µs for usearch and 172 µs for faiss, built 4× faster than
 usearch, used the same memory (1,684 B/entry serialised) and reached recall@1 0.992 (usearch 0.994, faiss
 0.992); faiss's HNSW cannot delete (removed labels become tombstones), so hnswlib wins the tie with it.
+(Two earlier runs on the same machine ranked them the same way; docs/BENCHMARKS.md has the latest.)
 
 Durability (``HNSWIndex(path=...)``)
 ------------------------------------
