@@ -87,3 +87,11 @@ def test_stream_accounting() -> None:
     assert loose.false_hit_rate == loose.wrong_hits / 6
     bounded = simulate_stream(texts, vectors, classes, BoundedErrorPolicy(BoundedErrorConfig(seed=0)), "b", 0)
     assert bounded.hits == 0  # six lookups can certify nothing
+
+
+def test_main_accepts_the_cli_subcommand_and_validates_data(tmp_path: Path) -> None:
+    from cachelm.semantic.evaluate import main
+
+    with pytest.raises(ConfigError, match="`--data`"):
+        main(["semantic", "--data", str(tmp_path), "--pairs-only"])
+    assert main(["--data", str(tmp_path), "--seeds", "0"]) == 2  # bad option values: usage error

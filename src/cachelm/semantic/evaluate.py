@@ -503,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of `cachelm eval semantic ...` (the CLI passes "semantic" on) and of `python -m`."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["semantic"]:
+        args_in = args_in[1:]
+    args = build_parser().parse_args(args_in)
     if args.gptcache_limit < 100 or args.seeds < 1:
         print("`--gptcache-limit` must be >= 100 and `--seeds` >= 1", file=sys.stderr)
         return 2
