@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             receiver_kv, [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in sharer_kv], alignment
         )
 
-    fuser.fuse = zero_sharer  # type: ignore[method-assign]
+    fuser.fuse = zero_sharer  # type: ignore[method-assign,assignment]
     zero = score_questions(pair.pipeline(receiver, sharer, fuser), questions, batch_size=16)
     same = sum(a == b for a, b in zip(full.predictions, zero.predictions, strict=True)) / len(questions)
     print(json.dumps({"n": len(questions), "c2c": full.acc, "zero_sharer": zero.acc, "same_answer": same}))
