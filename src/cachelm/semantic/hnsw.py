@@ -7,10 +7,11 @@ Each (tenant, context_key) partition starts as an exact `FlatPartition`; when it
 vectors a mat-vec is faster than a graph walk and exact, and most partitions (one per conversation context)
 stay small. The graph library is pluggable (usearch, hnswlib, faiss) so benchmarks/semantic_perf.py can
 compare them on identical data. The default is hnswlib: on 100K MiniLM vectors (M=16, ef 128/64, the shared
-2-core VM) it answered in 166 µs P50 vs 520 µs for usearch and 172 µs for faiss, built 4× faster than
-usearch, used the same memory (1,684 B/entry serialised) and reached recall@1 0.992 (usearch 0.994, faiss
-0.992); faiss's HNSW cannot delete (removed labels become tombstones), so hnswlib wins the tie with it.
-(Two earlier runs on the same machine ranked them the same way; docs/BENCHMARKS.md has the latest.)
+2-core VM, nearly idle) it answered in 165 µs P50 vs 382 µs for usearch and 128 µs for faiss, built 2× faster
+than both (8.0K vs 4.0K and 3.9K vectors/s), used the same memory (1,684 B/entry serialised) and reached
+recall@1 0.992 (usearch 0.994, faiss 0.992). faiss's HNSW cannot delete (removed labels become tombstones
+that every search must skip), which decides the near-tie with it. Three runs, two of them under heavy load,
+ranked hnswlib first or tied on query time every time; docs/BENCHMARKS.md has the latest.
 
 Durability (``HNSWIndex(path=...)``)
 ------------------------------------
