@@ -218,12 +218,12 @@ def test_admin_api(proxy: ProxyThread) -> None:
     listed = httpx.get(proxy.url + "/admin/entries?tenant=acme", headers=admin).json()["entries"]
     assert sorted(e["user"] for e in listed) == ["alice", "bob"] and {e["tenant"] for e in listed} == {"acme"}
     erased = httpx.post(proxy.url + "/admin/erase", json={"tenant": "acme", "user": "alice"}, headers=admin)
-    assert erased.json() == {"deleted": 1}
+    assert erased.json() == {"deleted": 2}  # records: alice's answer and its logged request
     assert acme.chat.completions.with_raw_response.create(**chat("one")).headers["x-cachelm-cache"] == "miss"
     assert acme.chat.completions.with_raw_response.create(**chat("two")).headers["x-cachelm-cache"] == "hit"
     assert globex.chat.completions.with_raw_response.create(**chat("one")).headers["x-cachelm-cache"] == "hit"
     purged = httpx.post(proxy.url + "/admin/purge", json={"tenant": "globex"}, headers=admin)
-    assert purged.json() == {"deleted": 1}
+    assert purged.json() == {"deleted": 2}  # records: the answer and its logged request
     bad = httpx.post(proxy.url + "/admin/purge", json={}, headers=admin)
     assert bad.status_code == 400 and "filter" in bad.json()["error"]["message"]
 

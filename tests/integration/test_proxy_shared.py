@@ -164,7 +164,7 @@ def test_l1_stays_coherent_across_replicas(upstream: OpenAIUpstream, redis_proc:
         # A purge on A must reach B's L1; without the invalidation B would still answer from memory.
         admin = {"authorization": f"Bearer {ADMIN}"}
         purged = httpx.post(a.url + "/admin/purge", json={"tenant": "default"}, headers=admin)
-        assert purged.json() == {"deleted": 1}
+        assert purged.json() == {"deleted": 2}  # the answer and its logged request
         time.sleep(0.2)  # the invalidation travels through Redis pub/sub
         assert cb.chat.completions.with_raw_response.create(**request).headers["x-cachelm-cache"] == "miss"
         # A refresh on A replaces the entry; B's L1 copy (2 s old) must be dropped, so B sees the new one.

@@ -15,7 +15,8 @@ keeps one record in the *same store* as the answer, under ``request:<response ke
 - the value is compact JSON ``{"request": {...}, "endpoint": "chat.completions"}``.
 
 Costs, stated: each logged answer takes a second record (counted by ``cachelm stats``, listed by
-``cachelm export`` under the tag ``cachelm:request``). Answers written without the log (the proxy today)
+``cachelm export`` under the tag ``cachelm:request``). The proxy logs every answer it stores (unless
+``cachelm serve --no-request-log``). Answers written without the log
 can still be invalidated, but not refreshed, and `mark_bad` by key finds their neighbours only through
 the index (see `cachelm.governance.vectors`).
 """

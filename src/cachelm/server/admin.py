@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from cachelm.errors import BackendError, ConfigError
+from cachelm.governance.journal import REQUEST_TAG, is_log_key
 from cachelm.server.proxy import JSON
 from cachelm.server.runtime import Runtime
 from cachelm.store.base import Match
@@ -62,16 +63,23 @@ def routes(runtime: Runtime) -> list[Route]:
     async def stats(request: Request) -> Response:
         if (denied := guard(request)) is not None:
             return denied
+
+        def count() -> tuple[int | None, int | None]:
+            # Request-log records (governance) sit beside the answers; they are not entries.
+            logged = sum(1 for _ in runtime.records.scan(Match(tag=REQUEST_TAG)))
+            return len(runtime.records) - logged, logged
+
         try:
-            entries: int | None = await asyncio.to_thread(len, runtime.records)
+            entries, logged = await asyncio.to_thread(count)
         except BackendError:
-            entries = None
+            entries = logged = None
         return _json(
             {
                 "cache": runtime.cache.metrics.snapshot(),
                 "requests": runtime.metrics.totals,
                 "upstream_calls": runtime.proxy.upstream_calls,
                 "entries": entries,
+                "logged_requests": logged,
                 "tenants": runtime.registry.tenant_ids(),
                 "uptime_s": time.time() - runtime.metrics.started,
                 "origin": runtime.origin,
@@ -97,9 +105,12 @@ def routes(runtime: Runtime) -> list[Route]:
         def browse() -> list[dict[str, Any]]:
             now = time.time()
             out = []
-            for record in itertools.islice(
-                runtime.records.scan(Match(tenant=tenant) if tenant else None), limit
-            ):
+            answers = (
+                r
+                for r in runtime.records.scan(Match(tenant=tenant) if tenant else None)
+                if not is_log_key(r.key)
+            )
+            for record in itertools.islice(answers, limit):
                 out.append(
                     {
                         "key": record.key[:16],

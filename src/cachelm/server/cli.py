@@ -59,6 +59,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not add stream_options.include_usage to streamed upstream calls (for upstreams without it)",
     )
+    p.add_argument(
+        "--no-request-log",
+        action="store_true",
+        help="do not keep the request behind each answer (then `cachelm refresh` can only drop entries)",
+    )
     p.add_argument("--hash-key", metavar="KEY", help="print the digest to put in a tenant config, and exit")
     return p
 
@@ -89,6 +94,7 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
         keyring=env.get("CACHELM_KEYRING"),
         access_log=not args.no_access_log,
         stream_usage=not args.no_stream_usage,
+        request_log=not args.no_request_log,
     )
     return config, registry
 

@@ -33,6 +33,9 @@ class ServerConfig:
     keyring: str | None = None  # at-rest encryption: 'id:base64key,...' (crypto.Keyring.parse)
     access_log: bool = True
     stream_usage: bool = True  # ask streaming upstreams for token usage, to record it with the answer
+    # Keep the request behind each answer (cachelm.governance.journal), so `cachelm refresh` can recompute
+    # the most valuable entries after a model change instead of dropping them. Costs one record per answer.
+    request_log: bool = True
     local_model: str = "smollm2"
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from cachelm.errors import BackendError
+from cachelm.governance.journal import RequestLog
 from cachelm.keys import is_sampled
 from cachelm.response.exact import CachedResponse, ExactCache, cacheable_response
 from cachelm.server.control import CacheControl
@@ -109,6 +110,7 @@ class Proxy:
         invalidator: Invalidator | None = None,
         origin: str = "",
         stream_usage: bool = True,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.cache = cache
         self.upstream = upstream
@@ -120,6 +122,7 @@ class Proxy:
         self.invalidator = invalidator
         self.origin = origin
         self.stream_usage = stream_usage  # ask streaming upstreams for usage (stream_options.include_usage)
+        self.request_log = request_log
         self._flights: dict[str, asyncio.Future[Outcome]] = {}
         # Streaming flights by key, with whether their leader asked for usage (followers that asked the
         # same tail the frames live; the others wait for the outcome and get their own replay).
@@ -475,6 +478,8 @@ class Proxy:
         )
         if stored is None:
             return
+        if self.request_log is not None:
+            await asyncio.to_thread(self._log_request, call, stored)
         if call.control.refresh and self.invalidator is not None:
             await self.invalidator.publish({"key": key, "origin": self.origin})
         if self.semantic is not None:
@@ -484,6 +489,16 @@ class Proxy:
                 )
             except BackendError:
                 self.cache.metrics.error("semantic", "backend")
+
+    def _log_request(self, call: Call, response_key: str) -> None:
+        """Log the request behind a stored answer; a failing store is counted, never fails the request."""
+        assert self.request_log is not None
+        try:
+            answer = self.cache.backend.peek(response_key)
+            if answer is not None:
+                self.request_log.remember(call.body, answer, endpoint=call.endpoint)
+        except BackendError:
+            self.cache.metrics.error("governance", "backend")
 
 
 class _End:

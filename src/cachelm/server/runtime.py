@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from cachelm.errors import BackendError, ConfigError
+from cachelm.governance.journal import RequestLog
 from cachelm.metrics import CacheMetrics
 from cachelm.policy.lru import LRUPolicy
 from cachelm.response.exact import ExactCache
@@ -141,6 +142,7 @@ class Runtime:
             invalidator=self.invalidator,
             origin=self.origin,
             stream_usage=config.stream_usage,
+            request_log=RequestLog(self.store) if config.request_log else None,
         )
         self.embeddings: Any = None
         self._models: tuple[float, dict[str, Any]] | None = None
