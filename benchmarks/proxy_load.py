@@ -543,11 +543,11 @@ and load generator are three processes on loopback, all on the same 2 cores.
 {text}
 
 Targets (issue 6): hit P50 ≤ 3 ms and ≥ 1,500 req/s on 2 cores; miss overhead ≤ 2 ms P50.
-A miss in shared mode makes four Redis round trips on the request path (L2 read, lock with fencing
-token, re-check under the lock, write; the release is off the path). Each took ~0.1–0.2 ms when timed
-alone in one process; here they cost more, consistent with scheduler wake-up latency on a loaded 2-core
-machine (a private redis-server gave the same picture) — not verified on an idle machine. The SQLite row
-has no cross-process round trip besides the upstream call itself.
+A miss in shared mode makes five Redis round trips on the request path (L2 read, lock with fencing
+token, re-check under the lock, answer write, request-log write; the release is off the path), ~0.1–0.2 ms
+each when timed alone. The miss overhead is sensitive to load on this 2-core machine: on a quiet machine
+the Redis row measured +1.9 ms; with other jobs running (load average ~7) it measured +1.2 to +6.2 ms
+across runs. The SQLite row has no cross-process round trip besides the upstream call itself.
 
 ![proxy latency and throughput](img/proxy_load.png)
 """
