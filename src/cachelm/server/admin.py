@@ -131,6 +131,31 @@ def routes(runtime: Runtime) -> list[Route]:
         except BackendError as exc:
             return _error(503, f"store unavailable: {exc}")
 
+    def _answers_of(spec: dict[str, Any]) -> dict[str, list[str]]:
+        """Response keys, by tenant, of the answers a purge/erase `spec` is about to delete."""
+        older_than = spec.get("older_than")
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float | None):
+            raise ConfigError(f"`older_than` must be a number of seconds, got {older_than!r}")
+        if not spec:
+            return {}  # the purge itself refuses an empty filter
+        where = Match(
+            tenant=spec.get("tenant"),
+            user=spec.get("user"),
+            tag=spec.get("tag"),
+            model=spec.get("model"),
+            created_before=None if older_than is None else time.time() - float(older_than),
+        )
+        out: dict[str, list[str]] = {}
+        for record in runtime.records.scan(where):
+            if not is_log_key(record.key):
+                out.setdefault(record.tenant, []).append(record.key)
+        return out
+
+    def _unindex(doomed: dict[str, list[str]]) -> None:
+        if runtime.semantic is not None:
+            for tenant, keys in doomed.items():
+                runtime.semantic.remove_keys(tenant, keys)
+
     async def purge(request: Request) -> Response:
         if (denied := guard(request)) is not None:
             return denied
@@ -139,7 +164,9 @@ def routes(runtime: Runtime) -> list[Route]:
             unknown = set(spec) - {"tenant", "user", "tag", "model", "older_than"}
             if unknown:
                 raise ConfigError(f"unknown purge fields: {sorted(unknown)}")
+            doomed = await asyncio.to_thread(_answers_of, spec) if runtime.semantic is not None else {}
             deleted = await asyncio.to_thread(runtime.cache.purge, **spec)
+            await asyncio.to_thread(_unindex, doomed)
         except (ConfigError, orjson.JSONDecodeError, TypeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:
@@ -159,12 +186,13 @@ def routes(runtime: Runtime) -> list[Route]:
                 raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
             if user is None:
                 deleted = await asyncio.to_thread(runtime.cache.erase_tenant, tenant)
+                if runtime.semantic is not None:
+                    await asyncio.to_thread(runtime.semantic.remove_tenant, tenant)
             else:
+                # The user's vectors are derived from their questions: they go with the answers.
+                doomed = await asyncio.to_thread(_answers_of, {"tenant": tenant, "user": user})
                 deleted = await asyncio.to_thread(runtime.cache.erase_user, tenant, user)
-            if runtime.semantic is not None and user is None:
-                # A user's semantic entries point at the answers just erased: a lookup finds no answer
-                # behind them and misses. A whole tenant's entries are removed from the index.
-                await asyncio.to_thread(runtime.semantic.remove_tenant, tenant)
+                await asyncio.to_thread(_unindex, doomed)
         except (ConfigError, orjson.JSONDecodeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:

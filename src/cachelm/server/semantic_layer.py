@@ -117,6 +117,10 @@ class SemanticLayer:
     def remove_tenant(self, tenant: str) -> int:
         return self.default.remove_tenant(tenant)
 
+    def remove_keys(self, tenant: str, response_keys: list[str]) -> int:
+        """Delete `tenant`'s entries that point at `response_keys` (answers that were purged or erased)."""
+        return self.default.remove_keys(tenant, response_keys)
+
     def close(self) -> None:
         self.index.close()
 

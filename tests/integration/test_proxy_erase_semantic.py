@@ -1,0 +1,69 @@
+"""Erasing a user or purging answers also removes their vectors from the semantic index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from cachelm.server.config import ServerConfig
+from cachelm.server.tenants import TenantRegistry, hash_key
+from cachelm.server.testing import ProxyThread
+from tests.upstream import OpenAIUpstream
+
+ADMIN = "admin-secret-key-0123"
+KEY = "acme-key-0123456789"
+
+
+@pytest.fixture
+def upstream() -> Iterator[OpenAIUpstream]:
+    server = OpenAIUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+def ask(client: openai.OpenAI, text: str, user: str) -> str:
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", temperature=0, user=user, messages=[{"role": "user", "content": text}]
+    )
+    return str(raw.headers["x-cachelm-cache"])
+
+
+def test_erase_user_and_purge_remove_semantic_entries(upstream: OpenAIUpstream, tmp_path: Path) -> None:
+    config = ServerConfig(
+        upstream=upstream.base_url, store_url=f"sqlite:///{tmp_path}/cache.db", semantic=True,
+        semantic_embedder="hashing", semantic_threshold=0.8, access_log=False,
+    )  # fmt: skip
+    registry = TenantRegistry.from_config(
+        {"tenants": {"acme": {"keys": [hash_key(KEY)]}}, "admin_keys": [hash_key(ADMIN)]}
+    )
+    admin: dict[str, Any] = {"authorization": f"Bearer {ADMIN}"}
+    with ProxyThread(config, registry) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+        assert ask(client, "What is the capital city of France?", "alice") == "miss"
+        assert ask(client, "How do I bake sourdough bread at home?", "bob") == "miss"
+        assert ask(client, "Which planet is the largest one?", "carol") == "miss"
+        semantic = proxy.runtime.semantic
+        assert semantic is not None
+        assert len(semantic.index) == 3
+
+        erased = httpx.post(
+            proxy.url + "/admin/erase", json={"tenant": "acme", "user": "alice"}, headers=admin
+        )
+        assert erased.status_code == 200
+        assert len(semantic.index) == 2  # alice's vector went with her answer
+        # bob's paraphrase still hits: only alice's entry was removed
+        assert ask(client, "how do I bake sourdough bread at home", "dave") == "semantic-hit"
+
+        purged = httpx.post(
+            proxy.url + "/admin/purge", json={"tenant": "acme", "user": "carol"}, headers=admin
+        )
+        assert purged.status_code == 200
+        assert len(semantic.index) == 1
+        bad = httpx.post(proxy.url + "/admin/purge", json={"older_than": "old"}, headers=admin)
+        assert bad.status_code == 400 and "older_than" in bad.json()["error"]["message"]
