@@ -57,6 +57,12 @@ def test_erase_user_and_purge_remove_semantic_entries(upstream: OpenAIUpstream, 
         )
         assert erased.status_code == 200
         assert len(semantic.index) == 2  # alice's vector went with her answer
+        for text, gone in (
+            ("What is the capital city of France?", True),
+            ("Which planet is the largest one?", False),
+        ):
+            key = semantic.embeddings.key(text, tenant="acme")
+            assert (proxy.runtime.records.peek(key) is None) is gone  # and her question's cached embedding
         # bob's paraphrase still hits: only alice's entry was removed
         assert ask(client, "how do I bake sourdough bread at home", "dave") == "semantic-hit"
 

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.governance.journal import REQUEST_TAG, is_log_key
+from cachelm.keys import semantic_query
 from cachelm.server.proxy import JSON
 from cachelm.server.runtime import Runtime
 from cachelm.store.base import Match
@@ -151,6 +152,21 @@ def routes(runtime: Runtime) -> list[Route]:
                 out.setdefault(record.tenant, []).append(record.key)
         return out
 
+    def _forget_embeddings(doomed: dict[str, list[str]]) -> None:
+        """Delete the cached embeddings of the questions behind `doomed` answers (found in the request log).
+
+        Without the request log the questions are unknown and their embeddings stay (keyed by text hash).
+        """
+        log = runtime.proxy.request_log
+        if runtime.semantic is None or log is None:
+            return
+        for tenant, keys in doomed.items():
+            for key in keys:
+                logged = log.get(key, tenant=tenant)
+                query = None if logged is None else semantic_query(logged.request, tenant_salt=b"")
+                if query is not None:
+                    runtime.records.delete(runtime.semantic.embeddings.key(query.text, tenant=tenant))
+
     def _unindex(doomed: dict[str, list[str]]) -> None:
         if runtime.semantic is not None:
             for tenant, keys in doomed.items():
@@ -191,6 +207,7 @@ def routes(runtime: Runtime) -> list[Route]:
             else:
                 # The user's vectors are derived from their questions: they go with the answers.
                 doomed = await asyncio.to_thread(_answers_of, {"tenant": tenant, "user": user})
+                await asyncio.to_thread(_forget_embeddings, doomed)  # reads the request log: before erasing
                 deleted = await asyncio.to_thread(runtime.cache.erase_user, tenant, user)
                 await asyncio.to_thread(_unindex, doomed)
         except (ConfigError, orjson.JSONDecodeError) as exc:
