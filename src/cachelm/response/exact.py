@@ -313,13 +313,11 @@ class ExactCache:
         """The cached answer to `request`, or `compute()`'s answer (then stored). Returns
         ``(response, hit)``; `hit` is False only for the caller whose own `compute` ran (a caller served
         by a concurrent identical computation gets True and counts as ``coalesced``)."""
-        _check_ttl(ttl)
-        if not self.eligible(request, allow_sampled=allow_sampled):
+        key, cached = self._before_compute(request, ttl, tenant, endpoint, allow_sampled)
+        if key is None:
             return dict(compute()), False
-        key = self.key_for(request, tenant=tenant, endpoint=endpoint)
-        cached = self._lookup_key(key, tenant)
         if cached is not None:
-            return cached.response, True
+            return cached, True
 
         def flight() -> tuple[Response, bool]:
             landed = self._recheck(key)
@@ -327,9 +325,7 @@ class ExactCache:
                 return landed, True
             start = time.perf_counter()
             response = dict(compute())
-            self.metrics.observe_compute(LAYER, time.perf_counter() - start)
-            self._store_key(key, request, response, tenant, user, tags, ttl, endpoint)
-            return response, False
+            return self._after_compute(key, start, request, response, tenant, user, tags, ttl, endpoint)
 
         return self._landed(*self._flights.do(key, flight))
 
@@ -350,13 +346,11 @@ class ExactCache:
         The store is called synchronously from the event loop: memory and SQLite reads take microseconds;
         a network store's latency is the price of one round trip per request either way.
         """
-        _check_ttl(ttl)
-        if not self.eligible(request, allow_sampled=allow_sampled):
+        key, cached = self._before_compute(request, ttl, tenant, endpoint, allow_sampled)
+        if key is None:
             return dict(await acompute()), False
-        key = self.key_for(request, tenant=tenant, endpoint=endpoint)
-        cached = self._lookup_key(key, tenant)
         if cached is not None:
-            return cached.response, True
+            return cached, True
 
         async def flight() -> tuple[Response, bool]:
             landed = self._recheck(key)
@@ -364,11 +358,37 @@ class ExactCache:
                 return landed, True
             start = time.perf_counter()
             response = dict(await acompute())
-            self.metrics.observe_compute(LAYER, time.perf_counter() - start)
-            self._store_key(key, request, response, tenant, user, tags, ttl, endpoint)
-            return response, False
+            return self._after_compute(key, start, request, response, tenant, user, tags, ttl, endpoint)
 
         return self._landed(*await self._aflights.do(key, flight))
+
+    def _before_compute(
+        self, request: Mapping[str, Any], ttl: float | None, tenant: str, endpoint: str, allow_sampled: bool
+    ) -> tuple[str | None, Response | None]:
+        """Shared start of (a)get_or_compute: ``(None, None)`` when the request is not cacheable, else its
+        key and the cached answer (None on a miss)."""
+        _check_ttl(ttl)
+        if not self.eligible(request, allow_sampled=allow_sampled):
+            return None, None
+        key = self.key_for(request, tenant=tenant, endpoint=endpoint)
+        cached = self._lookup_key(key, tenant)
+        return key, None if cached is None else cached.response
+
+    def _after_compute(
+        self,
+        key: str,
+        start: float,
+        request: Mapping[str, Any],
+        response: Response,
+        tenant: str,
+        user: str,
+        tags: Iterable[str],
+        ttl: float | None,
+        endpoint: str,
+    ) -> tuple[Response, bool]:
+        self.metrics.observe_compute(LAYER, time.perf_counter() - start)
+        self._store_key(key, request, response, tenant, user, tags, ttl, endpoint)
+        return response, False
 
     def _recheck(self, key: str) -> Response | None:
         """A second read inside the flight: a flight that landed between our miss and our start has

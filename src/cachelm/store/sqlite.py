@@ -252,18 +252,24 @@ class SQLiteStore(Store):
         self.stats.add("corrupt_reads")
         self._delete_quietly(key)
 
-    def get(self, key: str) -> Record | None:
+    def _read(self, key: str, op: str) -> Record | None:
+        """The stored record under `key` as written (expired or not), or None; a corrupt one is dropped."""
         check_key(key)
         try:
             row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             self.stats.add("errors")
-            raise _backend_error("get", self.path, exc) from exc
+            raise _backend_error(op, self.path, exc) from exc
         if row is None:
             return None
         record = self._decode(row)
         if record is None:
             self._corrupt(key)
+        return record
+
+    def get(self, key: str) -> Record | None:
+        record = self._read(key, "get")
+        if record is None:
             return None
         if record.expired(self.clock()):
             self._delete_quietly(key)
@@ -280,19 +286,8 @@ class SQLiteStore(Store):
         return record.with_hits(record.hits + pending) if pending else record
 
     def peek(self, key: str) -> Record | None:
-        check_key(key)
-        try:
-            row = self._conn().execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
-        except sqlite3.Error as exc:
-            self.stats.add("errors")
-            raise _backend_error("peek", self.path, exc) from exc
-        if row is None:
-            return None
-        record = self._decode(row)
-        if record is None:
-            self._corrupt(key)
-            return None
-        return None if record.expired(self.clock()) else self._with_pending(record)
+        record = self._read(key, "peek")
+        return None if record is None or record.expired(self.clock()) else self._with_pending(record)
 
     def _with_pending(self, record: Record) -> Record:
         pending = self._pending_hits.get(record.key, 0)
