@@ -32,8 +32,8 @@ from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import SemanticQuery, semantic_query, tenant_salt
 from cachelm.semantic.decision import BoundedErrorPolicy, Decision, DecisionRule
 from cachelm.semantic.embedder import Embedder
-from cachelm.semantic.embedding_cache import EmbeddingCache
-from cachelm.semantic.index import IndexEntry, VectorIndex
+from cachelm.semantic.embedding_cache import EmbeddingCache, check_tenant
+from cachelm.semantic.index import IndexEntry, Neighbor, VectorIndex
 
 MAX_PENDING = 100_000  # verifications awaiting feedback, all entries together (oldest dropped first)
 
@@ -65,6 +65,9 @@ class SemanticLookup:
     hit: SemanticHit | None
     verify: Candidate | None
     decision: Decision | None  # None when the request has no user turn or a backend failed
+
+
+_NO_DECISION = SemanticLookup(hit=None, verify=None, decision=None)  # no user turn, or a backend failed
 
 
 @dataclass(kw_only=True)
@@ -161,18 +164,16 @@ class SemanticCache:
     def search(self, request: Mapping[str, Any], *, tenant: str) -> SemanticLookup:
         """Look `request` up: a hit, or a candidate the caller should verify, or a plain miss."""
         query = self.query(request, tenant=tenant)  # validates request and tenant
+        if query is not None and query.text.strip():
+            try:
+                vector = self._embed(query.text, tenant)
+            except BackendError:
+                self.stats.add("errors")
+            else:
+                return self.search_vector(vector, tenant=tenant, context_key=query.context_key)
         self.stats.add("lookups")
-        if query is None or not query.text.strip():
-            self.stats.add("misses")
-            return SemanticLookup(hit=None, verify=None, decision=None)
-        try:
-            vector = self._embed(query.text, tenant)
-            found = self.index.search(vector, tenant=tenant, context_key=query.context_key, k=1)
-        except BackendError:
-            self.stats.add("errors")
-            self.stats.add("misses")
-            return SemanticLookup(hit=None, verify=None, decision=None)
-        return self._decide(found[0] if found else None, tenant)
+        self.stats.add("misses")
+        return _NO_DECISION
 
     def search_vector(self, vector: np.ndarray, *, tenant: str, context_key: str) -> SemanticLookup:
         """`search` with the embedding and context key already computed (evaluation, batch paths)."""
@@ -182,10 +183,10 @@ class SemanticCache:
         except BackendError:
             self.stats.add("errors")
             self.stats.add("misses")
-            return SemanticLookup(hit=None, verify=None, decision=None)
+            return _NO_DECISION
         return self._decide(found[0] if found else None, tenant)
 
-    def _decide(self, nearest: Any, tenant: str) -> SemanticLookup:
+    def _decide(self, nearest: Neighbor | None, tenant: str) -> SemanticLookup:
         region = self._region(tenant)
         similarity = None if nearest is None else float(nearest.similarity)
         decision = self.rule.decide(
@@ -289,14 +290,12 @@ class SemanticCache:
 
     def remove_tenant(self, tenant: str) -> int:
         """Delete every entry of `tenant`; returns how many."""
-        if not isinstance(tenant, str) or not tenant:
-            raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+        check_tenant(tenant)
         return self.index.remove_tenant(tenant)
 
     def remove_keys(self, tenant: str, response_keys: Iterable[str]) -> int:
         """Delete the entries of `tenant` that point at any of `response_keys` (invalidated answers)."""
-        if not isinstance(tenant, str) or not tenant:
-            raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+        check_tenant(tenant)
         keys = [response_keys] if isinstance(response_keys, str) else list(response_keys)
         return self.index.remove_response_keys(tenant, keys)
 

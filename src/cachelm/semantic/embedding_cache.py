@@ -110,7 +110,7 @@ class EmbeddingCache:
     def embed_many(self, texts: Sequence[str], *, tenant: str = DEFAULT_TENANT) -> EmbeddingBatch:
         """Vectors of `texts` in input order; cached ones read, the rest embedded in one batch and stored."""
         items = check_texts(texts)
-        _check_tenant(tenant)
+        check_tenant(tenant)
         keys = [self.key(t, tenant=tenant) for t in items]
         found: dict[str, np.ndarray] = {}
         errors = 0
@@ -143,7 +143,7 @@ class EmbeddingCache:
 
     def remove_tenant(self, tenant: str) -> int:
         """Delete every vector of `tenant` cached for this embedder's model; returns how many."""
-        _check_tenant(tenant)
+        check_tenant(tenant)
         return self.store.purge(Match(tenant=tenant, tag="embedding", model=self.model_id))
 
     def _put(self, key: str, tenant: str, vector: np.ndarray) -> int:
@@ -164,6 +164,7 @@ class EmbeddingCache:
         return 0
 
 
-def _check_tenant(tenant: str) -> None:
+def check_tenant(tenant: str) -> None:
+    """ConfigError unless `tenant` is a non-empty string."""
     if not isinstance(tenant, str) or not tenant:
         raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
