@@ -331,13 +331,6 @@ class HNSWIndex(PartitionedIndex):
                     self._index_meta(label, entry)
         self._next_label = max(self._next_label, int(next_label))
 
-    def _index_meta(self, label: int, entry: IndexEntry) -> None:
-        from cachelm.semantic.index import _Meta
-
-        self._meta[label] = _Meta(entry.entry_id, entry.partition, entry.response_key)
-        self._labels[entry.entry_id] = label
-        self._by_response.setdefault((entry.tenant, entry.response_key), set()).add(label)
-
     def _read_manifest(self) -> dict[str, Any]:
         try:
             manifest = json.loads((self._snap_dir / "manifest.json").read_text())

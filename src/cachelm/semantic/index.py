@@ -230,11 +230,15 @@ class PartitionedIndex:
         if part is None:
             part = self._partitions[entry.partition] = self._new_partition()
         part.add(label, entry.vector)
+        self._index_meta(label, entry)
+        self._next_label = max(self._next_label, label + 1)
+        self._partitions[entry.partition] = self._maybe_upgrade(part)
+
+    def _index_meta(self, label: int, entry: IndexEntry) -> None:
+        """Fill the id, label and response-key maps for `entry` (its vector is placed by the caller)."""
         self._meta[label] = _Meta(entry.entry_id, entry.partition, entry.response_key)
         self._labels[entry.entry_id] = label
         self._by_response.setdefault((entry.tenant, entry.response_key), set()).add(label)
-        self._next_label = max(self._next_label, label + 1)
-        self._partitions[entry.partition] = self._maybe_upgrade(part)
 
     def search(self, vector: np.ndarray, *, tenant: str, context_key: str, k: int = 1) -> list[Neighbor]:
         query = check_query(vector, self._dim, k, tenant, context_key)
