@@ -39,7 +39,6 @@ cost as for responses, with answer lengths drawn from MT-Bench-101's.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import json
@@ -51,7 +50,7 @@ from typing import Any
 
 from cachelm.errors import ConfigError
 from cachelm.keys import ModelFingerprint, chain_block_hashes, request_key, tenant_salt
-from cachelm.sim.synthetic import BYTES_PER_TOKEN, Pricing
+from cachelm.sim.synthetic import BYTES_PER_TOKEN, Pricing, _draw, _zipf_cdf
 from cachelm.sim.trace import Request, Trace
 
 TENANTS = (("acme", 0.6), ("globex", 0.3), ("initech", 0.1))
@@ -127,14 +126,13 @@ class _Turn:
 
 
 def _sessions(
-    n_convs: int,
+    convs: Sequence[Conversation],
     *,
     n_sessions: int,
     alpha: float,
     p_continue: float,
     rate: float,
     think_s: float,
-    max_turns: Sequence[int],
     seed: int,
 ) -> list[_Turn]:
     if n_sessions < 1 or alpha <= 0 or not 0 <= p_continue <= 1:
@@ -143,21 +141,21 @@ def _sessions(
             f"got {n_sessions}, {alpha}, {p_continue}"
         )
     rng = random.Random(seed)
-    order = list(range(n_convs))
+    order = list(range(len(convs)))
     rng.shuffle(order)
-    cdf = list(itertools.accumulate(1.0 / k**alpha for k in range(1, n_convs + 1)))
+    cdf = _zipf_cdf(len(convs), alpha)
     tenant_cdf = list(itertools.accumulate(share for _, share in TENANTS))
     turns: list[_Turn] = []
     start = 0.0
     for session in range(n_sessions):
         start += rng.expovariate(rate)
-        conv = order[bisect.bisect_left(cdf, rng.random() * cdf[-1])]
-        tenant = bisect.bisect_left(tenant_cdf, rng.random() * tenant_cdf[-1])
+        conv = order[_draw(rng, cdf)]
+        tenant = _draw(rng, tenant_cdf)
         t, turn = start, 0
         while True:
             turns.append(_Turn(time=t, session=session, conv=conv, turn=turn, tenant=tenant))
             turn += 1
-            if turn >= max_turns[conv] or rng.random() >= p_continue:
+            if turn >= len(convs[conv].turns) or rng.random() >= p_continue:
                 break
             t += rng.expovariate(1.0 / think_s)
     return list(heapq.merge(*[[x] for x in turns], key=lambda x: (x.time, x.session)))
@@ -188,13 +186,12 @@ def chat_response_trace(
     pricing = pricing or Pricing()
     salts = [tenant_salt(name) for name, _ in TENANTS]
     events = _sessions(
-        len(convs),
+        convs,
         n_sessions=n_sessions,
         alpha=alpha,
         p_continue=p_continue,
         rate=session_rate,
         think_s=think_s,
-        max_turns=[len(c.turns) for c in convs],
         seed=seed,
     )
     memo: dict[tuple[int, int, int], tuple[str, int, float]] = {}
@@ -253,13 +250,12 @@ def chat_kv_trace(
     salts = [tenant_salt(name) for name, _ in TENANTS]
     fingerprint = ModelFingerprint(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16")
     events = _sessions(
-        len(convs),
+        convs,
         n_sessions=n_sessions,
         alpha=alpha,
         p_continue=p_continue,
         rate=session_rate,
         think_s=think_s,
-        max_turns=[len(c.turns) for c in convs],
         seed=seed,
     )
     memo: dict[tuple[int, int, int], list[str]] = {}
@@ -329,11 +325,11 @@ def qqp_trace(
     rng = random.Random(seed)
     rng.shuffle(clusters)
     answer = [rng.choice(lengths) for _ in clusters]
-    cdf = list(itertools.accumulate(1.0 / k**alpha for k in range(1, len(clusters) + 1)))
+    cdf = _zipf_cdf(len(clusters), alpha)
     t, requests = 0.0, []
     for _ in range(n_requests):
         t += rng.expovariate(rate)
-        c = bisect.bisect_left(cdf, rng.random() * cdf[-1])
+        c = _draw(rng, cdf)
         question = rng.choice(clusters[c])
         cost = pricing.cost(len(question.encode()), answer[c])
         requests.append(Request(key=f"qqp{c}", size=answer[c], cost=cost, time=t))

@@ -75,6 +75,34 @@ def _request(catalog: _Catalog, key: str, t: float) -> Request:
     return Request(key=key, size=size, cost=cost, time=t)
 
 
+def _start(
+    seed: int, pricing: Pricing | None, median_bytes: int, names: list[str]
+) -> tuple[random.Random, _Catalog]:
+    """The seeded RNG and key catalog every synthetic trace starts from; shuffles `names` in place."""
+    rng = random.Random(seed)
+    catalog = _Catalog(rng, pricing or Pricing(), median_bytes)
+    rng.shuffle(names)
+    return rng, catalog
+
+
+def _zipf_requests(
+    rng: random.Random,
+    catalog: _Catalog,
+    names: list[str],
+    cdf: list[float],
+    *,
+    rate: float,
+    t: float,
+    count: int,
+    out: list[Request],
+) -> float:
+    """Append `count` Poisson arrivals of Zipf-drawn `names` after time `t`; return the last arrival time."""
+    for _ in range(count):
+        t += rng.expovariate(rate)
+        out.append(_request(catalog, names[_draw(rng, cdf)], t))
+    return t
+
+
 def zipf_trace(
     *,
     n_keys: int = 20_000,
@@ -86,15 +114,11 @@ def zipf_trace(
     seed: int = 0,
 ) -> Trace:
     _check(n_keys, n_requests, alpha)
-    rng = random.Random(seed)
-    catalog = _Catalog(rng, pricing or Pricing(), median_bytes)
     names = [f"z{i}" for i in range(n_keys)]
-    rng.shuffle(names)
+    rng, catalog = _start(seed, pricing, median_bytes, names)
     cdf = _zipf_cdf(n_keys, alpha)
-    t, requests = 0.0, []
-    for _ in range(n_requests):
-        t += rng.expovariate(rate)
-        requests.append(_request(catalog, names[_draw(rng, cdf)], t))
+    requests: list[Request] = []
+    _zipf_requests(rng, catalog, names, cdf, rate=rate, t=0.0, count=n_requests, out=requests)
     return Trace(
         name="zipf",
         requests=requests,
@@ -117,17 +141,13 @@ def scan_trace(
     seed: int = 0,
 ) -> Trace:
     _check(n_keys, n_requests, alpha)
-    rng = random.Random(seed)
-    catalog = _Catalog(rng, pricing or Pricing(), median_bytes)
     names = [f"z{i}" for i in range(n_keys)]
-    rng.shuffle(names)
+    rng, catalog = _start(seed, pricing, median_bytes, names)
     cdf = _zipf_cdf(n_keys, alpha)
     t, scan_id = 0.0, 0
     requests: list[Request] = []
     while len(requests) < n_requests:
-        for _ in range(scan_every):
-            t += rng.expovariate(rate)
-            requests.append(_request(catalog, names[_draw(rng, cdf)], t))
+        t = _zipf_requests(rng, catalog, names, cdf, rate=rate, t=t, count=scan_every, out=requests)
         for _ in range(scan_length):
             t += rng.expovariate(rate)
             requests.append(_request(catalog, f"scan{scan_id}", t))
@@ -156,14 +176,13 @@ def shifting_trace(
     _check(n_keys, n_requests, alpha)
     if phases < 1 or not 0.0 <= overlap <= 1.0:
         raise ConfigError(f"`phases` must be >= 1 and `overlap` in [0, 1], got {phases!r}, {overlap!r}")
-    rng = random.Random(seed)
-    catalog = _Catalog(rng, pricing or Pricing(), median_bytes)
     universe = [f"s{i}" for i in range(n_keys * phases)]
-    rng.shuffle(universe)
+    rng, catalog = _start(seed, pricing, median_bytes, universe)
     cdf = _zipf_cdf(n_keys, alpha)
     ranking = universe[:n_keys]
     fresh = iter(universe[n_keys:])
-    t, requests = 0.0, []
+    t = 0.0
+    requests: list[Request] = []
     per_phase = n_requests // phases
     for phase in range(phases):
         if phase:
@@ -172,9 +191,7 @@ def shifting_trace(
             rng.shuffle(kept)  # survivors of the old hot set land at random new ranks
             ranking = kept + [next(fresh) for _ in range(n_keys - keep)]
             rng.shuffle(ranking)
-        for _ in range(per_phase):
-            t += rng.expovariate(rate)
-            requests.append(_request(catalog, ranking[_draw(rng, cdf)], t))
+        t = _zipf_requests(rng, catalog, ranking, cdf, rate=rate, t=t, count=per_phase, out=requests)
     return Trace(
         name="shift",
         requests=requests,
