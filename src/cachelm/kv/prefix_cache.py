@@ -210,8 +210,9 @@ class KVPrefixCache:
             block = kv[lo:hi].clone()  # owned copy: `kv` may be a view of a live cache
             self._put(0, block_hash, self.tiers[0].codec.encode(block))
             if self.write_through:
+                stored = self.tiers[0].get(block_hash)
                 for lower in range(1, len(self.tiers)):
-                    self._enqueue(lower - 1, block_hash, self.tiers[0].get(block_hash))
+                    self._enqueue(lower - 1, block_hash, stored)
             new += 1
         self.stats.stored_blocks += new
         return new
