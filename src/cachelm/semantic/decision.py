@@ -392,15 +392,12 @@ class BoundedErrorPolicy:
                 self.stats.explored += 1
             self.stats.verifications += 1
             self.stats.entry_vetoes += vetoed
-            reason = (
-                "explore"
-                if above
-                else "entry-veto"
-                if vetoed
-                else "warmup"
-                if not certified
-                else ("below-threshold")
-            )
+            if above:
+                reason = "explore"
+            elif vetoed:
+                reason = "entry-veto"
+            else:
+                reason = "below-threshold" if certified else "warmup"
             # Every miss with a candidate is verified: free (the upstream is called anyway) and it teaches
             # the entry's own boundary; only `sampled` outcomes enter the certificate.
             return Decision(

@@ -515,10 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(result, args)
     print(text)
     if args.report:
-        _plot(
-            result["curves"], result["points"], result["sweep"], Path(report_module().DOCS_IMG), _suffix(args)
-        )
         report = report_module()
+        _plot(result["curves"], result["points"], result["sweep"], Path(report.DOCS_IMG), _suffix(args))
         machine = report.machine_description()
         report.write_section(
             f"semantic_eval{_suffix(args)}", text.replace("on the machine above", f"on {machine}")
