@@ -48,7 +48,7 @@ from cachelm.semantic import (
     SemanticCache,
     StaticThreshold,
 )
-from cachelm.semantic.datasets import embed_cached, load_meancache
+from cachelm.semantic.datasets import cached_vectors, embed_cached, load_meancache
 from cachelm.semantic.hnsw import BACKENDS, GraphPartition
 from cachelm.store import MemoryStore
 
@@ -62,11 +62,7 @@ def rss_bytes() -> int:
 
 def real_vectors(data: Path, cache_dir: Path) -> tuple[np.ndarray, list[str]]:
     """All distinct QQP question vectors available (cached shards first, MeanCache test+val otherwise)."""
-    folder = cache_dir / "sentence-transformers_all-MiniLM-L6-v2"
-    texts: dict[str, np.ndarray] = {}
-    for shard in sorted(folder.glob("*.npz")):
-        with np.load(shard) as z:
-            texts.update(zip(z["texts"].tolist(), z["vectors"], strict=True))
+    texts = cached_vectors(cache_dir, MiniLMEmbedder.MODEL_ID)
     if len(texts) < 20_000:
         qs = [*load_meancache(data, "test").a, *load_meancache(data, "val").a]
         vecs = embed_cached(MiniLMEmbedder(), qs, cache_dir)

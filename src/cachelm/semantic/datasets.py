@@ -102,6 +102,19 @@ def load_stsb(data_dir: Path, split: str) -> PairSet:
     return PairSet(name=f"stsb-{split}", a=a, b=b, labels=np.asarray(labels, dtype=np.int8))
 
 
+def _model_folder(cache_dir: Path, model_id: str) -> Path:
+    return cache_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+
+
+def cached_vectors(cache_dir: Path, model_id: str) -> dict[str, np.ndarray]:
+    """Every vector `embed_cached` has kept under `cache_dir` for `model_id`: text → vector."""
+    known: dict[str, np.ndarray] = {}
+    for shard in sorted(_model_folder(cache_dir, model_id).glob("*.npz")):
+        with np.load(shard) as z:
+            known.update(zip(z["texts"].tolist(), z["vectors"], strict=True))
+    return known
+
+
 def embed_cached(embedder: Embedder, texts: Sequence[str], cache_dir: Path | None) -> Vectors:
     """Vectors of `texts` in order; each distinct text is embedded once, ever, when `cache_dir` is given.
 
@@ -113,11 +126,9 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], cache_dir: Path | Non
     known: dict[str, np.ndarray] = {}
     folder = None
     if cache_dir is not None:
-        folder = cache_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", embedder.model_id)
+        folder = _model_folder(cache_dir, embedder.model_id)
         folder.mkdir(parents=True, exist_ok=True)
-        for shard in sorted(folder.glob("*.npz")):
-            with np.load(shard) as z:
-                known.update(zip(z["texts"].tolist(), z["vectors"], strict=True))
+        known = cached_vectors(cache_dir, embedder.model_id)
     missing = [t for t in unique if t not in known]
     if missing:
         vectors = embedder.embed(missing)
