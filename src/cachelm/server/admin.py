@@ -133,7 +133,12 @@ def routes(runtime: Runtime) -> list[Route]:
             return _error(503, f"store unavailable: {exc}")
 
     def _answers_of(spec: dict[str, Any]) -> dict[str, list[str]]:
-        """Response keys, by tenant, of the answers a purge/erase `spec` is about to delete."""
+        """Response keys, by tenant, of the answers a purge/erase `spec` is about to delete.
+
+        Only the semantic layer needs them: without one this returns ``{}`` and scans nothing.
+        """
+        if runtime.semantic is None:
+            return {}
         older_than = spec.get("older_than")
         if isinstance(older_than, bool) or not isinstance(older_than, int | float | None):
             raise ConfigError(f"`older_than` must be a number of seconds, got {older_than!r}")
@@ -172,6 +177,26 @@ def routes(runtime: Runtime) -> list[Route]:
             for tenant, keys in doomed.items():
                 runtime.semantic.remove_keys(tenant, keys)
 
+    def _purge(spec: dict[str, Any]) -> int:
+        doomed = _answers_of(spec)
+        deleted = runtime.cache.purge(**spec)
+        _unindex(doomed)
+        return deleted
+
+    def _erase(tenant: str, user: str | None) -> int:
+        """Erase a whole tenant (`user` None) or one user of it, answers and semantic vectors alike."""
+        if user is None:
+            deleted = runtime.cache.erase_tenant(tenant)
+            if runtime.semantic is not None:
+                runtime.semantic.remove_tenant(tenant)
+            return deleted
+        # The user's vectors are derived from their questions: they go with the answers.
+        doomed = _answers_of({"tenant": tenant, "user": user})
+        _forget_embeddings(doomed)  # reads the request log: before erasing
+        deleted = runtime.cache.erase_user(tenant, user)
+        _unindex(doomed)
+        return deleted
+
     async def purge(request: Request) -> Response:
         if (denied := guard(request)) is not None:
             return denied
@@ -180,9 +205,7 @@ def routes(runtime: Runtime) -> list[Route]:
             unknown = set(spec) - {"tenant", "user", "tag", "model", "older_than"}
             if unknown:
                 raise ConfigError(f"unknown purge fields: {sorted(unknown)}")
-            doomed = await asyncio.to_thread(_answers_of, spec) if runtime.semantic is not None else {}
-            deleted = await asyncio.to_thread(runtime.cache.purge, **spec)
-            await asyncio.to_thread(_unindex, doomed)
+            deleted = await asyncio.to_thread(_purge, spec)
         except (ConfigError, orjson.JSONDecodeError, TypeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:
@@ -200,16 +223,7 @@ def routes(runtime: Runtime) -> list[Route]:
             tenant, user = spec.get("tenant"), spec.get("user")
             if not isinstance(tenant, str) or not tenant:
                 raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
-            if user is None:
-                deleted = await asyncio.to_thread(runtime.cache.erase_tenant, tenant)
-                if runtime.semantic is not None:
-                    await asyncio.to_thread(runtime.semantic.remove_tenant, tenant)
-            else:
-                # The user's vectors are derived from their questions: they go with the answers.
-                doomed = await asyncio.to_thread(_answers_of, {"tenant": tenant, "user": user})
-                await asyncio.to_thread(_forget_embeddings, doomed)  # reads the request log: before erasing
-                deleted = await asyncio.to_thread(runtime.cache.erase_user, tenant, user)
-                await asyncio.to_thread(_unindex, doomed)
+            deleted = await asyncio.to_thread(_erase, tenant, user)
         except (ConfigError, orjson.JSONDecodeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:
