@@ -167,16 +167,10 @@ class Engine:
         if self.static_runner is not None and len(token_ids) <= self.static_runner.max_tokens:
             return self._prefill_static(token_ids, tenant_salt)
         cache = hf.new_cache(self.model)
-        cached = 0
-        if self.prefix_cache is not None:
-            match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
-            if match.num_blocks:
-                prefix = self.prefix_cache.load(match, device=self.device)
-                cached = prefix.shape[0]
-                if cached:
-                    hf.restore(cache, prefix, self.layout)
-            self.prefix_cache.stats.hit_tokens += cached
-            self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        prefix = self._load_prefix(token_ids, tenant_salt)
+        cached = prefix.shape[0] if prefix is not None else 0
+        if prefix is not None and cached:
+            hf.restore(cache, prefix, self.layout)
         ids = torch.tensor([list(token_ids[cached:])], device=self.device)  # (1, T - P)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)
@@ -185,18 +179,27 @@ class Engine:
     def _prefill_static(self, token_ids: Sequence[int], tenant_salt: bytes) -> Prefill:
         runner = self.static_runner
         assert runner is not None
-        cached = 0
-        if self.prefix_cache is not None:
-            match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
-            if match.num_blocks:
-                cached = self.prefix_cache.load(match, out=runner.kv).shape[0]  # straight into the buffer
-            self.prefix_cache.stats.hit_tokens += cached
-            self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        prefix = self._load_prefix(token_ids, tenant_salt, out=runner.kv)  # straight into the buffer
+        cached = prefix.shape[0] if prefix is not None else 0
         logits = runner(list(token_ids[cached:]), cached).clone()  # (V,); the graph reuses its output
         # Decoding continues in a DynamicCache. Clone: the runner's buffer is overwritten by the next request.
         cache = hf.new_cache(self.model)
         hf.restore(cache, runner.kv[: len(token_ids)].clone(), self.layout)
         return Prefill(logits=logits, cache=cache, num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
+
+    def _load_prefix(
+        self, token_ids: Sequence[int], tenant_salt: bytes, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The longest cached prefix of `token_ids` (on the device, or in `out`), counting hit and miss
+        tokens; None when there is no prefix cache or no cached block."""
+        if self.prefix_cache is None:
+            return None
+        match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
+        prefix = self.prefix_cache.load(match, device=self.device, out=out) if match.num_blocks else None
+        cached = prefix.shape[0] if prefix is not None else 0
+        self.prefix_cache.stats.hit_tokens += cached
+        self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        return prefix
 
     def store(
         self, token_ids: Sequence[int], prefill: Prefill, *, tenant_salt: bytes = DEFAULT_TENANT_SALT
@@ -222,8 +225,8 @@ class Engine:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if params.top_p < 1:
             sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the token that crosses p
+            sorted_probs = torch.softmax(sorted_scores, dim=-1)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the token that crosses p
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
