@@ -56,16 +56,10 @@ class EvictingPolicy(Policy):
             while self.over_capacity():
                 evicted.append(self._evict())
             return evicted
-        while self._full_for(size):
+        while self.full_for(size):
             evicted.append(self._evict())
         self._add(key, size, fcost)
         return evicted
-
-    def _full_for(self, size: int) -> bool:
-        """Whether one more entry of `size` bytes would break a capacity."""
-        return (self.max_entries is not None and len(self) >= self.max_entries) or (
-            self.max_bytes is not None and self.total_bytes + size > self.max_bytes
-        )
 
     @abstractmethod
     def _add(self, key: str, size: int, cost: float) -> None:

@@ -64,6 +64,12 @@ class Policy(ABC):
             self.max_bytes is not None and self.total_bytes > self.max_bytes
         )
 
+    def full_for(self, size: int) -> bool:
+        """Whether one more entry of `size` bytes would break a capacity."""
+        return (self.max_entries is not None and len(self) >= self.max_entries) or (
+            self.max_bytes is not None and self.total_bytes + size > self.max_bytes
+        )
+
     def fits(self, size: int) -> bool:
         """Whether one entry of `size` bytes can ever fit."""
         return self.max_bytes is None or size <= self.max_bytes

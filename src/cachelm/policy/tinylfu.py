@@ -77,15 +77,9 @@ class TinyLFUPolicy(Policy):
         return LRUPolicy(max_entries=entries, max_bytes=nbytes, timer=self.timer)
 
     # -- admission ----------------------------------------------------------------------------------------
-    def _needs_eviction(self, size: int) -> bool:
-        inner = self.inner
-        return (inner.max_entries is not None and len(inner) >= inner.max_entries) or (
-            inner.max_bytes is not None and inner.total_bytes + size > inner.max_bytes
-        )
-
     def admits(self, key: str, size: int) -> bool:
         """Whether `inner` would take a new `key` of `size` bytes now (its request already recorded)."""
-        if size < self.large_bytes or not self._needs_eviction(size):
+        if size < self.large_bytes or not self.inner.full_for(size):
             return True
         candidate = self.sketch.estimate(key)
         if isinstance(self.inner, VictimPeek):
