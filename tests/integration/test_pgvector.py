@@ -12,51 +12,54 @@ from cachelm.semantic import HashingEmbedder, PgVectorIndex, SemanticCache, Stat
 from tests.unit.test_semantic_index import DIM, IndexContract, entry, unit
 
 
+@pytest.fixture
+def table(pg_url: str, namespace: str) -> Iterator[str]:
+    """A table name of this test's own, dropped afterwards through a fresh connection."""
+    yield namespace
+    cleanup = PgVectorIndex(pg_url, DIM, table=namespace)
+    cleanup.drop()
+    cleanup.close()
+
+
 class TestPgVectorContract(IndexContract):
     @pytest.fixture(autouse=True)
-    def _server(self, pg_url: str, namespace: str) -> Iterator[None]:
-        self.url, self.table = pg_url, namespace
-        yield
-        cleanup = PgVectorIndex(pg_url, DIM, table=namespace)
-        cleanup.drop()
-        cleanup.close()
+    def _server(self, pg_url: str, table: str) -> None:
+        self.url, self.table = pg_url, table
 
     def make(self, dim: int = DIM) -> VectorIndex:
         return PgVectorIndex(self.url, dim, table=self.table)
 
 
-def test_large_partition_uses_the_hnsw_index_and_keeps_the_filter(pg_url: str, namespace: str) -> None:
-    ix = PgVectorIndex(pg_url, DIM, table=namespace)
+def test_large_partition_uses_the_hnsw_index_and_keeps_the_filter(pg_url: str, table: str) -> None:
+    ix = PgVectorIndex(pg_url, DIM, table=table)
     try:
         vecs = unit(np.random.default_rng(0), 2000)
         ix.add([entry(i, v, tenant="a" if i % 2 else "b") for i, v in enumerate(vecs)])
         with ix._lock:
-            ix._conn.execute("ANALYZE " + namespace)
+            ix._conn.execute("ANALYZE " + table)
             plan = "\n".join(
                 r[0]
                 for r in ix._conn.execute(
-                    f"EXPLAIN SELECT entry_id FROM {namespace} WHERE tenant = 'a' AND context_key = 'c1'"
+                    f"EXPLAIN SELECT entry_id FROM {table} WHERE tenant = 'a' AND context_key = 'c1'"
                     f" ORDER BY embedding <#> %s LIMIT 1",
                     (vecs[0],),
                 ).fetchall()
             )
-        assert f"{namespace}_hnsw" in plan  # the ANN index serves the filtered search
+        assert f"{table}_hnsw" in plan  # the ANN index serves the filtered search
         for q in unit(np.random.default_rng(1), 20):
             found = ix.search(q, tenant="a", context_key="c1", k=5)
             assert len(found) == 5
             assert all(int(n.entry_id[1:]) % 2 == 1 for n in found)  # only tenant a's rows
     finally:
-        ix.drop()
         ix.close()
 
 
-def test_reopen_with_other_dim_is_rejected(pg_url: str, namespace: str) -> None:
-    ix = PgVectorIndex(pg_url, DIM, table=namespace)
+def test_reopen_with_other_dim_is_rejected(pg_url: str, table: str) -> None:
+    ix = PgVectorIndex(pg_url, DIM, table=table)
     try:
         with pytest.raises(ConfigError, match="`dim`"):
-            PgVectorIndex(pg_url, DIM + 1, table=namespace)
+            PgVectorIndex(pg_url, DIM + 1, table=table)
     finally:
-        ix.drop()
         ix.close()
 
 
@@ -70,22 +73,17 @@ def test_unreachable_server_is_a_backend_error() -> None:
         PgVectorIndex("postgresql://nobody@127.0.0.1:1/none", DIM, connect_timeout=1)
 
 
-def test_lost_connection_turns_lookups_into_misses(pg_url: str, namespace: str) -> None:
+def test_lost_connection_turns_lookups_into_misses(pg_url: str, table: str) -> None:
     embedder = HashingEmbedder(dim=DIM)
-    ix = PgVectorIndex(pg_url, DIM, table=namespace)
+    ix = PgVectorIndex(pg_url, DIM, table=table)
     cache = SemanticCache(embedder=embedder, index=ix, rule=StaticThreshold(0.9))
     request = {"model": "m", "messages": [{"role": "user", "content": "what is the capital of France?"}]}
-    try:
-        cache.add(request, tenant="t", response_key="answer-1")
-        hit = cache.lookup(request, tenant="t")
-        assert hit is not None and hit.response_key == "answer-1"
-        with ix._lock:
-            ix._conn.close()  # the server connection is gone, as after a failover
-        assert cache.lookup(request, tenant="t") is None
-        assert cache.stats.errors == 1
-        with pytest.raises(BackendError):
-            cache.add(request, tenant="t", response_key="answer-2")
-    finally:
-        cleanup = PgVectorIndex(pg_url, DIM, table=namespace)
-        cleanup.drop()
-        cleanup.close()
+    cache.add(request, tenant="t", response_key="answer-1")
+    hit = cache.lookup(request, tenant="t")
+    assert hit is not None and hit.response_key == "answer-1"
+    with ix._lock:
+        ix._conn.close()  # the server connection is gone, as after a failover
+    assert cache.lookup(request, tenant="t") is None
+    assert cache.stats.errors == 1
+    with pytest.raises(BackendError):
+        cache.add(request, tenant="t", response_key="answer-2")
