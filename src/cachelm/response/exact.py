@@ -446,6 +446,20 @@ class ExactCache:
         older_than: float | None = None,
     ) -> int:
         """Delete every entry matching all given filters (`older_than`: seconds of age); returns how many."""
+        return self.backend.purge(
+            self.purge_match(tenant=tenant, user=user, tag=tag, model=model, older_than=older_than)
+        )
+
+    def purge_match(
+        self,
+        *,
+        tenant: str | None = None,
+        user: str | None = None,
+        tag: str | None = None,
+        model: str | None = None,
+        older_than: float | None = None,
+    ) -> Match:
+        """The validated filter `purge` deletes with (callers that must know the keys first scan with it)."""
         if older_than is not None and (
             isinstance(older_than, bool) or not isinstance(older_than, int | float) or older_than < 0
         ):
@@ -462,7 +476,7 @@ class ExactCache:
         )
         if where.empty:
             raise ConfigError("`purge` needs at least one filter (tenant, user, tag, model, older_than)")
-        return self.backend.purge(where)
+        return where
 
     def erase_user(self, tenant: str, user: str) -> int:
         """Delete every entry stored for `user` of `tenant` (right to erasure); returns how many."""

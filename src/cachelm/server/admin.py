@@ -139,18 +139,7 @@ def routes(runtime: Runtime) -> list[Route]:
         """
         if runtime.semantic is None:
             return {}
-        older_than = spec.get("older_than")
-        if isinstance(older_than, bool) or not isinstance(older_than, int | float | None):
-            raise ConfigError(f"`older_than` must be a number of seconds, got {older_than!r}")
-        if not spec:
-            return {}  # the purge itself refuses an empty filter
-        where = Match(
-            tenant=spec.get("tenant"),
-            user=spec.get("user"),
-            tag=spec.get("tag"),
-            model=spec.get("model"),
-            created_before=None if older_than is None else time.time() - float(older_than),
-        )
+        where = runtime.cache.purge_match(**spec)  # exactly what the purge will delete (validated there)
         out: dict[str, list[str]] = {}
         for record in runtime.records.scan(where):
             if not is_log_key(record.key):
