@@ -80,18 +80,15 @@ class S3FIFOPolicy(EvictingPolicy):
         self._freq: dict[str, int] = {}
 
     # -- queue shares -------------------------------------------------------------------------------------
-    def _main_over(self) -> bool:
+    def _over_share(self, queue: _Queue) -> bool:
+        """Whether `queue` holds more than M's share (1 - `small_ratio`) of a capacity."""
         share = 1.0 - self.small_ratio
-        return (self.max_entries is not None and len(self._main) > share * self.max_entries) or (
-            self.max_bytes is not None and self._main.bytes > share * self.max_bytes
+        return (self.max_entries is not None and len(queue) > share * self.max_entries) or (
+            self.max_bytes is not None and queue.bytes > share * self.max_bytes
         )
 
     def _trim_ghost(self) -> None:
-        share = 1.0 - self.small_ratio
-        while self._ghost.keys and (
-            (self.max_entries is not None and len(self._ghost) > share * self.max_entries)
-            or (self.max_bytes is not None and self._ghost.bytes > share * self.max_bytes)
-        ):
+        while self._ghost.keys and self._over_share(self._ghost):
             self._ghost.pop_tail()
 
     def queue_of(self, key: str) -> str | None:
@@ -122,7 +119,7 @@ class S3FIFOPolicy(EvictingPolicy):
         self._freq[key] = min(self._freq[key] + 1, _MAX_FREQ)
 
     def _evict(self) -> str:
-        if self._small.keys and not self._main_over():
+        if self._small.keys and not self._over_share(self._main):
             victim = self._evict_small()
             if victim is not None:
                 return victim
