@@ -74,6 +74,9 @@ class PgVectorIndex:
             self._conn: Any = psycopg.connect(
                 url, autocommit=True, connect_timeout=int(max(1, connect_timeout))
             )
+        except psycopg.Error as exc:
+            raise BackendError(f"pgvector index {table}: {exc}") from exc
+        try:
             self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             register_vector(self._conn)
             self._create(connectivity, expansion_add)
@@ -81,7 +84,10 @@ class PgVectorIndex:
             # pgvector < 0.8 lacks iterative scans: the btree + exact sort fallback is still correct.
             with contextlib.suppress(psycopg.Error):
                 self._conn.execute("SET hnsw.iterative_scan = relaxed_order")
-        except psycopg.Error as exc:
+        except (psycopg.Error, ConfigError) as exc:
+            self._conn.close()  # a failed set-up (or a table of another `dim`) must not leak the connection
+            if isinstance(exc, ConfigError):
+                raise
             raise BackendError(f"pgvector index {table}: {exc}") from exc
 
     def _create(self, connectivity: int, expansion_add: int) -> None:
