@@ -8,6 +8,16 @@ came from (`return_offsets_mapping`). The rules, for each receiver token:
   of the receiver token's characters, so its KV summarises the same text.
 * **"mean"**: the average of every sharer token whose span overlaps the receiver token's span; when none
   overlaps, the "last" rule.
+* **"causal"** (`align_causal`, needs the text): when every position is fused (`fuse_span="all"`), what
+  a receiver token reads must depend only on text it has read. One sharer pass over the whole text cannot
+  promise that per character: whether the sharer merged "stu"+"de" into "stude" or "st"+"ude" depends on
+  the letters after the cut. It can at word boundaries, since the sharer's tokens do not cross
+  whitespace (checked, not assumed). So a receiver token ending at character `e` reads the last sharer
+  token that ends by `b`, the last whitespace character before `e` — the sharer's view of every word
+  completed before the one being read — provided the sharer's tokens up to there are exactly its
+  tokenisation of `text[:b]` (then their KV is a function of `text[:b]` alone); otherwise the next
+  earlier boundary is tried. Before the first boundary a token reads the sharer's special token at
+  offset 0 (BOS), or nothing (an all-zero row). The price: the sharer's view is up to one word behind.
 
 Edge cases, and what the rules do with them:
 
@@ -66,6 +76,8 @@ class _SpanIndex:
         # correct even if one is not, at the price of "last" meaning "last by start".
         self.text_tokens.sort(key=lambda i: spans[i][0])
         self.starts = [spans[i][0] for i in self.text_tokens]
+        self.by_end = sorted(self.text_tokens, key=lambda i: spans[i][1])
+        self.ends = [spans[i][1] for i in self.by_end]
         self.specials: dict[int, int] = {}
         for i, (s, e) in enumerate(spans):
             if e <= s:
@@ -75,6 +87,11 @@ class _SpanIndex:
         """The last text token whose span starts before `char`, or None."""
         k = bisect.bisect_left(self.starts, char)
         return self.text_tokens[k - 1] if k > 0 else None
+
+    def last_ending_by(self, char: int) -> int | None:
+        """The text token with the largest end `<= char` (the last such by end), or None."""
+        k = bisect.bisect_right(self.ends, char)
+        return self.by_end[k - 1] if k > 0 else None
 
     def overlapping(self, start: int, end: int) -> list[int]:
         """Text tokens whose spans overlap `[start, end)`, in order."""
@@ -99,6 +116,10 @@ def align_tokens(
     """For each receiver token, the sharer token indices whose KV it reads (one for "last")."""
     if not sharer_spans:
         raise ConfigError("`sharer_spans` is empty: the sharer has no tokens to align to")
+    if mode == "causal":
+        raise ConfigError("`mode` 'causal' needs the text and the sharer tokenizer: use `align_causal`")
+    if mode not in ("last", "mean"):
+        raise ConfigError(f"`mode` must be 'last' or 'mean', got {mode!r}")
     index = _SpanIndex(sharer_spans)
     out: list[list[int]] = []
     for span in receiver_spans:
@@ -108,10 +129,42 @@ def align_tokens(
             if hits:
                 out.append(hits)
                 continue
-        elif mode not in ("last", "mean"):
-            raise ConfigError(f"`mode` must be 'last' or 'mean', got {mode!r}")
         out.append([index.match(span)])
     return out
+
+
+def align_causal(
+    receiver_spans: Sequence[Span], sharer_tokenizer: Any, text: str
+) -> tuple[list[int], list[Span], list[list[int]]]:
+    """The sharer's tokens of `text` (ids, spans) and, per receiver token, the sharer tokens it reads
+    under the "causal" rule (module docstring): one index, or none. Tokenises `text[:b]` once per
+    whitespace boundary `b` it checks."""
+    s_ids, s_spans = encode_with_offsets(sharer_tokenizer, text)
+    if not s_ids:
+        raise ConfigError(f"`text` {text[:60]!r} gives the sharer no tokens")
+    index = _SpanIndex(s_spans)
+    blanks = [i for i, ch in enumerate(text) if ch.isspace()]
+    stable: dict[int, int | None] = {}  # boundary -> last sharer token read there (None: not stable)
+
+    def read_at(b: int) -> int | None:
+        if b not in stable:
+            j = index.last_ending_by(b)
+            ids, _ = encode_with_offsets(sharer_tokenizer, text[:b])
+            # Specials before the first text token (BOS) count as read at every boundary.
+            last = j if j is not None else len(ids) - 1
+            stable[b] = last if last >= 0 and ids == s_ids[: last + 1] else None
+        return stable[b]
+
+    bos = index.specials.get(0)
+    rows: list[list[int]] = []
+    for start, end in receiver_spans:
+        k = bisect.bisect_left(blanks, max(start, end))  # blanks[:k] were read by this token
+        found = None
+        while k > 0 and found is None:
+            found = read_at(blanks[k - 1])
+            k -= 1
+        rows.append([found] if found is not None else [bos] if bos is not None else [])
+    return s_ids, s_spans, rows
 
 
 def sharer_position_ids(receiver_spans: Sequence[Span], sharer_spans: Sequence[Span]) -> list[int]:

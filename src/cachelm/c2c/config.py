@@ -13,7 +13,8 @@ from typing import Any, Literal, get_args
 from cachelm.errors import ConfigError
 
 LayerMapKind = Literal["terminal", "uniform"]
-TokenAlignment = Literal["last", "mean"]
+TokenAlignment = Literal["last", "mean", "causal"]
+FuseSpan = Literal["context", "all"]
 SharerPositions = Literal["receiver", "own"]
 
 
@@ -75,7 +76,14 @@ class FuserConfig:
     `layer_map`: `(receiver_layer, sharer_layer)` pairs; each receiver layer appears at most once.
     `hidden_dim` / `mlp_layers`: size of each projection MLP (one per fused layer, separately for K and V).
     `token_alignment`: "last" maps each receiver token to the one sharer token that covers its last
-    character; "mean" averages every sharer token that overlaps its characters (align.py has the rules).
+    character; "mean" averages every sharer token that overlaps its characters; "causal" takes the last
+    sharer token that ends within the receiver token's characters, so it never reads text the receiver
+    has not read yet (align.py has the rules).
+    `fuse_span`: "context" fuses the prompt's context (all but its last token) once, then the receiver
+    decodes alone, as in the C2C paper; "all" fuses every position — the sharer reads the prompt and
+    every continuation token too (scored options, training responses, generated tokens) and the fuser
+    runs inside each receiver layer's cache update. "all" needs the "causal" alignment: any other rule
+    could hand a receiver token the sharer's view of the next token.
     `sharer_positions`: "receiver" gives every sharer token the position id of the receiver token it ends in
     (so both caches carry the same positions); "own" keeps the sharer's positions 0..S-1.
     """
@@ -88,6 +96,7 @@ class FuserConfig:
     gate_init: float = 2.0
     token_alignment: TokenAlignment = "last"
     sharer_positions: SharerPositions = "receiver"
+    fuse_span: FuseSpan = "context"
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,7 +113,17 @@ class FuserConfig:
                 f"`hidden_dim` and `mlp_layers` must be ≥ 1, got {self.hidden_dim!r}, {self.mlp_layers!r}"
             )
         if self.token_alignment not in get_args(TokenAlignment):
-            raise ConfigError(f"`token_alignment` must be 'last' or 'mean', got {self.token_alignment!r}")
+            raise ConfigError(
+                f"`token_alignment` must be one of {list(get_args(TokenAlignment))}, "
+                f"got {self.token_alignment!r}"
+            )
+        if self.fuse_span not in get_args(FuseSpan):
+            raise ConfigError(f"`fuse_span` must be 'context' or 'all', got {self.fuse_span!r}")
+        if self.fuse_span == "all" and self.token_alignment != "causal":
+            raise ConfigError(
+                "`fuse_span` 'all' needs `token_alignment` 'causal' (other rules can read the next token), "
+                f"got {self.token_alignment!r}"
+            )
         if self.sharer_positions not in get_args(SharerPositions):
             raise ConfigError(
                 f"`sharer_positions` must be 'receiver' or 'own', got {self.sharer_positions!r}"

@@ -105,21 +105,32 @@ class C2CFuser(nn.Module):
             )
         out = list(receiver)
         gates = self.gates()
-        align = alignment.float()
-        for i, (r_layer, s_layer) in enumerate(cfg.layer_map):
+        for i, (r_layer, s_layer) in enumerate(self.config.layer_map):
             if not self.training and float(gates[i]) == 0.0:
                 continue
-            rk, rv = receiver[r_layer]
-            sk, sv = sharer[s_layer]
-            fused: list[torch.Tensor] = []
-            for rec, sh, projector in (
-                (rk, sk, self.key_projectors[i]),
-                (rv, sv, self.value_projectors[i]),
-            ):
-                b, hs, s, ds = sh.shape
-                sh_flat = sh.float().transpose(1, 2).reshape(b, s, hs * ds)  # (B, S, Hs*Ds)
-                aligned = torch.bmm(align, sh_flat)  # (B, T, Hs*Ds)
-                delta = projector(rec, aligned)  # (B, Hr, T, Dr)
-                fused.append((rec.float() + gates[i] * delta).to(rec.dtype))
-            out[r_layer] = (fused[0], fused[1])
+            aligned_k, aligned_v = self.align_sharer(sharer[s_layer], alignment)
+            out[r_layer] = self.fuse_layer(i, receiver[r_layer], (aligned_k, aligned_v), gates[i])
         return out
+
+    @staticmethod
+    def align_sharer(sharer: KV, alignment: torch.Tensor) -> KV:
+        """One sharer layer's (K, V), each (B, Hs, S, Ds), read through `alignment` (B, T, S): per receiver
+        token, heads flattened — (B, T, Hs*Ds) each, float32."""
+        out = []
+        for x in sharer:
+            b, hs, s, ds = x.shape
+            flat = x.float().transpose(1, 2).reshape(b, s, hs * ds)  # (B, S, Hs*Ds)
+            out.append(torch.bmm(alignment.float(), flat))  # (B, T, Hs*Ds)
+        return out[0], out[1]
+
+    def fuse_layer(self, index: int, receiver: KV, aligned: KV, gate: torch.Tensor) -> KV:
+        """Fused (K, V) of the `index`-th pair of the layer map: `receiver` (K, V) each (B, Hr, T, Dr),
+        `aligned` sharer (K, V) each (B, T, Hs*Ds), `gate` this layer's gate value."""
+        fused: list[torch.Tensor] = []
+        for rec, sh, projector in (
+            (receiver[0], aligned[0], self.key_projectors[index]),
+            (receiver[1], aligned[1], self.value_projectors[index]),
+        ):
+            delta = projector(rec, sh)  # (B, Hr, T, Dr)
+            fused.append((rec.float() + gate * delta).to(rec.dtype))
+        return fused[0], fused[1]

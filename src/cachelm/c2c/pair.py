@@ -15,6 +15,7 @@ import torch
 from cachelm.c2c.checkpoint import load_fuser, model_fingerprint
 from cachelm.c2c.config import (
     FuserConfig,
+    FuseSpan,
     LayerMapKind,
     ModelShape,
     SharerPositions,
@@ -77,6 +78,7 @@ def new_fuser(
     receiver_layers: tuple[int, ...] | None = None,
     token_alignment: TokenAlignment = "last",
     sharer_positions: SharerPositions = "receiver",
+    fuse_span: FuseSpan = "context",
     seed: int = 0,
 ) -> C2CFuser:
     """A freshly initialised fuser for the pair.
@@ -98,6 +100,7 @@ def new_fuser(
         mlp_layers=mlp_layers,
         token_alignment=token_alignment,
         sharer_positions=sharer_positions,
+        fuse_span=fuse_span,
     )
     # A private RNG stream: building a fuser must not reset the caller's global random state.
     with torch.random.fork_rng(devices=[]):

@@ -6,6 +6,13 @@ coordinates by default, see align.py); the fuser writes the sharer's projected K
 the receiver then reads the last prompt token on the fused cache and decodes normally. Everything works on
 batches: contexts are left-padded (position ids follow the real tokens), suffixes right-padded.
 
+With a fuser whose `fuse_span` is "all", every position is fused instead: the sharer reads the prompt and
+the continuation (an option being scored, a training response, the tokens generated so far), its KV is
+aligned causally onto the receiver's tokens, and the fuser runs inside each fused receiver layer's cache
+update (`_FusingCache`), so the receiver's own new K/V are fused before its attention reads them. During
+generation the sharer re-reads the text after every new token (its tokenisation of the text so far may
+change as the text grows, so its cache is not kept); the receiver keeps its cache as usual.
+
 `C2CPipeline` with no sharer and no fuser is the receiver alone through the same code path, which is what
 the baselines use, so every method is measured the same way.
 """
@@ -19,7 +26,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from cachelm.c2c.align import align_tokens, context_char_end, encode_with_offsets, sharer_position_ids
+from cachelm.c2c.align import (
+    align_causal,
+    align_tokens,
+    context_char_end,
+    encode_with_offsets,
+    sharer_position_ids,
+)
 from cachelm.c2c.fuser import KV, C2CFuser
 from cachelm.errors import ConfigError
 
@@ -63,6 +76,53 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _continuation_spans(tokenizer: Any, ids: Sequence[int], offset: int) -> tuple[str, list[tuple[int, int]]]:
+    """Text of continuation token `ids` and each token's character span, shifted by `offset`.
+
+    Spans come from decoding growing prefixes; a prefix that ends inside a multi-byte character decodes to
+    U+FFFD, which is not counted, so a span never claims a character its token has not completed (the
+    causal alignment relies on ends never being too late).
+    """
+    spans: list[tuple[int, int]] = []
+    previous = 0
+    for k in range(len(ids)):
+        text = tokenizer.decode(list(ids[: k + 1]), skip_special_tokens=True)
+        end = len(text.rstrip("\ufffd"))
+        spans.append((offset + min(previous, end), offset + end))
+        previous = max(previous, end)
+    return tokenizer.decode(list(ids), skip_special_tokens=True), spans
+
+
+class _FusingCache(DynamicCache):
+    """A receiver cache that fuses the sharer into every new K/V as the receiver writes it.
+
+    `aligned[i]`: the aligned sharer (K, V) of the `i`-th layer-map pair, each (B, T_total, Hs*Ds), one row
+    per receiver column of the batch; an update at column offset `o` with `t` new tokens reads rows
+    `o .. o + t`.
+    """
+
+    def __init__(self, fuser: C2CFuser, aligned: list[KV]) -> None:
+        super().__init__()
+        self.fuser = fuser
+        self.aligned = aligned
+        self.gates = fuser.gates()
+        self.pair_of = {r: i for i, (r, _) in enumerate(fuser.config.layer_map)}
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.pair_of.get(layer_idx)
+        if i is not None and (self.fuser.training or float(self.gates[i]) != 0.0):
+            start = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
+            end = start + key_states.shape[-2]
+            ak, av = self.aligned[i]
+            key_states, value_states = self.fuser.fuse_layer(
+                i, (key_states, value_states), (ak[:, start:end], av[:, start:end]), self.gates[i]
+            )
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return keys, values
+
+
 class C2CPipeline:
     """Receiver (+ optional sharer and fuser): scoring, training loss and generation on fused caches."""
 
@@ -81,6 +141,7 @@ class C2CPipeline:
         self.sharer = sharer
         self.sharer_tokenizer = sharer_tokenizer
         self.fuser = fuser
+        self.fuse_all = fuser is not None and fuser.config.fuse_span == "all"
         self.device = next(receiver.parameters()).device
 
     # ---- preparation -------------------------------------------------------------------------------
@@ -109,6 +170,17 @@ class C2CPipeline:
                 else:
                     sh_pos.append(list(range(len(s_ids))))
                 aligns.append(align_tokens(ctx_spans, s_spans, self.fuser.config.token_alignment))
+        return self._batch(r_rows, lasts, sh_rows, sh_pos, aligns)
+
+    def _batch(
+        self,
+        r_rows: list[list[int]],
+        lasts: list[int],
+        sh_rows: list[list[int]],
+        sh_pos: list[list[int]],
+        aligns: list[list[list[int]]],
+    ) -> ContextBatch:
+        """Pads receiver rows and (when fusing) sharer rows on the left and builds the alignment tensor."""
         r_ids, r_mask = _pad_left(r_rows, _pad_id(self.receiver_tokenizer))
         r_pos = (r_mask.cumsum(-1) - 1).clamp(min=0)
         sharer_ids = sharer_mask = sharer_positions = alignment = None
@@ -116,7 +188,7 @@ class C2CPipeline:
             sharer_ids, sharer_mask = _pad_left(sh_rows, _pad_id(self.sharer_tokenizer))
             sharer_positions = torch.zeros_like(sharer_ids)
             t, s = r_ids.shape[1], sharer_ids.shape[1]
-            alignment = torch.zeros((len(prompts), t, s))
+            alignment = torch.zeros((len(r_rows), t, s))
             for b, (rows, pos) in enumerate(zip(aligns, sh_pos, strict=True)):
                 sharer_positions[b, s - len(pos) :] = torch.tensor(pos, dtype=torch.long)
                 r_off, s_off = t - len(rows), s - len(pos)
@@ -135,6 +207,33 @@ class C2CPipeline:
             sharer_positions=None if sharer_positions is None else sharer_positions.to(dev),
             alignment=None if alignment is None else alignment.to(dev),
         )
+
+    def prepare_full(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]]) -> ContextBatch:
+        """Whole sequences for `fuse_span="all"`: each prompt's receiver tokens followed by its continuation
+        token ids, the sharer's tokens of the same text, and their causal alignment. `last_token` is each
+        row's last receiver token; `context_lengths` counts every real token."""
+        assert self.fuser is not None
+        if not prompts or len(prompts) != len(continuations):
+            raise ConfigError("`continuations` must give one token list per prompt")
+        r_rows, lasts, sh_rows, sh_pos, aligns = [], [], [], [], []
+        for prompt, cont in zip(prompts, continuations, strict=True):
+            if not isinstance(prompt, str):
+                raise ConfigError(f"`prompts` must be str, got {type(prompt).__name__}")
+            ids, spans = encode_with_offsets(self.receiver_tokenizer, prompt)
+            tail, tail_spans = _continuation_spans(self.receiver_tokenizer, cont, len(prompt))
+            ids, spans = ids + list(cont), spans + tail_spans
+            if not ids:
+                raise ConfigError(f"`prompts` item {prompt!r:.60} gives the receiver no tokens")
+            s_ids, s_spans, rows = align_causal(spans, self.sharer_tokenizer, prompt + tail)
+            r_rows.append(ids)
+            lasts.append(ids[-1])
+            sh_rows.append(s_ids)
+            if self.fuser.config.sharer_positions == "receiver":
+                sh_pos.append(sharer_position_ids(spans, s_spans))
+            else:
+                sh_pos.append(list(range(len(s_ids))))
+            aligns.append(rows)
+        return self._batch(r_rows, lasts, sh_rows, sh_pos, aligns)
 
     # ---- prefill and fusion ------------------------------------------------------------------------
 
@@ -170,6 +269,51 @@ class C2CPipeline:
         for layer, (k, v) in zip(_layers(cache), fused, strict=True):
             layer.keys, layer.values = k, v
         return cache
+
+    def _aligned_sharer(self, batch: ContextBatch) -> list[KV]:
+        """The sharer's KV of `batch`, aligned onto the receiver's columns, per layer-map pair."""
+        assert self.fuser is not None and self.sharer is not None
+        assert batch.sharer_ids is not None and batch.alignment is not None
+        with torch.no_grad():
+            sharer_cache = DynamicCache()
+            self.sharer.model(
+                input_ids=batch.sharer_ids,
+                attention_mask=batch.sharer_mask,
+                position_ids=batch.sharer_positions,
+                past_key_values=sharer_cache,
+                use_cache=True,
+            )
+            sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
+            return [
+                self.fuser.align_sharer(sharer_kv[s_layer], batch.alignment)
+                for _, s_layer in self.fuser.config.layer_map
+            ]
+
+    def _forward_all(self, batch: ContextBatch) -> tuple[torch.Tensor, _FusingCache]:
+        """`fuse_span="all"`: the receiver over whole rows with every position fused; logits (B, T, V)."""
+        assert self.fuser is not None
+        cache = _FusingCache(self.fuser, self._aligned_sharer(batch))
+        out = self.receiver(
+            input_ids=batch.receiver_ids,
+            attention_mask=batch.receiver_mask,
+            position_ids=batch.receiver_positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits, cache
+
+    def _continuation_logits(
+        self, prompts: Sequence[str], continuations: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`fuse_span="all"` counterpart of `_suffix_logits`: (logits (P, L, V), targets (P, L), mask (P, L))
+        where position t predicts target t and the mask selects the continuation tokens."""
+        batch = self.prepare_full(prompts, continuations)
+        logits, _ = self._forward_all(batch)
+        width = batch.receiver_ids.shape[1]
+        lengths = torch.tensor([len(c) for c in continuations], device=self.device)  # (P,)
+        column = torch.arange(1, width, device=self.device)  # (T-1,) the predicted column
+        tmask = (column[None, :] >= width - lengths[:, None]).long()  # (P, T-1)
+        return logits[:, :-1], batch.receiver_ids[:, 1:], tmask
 
     # ---- suffixes on the fused cache ---------------------------------------------------------------
 
@@ -207,10 +351,13 @@ class C2CPipeline:
         """Mean next-token cross-entropy over the receiver's response tokens (token ids per prompt)."""
         if len(prompts) != len(responses) or any(len(r) == 0 for r in responses):
             raise ConfigError("`responses` must give one non-empty token list per prompt")
-        batch = self.prepare(prompts)
-        cache = self.prefill(batch)
-        rows = torch.arange(len(prompts), device=self.device)
-        logits, targets, tmask = self._suffix_logits(batch, cache, rows, responses)
+        if self.fuse_all:
+            logits, targets, tmask = self._continuation_logits(prompts, responses)
+        else:
+            batch = self.prepare(prompts)
+            cache = self.prefill(batch)
+            rows = torch.arange(len(prompts), device=self.device)
+            logits, targets, tmask = self._suffix_logits(batch, cache, rows, responses)
         nll = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         ).view_as(targets)
@@ -220,12 +367,11 @@ class C2CPipeline:
     def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
         """Sum log-probability of each option (read as " " + option) after each prompt.
 
-        The context is prefilled and fused once per prompt and shared by its options.
+        The context is prefilled and fused once per prompt and shared by its options; with
+        `fuse_span="all"` every (prompt, option) is one fused row, since the sharer reads the option too.
         """
         if len(prompts) != len(options) or any(len(o) == 0 for o in options):
             raise ConfigError("`options` must give one non-empty list of options per prompt")
-        batch = self.prepare(prompts)
-        cache = self.prefill(batch)
         rows_list, suffixes = [], []
         for q, opts in enumerate(options):
             for opt in opts:
@@ -234,8 +380,13 @@ class C2CPipeline:
                     raise ConfigError(f"`options` item {opt!r} tokenises to nothing")
                 rows_list.append(q)
                 suffixes.append(toks)
-        rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
-        logits, targets, tmask = self._suffix_logits(batch, cache, rows, suffixes)
+        if self.fuse_all:
+            logits, targets, tmask = self._continuation_logits([prompts[q] for q in rows_list], suffixes)
+        else:
+            batch = self.prepare(prompts)
+            cache = self.prefill(batch)
+            rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
+            logits, targets, tmask = self._suffix_logits(batch, cache, rows, suffixes)
         logits = logits.float()
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         totals = (picked * tmask).sum(-1).tolist()  # (P,)
@@ -259,6 +410,9 @@ class C2CPipeline:
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
+        if self.fuse_all:
+            yield from self._generate_all(prompts, max_new_tokens, stop_at_eos)
+            return
         batch = self.prepare(prompts)
         cache = self.prefill(batch)
         eos = getattr(self.receiver_tokenizer, "eos_token_id", None)
@@ -283,6 +437,43 @@ class C2CPipeline:
             if bool(done.all()):
                 return
             current, position = nxt, position + 1
+
+    def _generate_all(
+        self, prompts: Sequence[str], max_new_tokens: int, stop_at_eos: bool
+    ) -> Iterator[torch.Tensor]:
+        """`generate_ids` for `fuse_span="all"`: after each new token the sharer re-reads the whole text
+        (its tokenisation of a growing text can change, so its cache is not kept) and the receiver takes
+        one cached step whose K/V are fused on the way into its cache."""
+        generated: list[list[int]] = [[] for _ in prompts]
+        batch = self.prepare_full(prompts, generated)
+        logits, cache = self._forward_all(batch)
+        eos = getattr(self.receiver_tokenizer, "eos_token_id", None)
+        mask = batch.receiver_mask
+        position = batch.context_lengths.clone()  # (B,) the next token's position
+        nxt = logits[:, -1].argmax(-1)  # (B,)
+        done = torch.zeros_like(nxt, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            if eos is not None and stop_at_eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            yield nxt
+            if bool(done.all()) or step == max_new_tokens - 1:
+                return
+            for row, token in zip(generated, nxt.tolist(), strict=True):
+                row.append(int(token))
+            # Every row grows by one token, so each keeps its left padding and the new token's column is
+            # the last column of the grown batch.
+            cache.aligned = self._aligned_sharer(self.prepare_full(prompts, generated))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step + 1)
+            out = self.receiver(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            position = position + 1
+            nxt = out.logits[:, -1].argmax(-1)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         """Greedy completions of `prompts` (batched), special tokens removed."""
