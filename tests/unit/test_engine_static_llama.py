@@ -36,10 +36,18 @@ def _hf_prefill(model: Any, ids: list[int]) -> tuple[torch.Tensor, Any]:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"attention": "split", "split_chunk": 8}, {"attention": "split", "split_chunk": 5}]
+    "options",
+    [
+        {},
+        {"attention": "split", "split_chunk": 8},
+        {"attention": "split", "split_chunk": 5},
+        {"fuse_weights": True},
+        {"fuse_weights": True, "attention": "split", "split_chunk": 8},
+    ],
 )
-def test_suffix_on_loaded_prefix_matches_hf(llama: Any, options: dict[str, Any]) -> None:
+def test_suffix_on_loaded_prefix_matches_hf(options: dict[str, Any]) -> None:
     ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    llama = tiny_llama(initializer_range=0.1)  # its own copy: fuse_weights repacks the module weights
     want, full_cache = _hf_prefill(llama, ids)
     runner = StaticLlamaRunner(llama, max_tokens=64, **options)
     runner.kv[:32] = hf.extract(full_cache, 48)[:32]
@@ -50,6 +58,9 @@ def test_suffix_on_loaded_prefix_matches_hf(llama: Any, options: dict[str, Any])
     # A whole prompt from position 0 works too.
     whole = StaticLlamaRunner(llama, max_tokens=64, **options)(ids, 0)
     torch.testing.assert_close(whole, want, atol=1e-4, rtol=0)
+    # The model itself is unchanged by packing (its weights became views of the packed tensors).
+    again, _ = _hf_prefill(llama, ids)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)
 
 
 def test_prefix_cache_loads_straight_into_the_buffer(llama: Any) -> None:

@@ -9,7 +9,13 @@ on an H100, but HF eager spends ~50 ms of per-call Python and kernel-launch over
 - the forward is the Llama decoder written out with the model's own modules (no cache objects, no mask
   builders, no output recorders);
 - on CUDA, each (prefix length, suffix length) gets a CUDA graph captured once and replayed after, so a call
-  is one graph launch.
+  is one graph launch;
+- a graph removes launch overhead but not kernel count: a 64-token step of an 8B model is ~5 ms of weight
+  reads spread over ~60 kernels per layer, most of them tiny. `fuse_weights` packs Q/K/V and gate/up into
+  one GEMM each (the module weights become views of the packed tensors, so no memory is added);
+  `compile` runs each layer's pre- and post-attention math (RMSNorm, RoPE, SiLU·up, residuals) through
+  `torch.compile`, which fuses the elementwise kernels. Both functions take the weights as arguments, so
+  one compiled graph serves every layer.
 
 Scope: Llama-architecture causal LMs (Llama, SmolLM2) with default or scaled rope; no sliding windows.
 `forward_eager` is the same math without a graph; tests check it against HF on CPU.
@@ -41,6 +47,56 @@ def _attention_lse(
     return torch.softmax(scores, dim=-1) @ v.float(), torch.logsumexp(scores, dim=-1)
 
 
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic (float32 statistics, weight applied in the input dtype)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _pre_attention(
+    h: torch.Tensor,  # (1, S, d)
+    norm_weight: torch.Tensor,
+    qkv_weight: torch.Tensor,  # (Hq·D + 2·H·D, d)
+    cos: torch.Tensor,  # (1, S, D)
+    sin: torch.Tensor,
+    eps: float,
+    n_heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, packed Q/K/V projection and RoPE: q (1, Hq, S, D), k (1, H, S, D), v (1, S, H, D)."""
+    num_new = h.shape[1]
+    head_dim = cos.shape[-1]
+    qkv = _rms_norm(h, norm_weight, eps) @ qkv_weight.t()  # (1, S, (Hq + 2H)·D)
+    q, k, v = torch.split(qkv, [n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(1, num_new, n_heads, head_dim).transpose(1, 2)  # (1, Hq, S, D)
+    k = k.view(1, num_new, kv_heads, head_dim).transpose(1, 2)  # (1, H, S, D)
+    c, s = cos[:, None], sin[:, None]  # (1, 1, S, D)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    return q, k, v.view(1, num_new, kv_heads, head_dim)
+
+
+def _post_attention(
+    h: torch.Tensor,  # (1, S, d)
+    o: torch.Tensor,  # (1, S, Hq·D)
+    o_weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    gate_up_weight: torch.Tensor,  # (2·I, d)
+    down_weight: torch.Tensor,  # (d, I)
+    eps: float,
+) -> torch.Tensor:
+    """Output projection, residual, norm, SiLU-gated MLP with packed gate/up, residual: (1, S, d)."""
+    h = h + o @ o_weight.t()
+    gate, up = (_rms_norm(h, norm_weight, eps) @ gate_up_weight.t()).chunk(2, dim=-1)  # (1, S, I) each
+    return h + (torch.nn.functional.silu(gate) * up) @ down_weight.t()
+
+
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
@@ -61,6 +117,8 @@ class StaticLlamaRunner:
         graph_after: int = 1,
         attention: str = "sdpa",
         split_chunk: int = 256,
+        fuse_weights: bool = False,
+        compile: bool = False,
     ) -> None:
         """`graph_after`: calls with one (start, length) shape before a graph is captured for it (earlier
         calls run the same math ungraphed), so one-off shapes do not pay a capture.
@@ -69,7 +127,10 @@ class StaticLlamaRunner:
         every suffix query sees, go in chunks of `split_chunk` through the flash kernel with their
         log-sum-exp, the suffix keys through a small masked softmax, and the parts are merged). With 64
         queries and 8K keys a single attention call keeps only a few dozen thread blocks busy; splitting
-        the keys is what flash-decoding does for the same reason."""
+        the keys is what flash-decoding does for the same reason.
+
+        `fuse_weights` / `compile`: see the module docstring. `compile` implies `fuse_weights` and needs a
+        working `torch.compile` backend (Triton on CUDA)."""
         if model.config.model_type not in ("llama",):
             raise ConfigError(f"`model` must be a Llama-architecture model, got {model.config.model_type!r}")
         self.layout = KVLayout.from_model(model)
@@ -93,8 +154,8 @@ class StaticLlamaRunner:
         self.attention = attention
         self.split_chunk = split_chunk
         self.kv = torch.zeros(self.layout.block_shape(max_tokens), dtype=model.dtype, device=self.device)
-        self._graphs: dict[tuple[int, int, bool, str], _Graph] = {}
-        self._seen: dict[tuple[int, int, bool, str], int] = {}
+        self._graphs: dict[tuple[int, int, bool, str, int], _Graph] = {}
+        self._seen: dict[tuple[int, int, bool, str, int], int] = {}
         self.graph_after = max(1, graph_after)
         inner = model.model
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
@@ -102,6 +163,39 @@ class StaticLlamaRunner:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._apply_rope = apply_rotary_pos_emb
+        self.fused = fuse_weights or compile
+        cfg = model.config
+        if self.fused and (
+            getattr(cfg, "hidden_act", "silu") != "silu"
+            or getattr(cfg, "attention_bias", False)
+            or getattr(cfg, "mlp_bias", False)
+        ):
+            raise ConfigError("`fuse_weights`/`compile` support SiLU MLPs without biases only")
+        if self.fused:
+            self._pack_weights()
+        self._pre: Any = _pre_attention
+        self._post: Any = _post_attention
+        if compile:
+            self._pre = torch.compile(_pre_attention, fullgraph=True, dynamic=False)
+            self._post = torch.compile(_post_attention, fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def _pack_weights(self) -> None:
+        """Q/K/V and gate/up of every layer into one weight each; the modules keep views of them."""
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self._layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            nq, nk = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+            ni = mlp.gate_proj.weight.shape[0]
+            # Views, not copies: the packed tensors are the only storage, so memory stays the same.
+            attn.q_proj.weight = torch.nn.Parameter(qkv[:nq], requires_grad=False)
+            attn.k_proj.weight = torch.nn.Parameter(qkv[nq : nq + nk], requires_grad=False)
+            attn.v_proj.weight = torch.nn.Parameter(qkv[nq + nk :], requires_grad=False)
+            mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:ni], requires_grad=False)
+            mlp.up_proj.weight = torch.nn.Parameter(gate_up[ni:], requires_grad=False)
+            self._packed.append((qkv, gate_up))
 
     def _check(self, num_new: int, start: int) -> None:
         if num_new <= 0 or start < 0 or start + num_new > self.max_tokens:
@@ -129,11 +223,23 @@ class StaticLlamaRunner:
         cos, sin = self._rotary(h, positions)  # (1, S, D) each
         for i, layer in enumerate(self._layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, num_new, n_heads, head_dim).transpose(1, 2)  # (1, Hq, S, D)
-            k = attn.k_proj(x).view(1, num_new, kv_heads, head_dim).transpose(1, 2)  # (1, H, S, D)
-            v = attn.v_proj(x).view(1, num_new, kv_heads, head_dim)  # (1, S, H, D)
-            q, k = self._apply_rope(q, k, cos, sin)
+            if self.fused:
+                q, k, v = self._pre(
+                    h,
+                    layer.input_layernorm.weight,
+                    self._packed[i][0],
+                    cos,
+                    sin,
+                    layer.input_layernorm.variance_epsilon,
+                    n_heads,
+                    kv_heads,
+                )
+            else:
+                x = layer.input_layernorm(h)
+                q = attn.q_proj(x).view(1, num_new, n_heads, head_dim).transpose(1, 2)  # (1, Hq, S, D)
+                k = attn.k_proj(x).view(1, num_new, kv_heads, head_dim).transpose(1, 2)  # (1, H, S, D)
+                v = attn.v_proj(x).view(1, num_new, kv_heads, head_dim)  # (1, S, H, D)
+                q, k = self._apply_rope(q, k, cos, sin)
             self.kv[start:end, i, 0] = k[0].transpose(0, 1)  # (S, H, D)
             self.kv[start:end, i, 1] = v[0]
             keys = self.kv[:end, i, 0].permute(1, 0, 2)[None]  # (1, H, T, D)
@@ -148,9 +254,23 @@ class StaticLlamaRunner:
                 o = self._split_attention(q, i, start, end, mask_g[:, start:], attn.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_g, scale=attn.scaling)
-            o = o.reshape(1, n_heads, num_new, head_dim)  # (1, Hq, S, D)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, num_new, n_heads * head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            o = (
+                o.reshape(1, n_heads, num_new, head_dim).transpose(1, 2).reshape(1, num_new, -1)
+            )  # (1, S, Hq·D)
+            if self.fused:
+                mlp = layer.mlp
+                h = self._post(
+                    h,
+                    o,
+                    attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    self._packed[i][1],
+                    mlp.down_proj.weight,
+                    layer.post_attention_layernorm.variance_epsilon,
+                )
+            else:
+                h = h + attn.o_proj(o)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = self._norm(h[:, -1:])  # (1, 1, d)
         logits: torch.Tensor = self._lm_head(last)[0, -1].float()  # (V,)
         return logits
@@ -192,7 +312,7 @@ class StaticLlamaRunner:
         ids = torch.as_tensor(token_ids, device=self.device).reshape(1, -1)
         if not self.use_cuda_graphs:
             return self.forward_eager(ids, start)
-        key = (start, ids.shape[-1], self.contiguous_kv, self.attention)
+        key = (start, ids.shape[-1], self.contiguous_kv, self.attention, self.split_chunk)
         entry = self._graphs.get(key)
         if entry is None:
             self._seen[key] = self._seen.get(key, 0) + 1
