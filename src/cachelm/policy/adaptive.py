@@ -45,8 +45,11 @@ eviction (the frequency heap is rebuilt once then, as `h` changes from "no decay
 Complexity: insert, access and evict are O(log n) amortised (two lazy heaps); remove is O(1); the count
 history is a bounded FIFO dict, O(1) per operation. A sampled request (`sample_rate` of them) also costs one
 operation in each miniature, O(log n) on a cache `sample_rate` as large. Memory: about 120 bytes per
-remembered key, plus the miniatures (`sample_rate` × 2 of that). Tenant and semantic-cluster features are
-not used.
+remembered key, plus the miniatures (`sample_rate` × 2 of that).
+
+Tenant and semantic-cluster features are not used: a prior that started a new key's count at its tenant's
+(or its conversation's) reuse ratio was measured on the chat traces and did not help (docs/BENCHMARKS.md,
+section policy_sim).
 """
 
 from __future__ import annotations
