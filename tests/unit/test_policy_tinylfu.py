@@ -6,7 +6,7 @@ import pytest
 
 from cachelm.clock import Clock, monotonic_clock
 from cachelm.errors import ConfigError
-from cachelm.policy import GDSFPolicy, LRUPolicy, S3FIFOPolicy, TinyLFUPolicy
+from cachelm.policy import FrequencySketch, GDSFPolicy, LRUPolicy, S3FIFOPolicy, TinyLFUPolicy, TTLPolicy
 from tests.unit.policy_contract import PolicyContract
 
 
@@ -33,6 +33,17 @@ class TestWTinyLFUOverGDSFContract(PolicyContract):
     ) -> TinyLFUPolicy:
         inner = GDSFPolicy(max_entries=max_entries, max_bytes=max_bytes, timer=timer or monotonic_clock)
         return TinyLFUPolicy(inner, window_ratio=0.3)
+
+
+class TestAdaptiveWindowContract(PolicyContract):
+    """A period of 8 requests: the window resizes (and evicts) every few operations."""
+
+    def make(
+        self, *, max_entries: int | None = None, max_bytes: int | None = None, timer: Clock | None = None
+    ) -> TinyLFUPolicy:
+        inner = GDSFPolicy(max_entries=max_entries, max_bytes=max_bytes, timer=timer or monotonic_clock)
+        sketch = FrequencySketch(width=16, sample_size=8)
+        return TinyLFUPolicy(inner, sketch=sketch, window_ratio=0.3, adapt_window=True)
 
 
 def test_window_admits_newcomers_then_filters_them_into_main() -> None:
@@ -103,3 +114,28 @@ def test_updates_are_never_refused() -> None:
     policy.insert("a", 1)
     assert policy.insert("a", 1) == []
     assert "a" in policy
+
+
+def test_adaptive_window_climbs_while_the_hit_ratio_holds_and_turns_when_it_falls() -> None:
+    inner = LRUPolicy(max_entries=1000)
+    policy = TinyLFUPolicy(inner, sketch=FrequencySketch(width=64, sample_size=100), adapt_window=True)
+    assert policy.window is not None and policy.window.max_entries == 10
+    for i in range(100):  # period 1: misses only; the first step grows the window by 6.25%
+        policy.insert(f"k{i}", 1)
+    assert policy.window_ratio == pytest.approx(0.01 + 0.0625) and policy.window.max_entries == 72
+    for _ in range(100):  # period 2: hits (the ratio rose): one more step up, 2% shorter
+        policy.access("k99")
+    policy.insert("x", 1)
+    assert policy.window_ratio == pytest.approx(0.0725 + 0.0625 * 0.98) and policy.window.max_entries == 133
+    for i in range(100):  # period 3: misses again (the ratio fell): the climber turns
+        policy.insert(f"y{i}", 1)
+    assert policy.window_ratio == pytest.approx(0.13375 - 0.0625 * 0.98**2)
+    assert policy.window.max_entries == 73 and inner.max_entries == 927 and len(policy) <= 1000
+
+
+def test_adaptive_window_needs_a_window_and_an_evicting_inner_policy() -> None:
+    with pytest.raises(ConfigError, match="`adapt_window`"):
+        TinyLFUPolicy(LRUPolicy(max_entries=100), window_ratio=0, adapt_window=True)
+    with pytest.raises(ConfigError, match="`adapt_window`"):
+        TinyLFUPolicy(TTLPolicy(ttl=1, max_entries=100), window_ratio=0, adapt_window=True)
+    assert not TinyLFUPolicy(LRUPolicy(), adapt_window=True).adapt_window  # unbounded: no window to size

@@ -14,7 +14,18 @@
 
 With ``window_ratio=0`` there is no window (plain TinyLFU): a new large key faces the filter at once and comes
 back as ``[key]`` when refused (the `Policy` contract). Updates of tracked keys and hits pass through.
-Overhead: O(sketch depth) plus the window's O(1) on top of the inner policy's own cost.
+
+**Adaptive window** (``adapt_window=True``; W-TinyLFU's hill climber, Einziger et al., "Adaptive software
+cache management", Middleware 2018, as Caffeine runs it): the hit ratio is measured over periods of the
+sketch's `sample_size` requests; after each period the window moves by a step (6.25% of the capacity at
+first, shrinking by 2% per period) in the same direction as before when the hit ratio did not fall, in the
+other direction when it fell; the window stays within 1–90% of the capacity. Recency-heavy traffic (a
+session's next turn reusing its prompt's blocks) grows the window towards LRU; frequency-heavy traffic
+shrinks it towards the filter. A shrunken main space evicts its victims at once and a shrunken window
+offers its oldest keys to main, so the capacities hold after every call; both come back in the eviction list.
+
+Overhead: O(sketch depth) plus the window's O(1) on top of the inner policy's own cost; a resize, once per
+period, moves at most one step's worth of entries.
 """
 
 from __future__ import annotations
@@ -22,11 +33,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from cachelm.errors import ConfigError
-from cachelm.policy._common import VictimPeek, check_entry, check_key
+from cachelm.policy._common import EvictingPolicy, VictimPeek, check_entry, check_key
 from cachelm.policy.base import Policy
 from cachelm.policy.lru import LRUPolicy
 from cachelm.policy.sketch import FrequencySketch
 from cachelm.policy.ttl import TTLPolicy
+
+HILL_STEP = 0.0625  # first step of the window, as a share of the capacity (Caffeine's)
+HILL_STEP_DECAY = 0.98  # per period: the climber settles
+WINDOW_RANGE = (0.01, 0.9)  # shares of the capacity the adaptive window may take
 
 
 class TinyLFUPolicy(Policy):
@@ -40,6 +55,7 @@ class TinyLFUPolicy(Policy):
         window_ratio: float = 0.01,
         large_bytes: int = 0,
         min_frequency: int = 2,
+        adapt_window: bool = False,
     ) -> None:
         if not isinstance(inner, Policy):
             raise ConfigError(f"`inner` must be a Policy, got {type(inner).__name__}")
@@ -63,6 +79,18 @@ class TinyLFUPolicy(Policy):
         self.min_frequency = min_frequency
         self.rejected = 0
         self._window_meta: dict[str, tuple[int, float]] = {}  # size, cost of window keys, for `inner`
+        self.window_ratio = float(window_ratio)
+        if adapt_window and (window_ratio == 0 or not isinstance(inner, EvictingPolicy)):
+            raise ConfigError(
+                "`adapt_window` needs `window_ratio` > 0 and an `inner` policy that can evict on demand, "
+                f"got window_ratio={window_ratio!r}, {type(inner).__name__}"
+            )
+        # A capacity too small (or unbounded) for a window has nothing to adapt.
+        self.adapt_window = bool(adapt_window) and self.window is not None
+        self._step = HILL_STEP
+        self._direction = 1.0  # +1: grow the window
+        self._period_hits = self._period_requests = 0
+        self._last_hit_ratio: float | None = None
 
     def _carve_window(self, ratio: float) -> LRUPolicy | None:
         """Give the window `ratio` of the capacity, taken from `inner` so the total stays as configured."""
@@ -99,6 +127,9 @@ class TinyLFUPolicy(Policy):
         fcost = check_entry(key, size, cost)
         self.sketch.record(key)
         window = self.window
+        if self.adapt_window:
+            self._period_hits += key in self  # an update of a tracked key counts as a hit
+            self._period_requests += 1
         if window is not None and key in window:
             evicted = self._window_insert(key, size, fcost)
         elif key in self.inner or size < self.large_bytes:
@@ -107,7 +138,42 @@ class TinyLFUPolicy(Policy):
             evicted = self._window_insert(key, size, fcost)
         else:
             evicted = self._offer(key, size, fcost)
+        if self.adapt_window and self._period_requests >= self.sketch.sample_size:
+            evicted += self._climb()
         self._sync()
+        return evicted
+
+    # -- adaptive window ----------------------------------------------------------------------------------
+    def _climb(self) -> list[str]:
+        """End a period: step the window along the hit ratio's slope; return what the resize evicted."""
+        hit_ratio = self._period_hits / self._period_requests
+        if self._last_hit_ratio is not None and hit_ratio < self._last_hit_ratio:
+            self._direction = -self._direction
+        self._last_hit_ratio = hit_ratio
+        self._period_hits = self._period_requests = 0
+        low, high = WINDOW_RANGE
+        ratio = min(max(self.window_ratio + self._direction * self._step, low), high)
+        self._step *= HILL_STEP_DECAY
+        return self._resize(ratio)
+
+    def _resize(self, ratio: float) -> list[str]:
+        """Give the window `ratio` of the capacity and `inner` the rest; return the keys that left."""
+        window, inner = self.window, self.inner
+        assert window is not None and isinstance(inner, EvictingPolicy)
+        self.window_ratio = ratio
+        if self.max_entries is not None and self.max_entries > 1:
+            share = min(max(int(self.max_entries * ratio), 1), self.max_entries - 1)
+            window.max_entries, inner.max_entries = share, self.max_entries - share
+        if self.max_bytes is not None and self.max_bytes > 1:
+            share = min(max(int(self.max_bytes * ratio), 1), self.max_bytes - 1)
+            window.max_bytes, inner.max_bytes = share, self.max_bytes - share
+        evicted: list[str] = []
+        while len(inner) and inner.over_capacity():
+            evicted.append(inner._evict())
+        while len(window) and window.over_capacity():
+            candidate = window._evict()
+            candidate_size, candidate_cost = self._window_meta.pop(candidate)
+            evicted.extend(self._offer(candidate, candidate_size, candidate_cost))
         return evicted
 
     def _window_insert(self, key: str, size: int, cost: float) -> list[str]:
@@ -126,6 +192,9 @@ class TinyLFUPolicy(Policy):
         check_key(key)
         if key in self:
             self.sketch.record(key)
+            if self.adapt_window:
+                self._period_hits += 1
+                self._period_requests += 1
             if self.window is not None and key in self.window:
                 self.window.access(key)
             else:

@@ -3,7 +3,8 @@
 TTL only makes sense where entries go stale; here it wraps LRU with a one-hour TTL (sessions in the
 chat traces last minutes, popular prompts recur for hours), so it shows what expiring popular entries costs.
 TinyLFU variants use the default 1% window, `large_bytes=0` (every value goes through the filter) and a
-sketch sized for the expected number of entries (capacity / mean value size), as Caffeine sizes its own.
+sketch sized for the expected number of entries (capacity / mean value size), as Caffeine sizes its own;
+"+TinyLFU(climb)" lets W-TinyLFU's hill climber size the window (`adapt_window=True`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def policy_factories(mean_size: float) -> dict[str, PolicyFactory]:
         "Adaptive": lambda cap, clock: AdaptiveCostPolicy(max_bytes=cap, timer=clock),
     }
     with_filter = {f"{name}+TinyLFU": tiny(base[name]) for name in ("LRU", "S3-FIFO", "GDSF", "Adaptive")}
+    with_filter["Adaptive+TinyLFU(climb)"] = lambda cap, clock: TinyLFUPolicy(
+        AdaptiveCostPolicy(max_bytes=cap, timer=clock), sketch=_sketch(cap, mean_size), adapt_window=True
+    )
     return base | with_filter
 
 
