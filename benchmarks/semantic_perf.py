@@ -2,8 +2,9 @@
 
     python benchmarks/semantic_perf.py --data ../shared/data --report
 
-Vectors are real all-MiniLM-L6-v2 embeddings of the QQP questions (read from the evaluation's embedding
-cache, `.cache/semantic_eval/`, or computed from --data). Where more entries are needed than distinct real
+Vectors are real embeddings of the QQP questions by the embedder under test (`MiniLMEmbedder()`'s default,
+or `--checkpoint` / `--quantize`; read from the evaluation's embedding cache, `.cache/semantic_eval/`, or
+computed from --data). Where more entries are needed than distinct real
 questions exist, the rest are real vectors plus Gaussian noise (cosine ≈ 0.94 to their source), so the
 index holds realistic clusters rather than uniform random points. Queries are 500 held-out real vectors.
 
@@ -60,12 +61,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def real_vectors(data: Path, cache_dir: Path) -> tuple[np.ndarray, list[str]]:
+def real_vectors(data: Path, cache_dir: Path, embedder: MiniLMEmbedder) -> tuple[np.ndarray, list[str]]:
     """All distinct QQP question vectors available (cached shards first, MeanCache test+val otherwise)."""
-    texts = cached_vectors(cache_dir, MiniLMEmbedder.MODEL_ID)
+    texts = cached_vectors(cache_dir, embedder.model_id)
     if len(texts) < 20_000:
         qs = [*load_meancache(data, "test").a, *load_meancache(data, "val").a]
-        vecs = embed_cached(MiniLMEmbedder(), qs, cache_dir)
+        vecs = embed_cached(embedder, qs, cache_dir)
         texts.update(zip(qs, vecs, strict=True))
     names = sorted(texts)
     return np.stack([texts[t] for t in names]).astype(np.float32), names
@@ -236,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads for MiniLM (1 resists CPU contention)"
     )
+    p.add_argument(
+        "--checkpoint",
+        default="default",
+        help="MiniLM weights: 'default' (MiniLMEmbedder()'s), 'none' (published) or a checkpoint path",
+    )
+    p.add_argument(
+        "--quantize", default="default", choices=("default", "yes", "no"), help="dynamic int8 MiniLM"
+    )
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     import torch
@@ -244,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     # seen with 2 threads while other jobs ran); one thread gives stable single-query latency.
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    real, names = real_vectors(Path(args.data), Path(args.cache_dir))
+    embedder = make_embedder(args.checkpoint, args.quantize)
+    real, names = real_vectors(Path(args.data), Path(args.cache_dir), embedder)
     perm = rng.permutation(len(real))
     held = perm[: args.queries]
     queries, query_texts = real[held], [names[i] for i in held[: args.lookup_queries]]
     pool = real[perm[args.queries :]]
-    embedder = MiniLMEmbedder(device="cpu")
     embedder.embed(["warm up"])
     lib_rows, paths = [], []
     for n in (int(x) for x in args.sizes.split(",")):
@@ -260,13 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         row = cachelm_paths(base, queries, query_texts, exact, embedder, args.backend)
         row["real"] = num_real
         paths.append(row)
-    int8 = MiniLMEmbedder(device="cpu", quantize=True)
-    int8.embed(["warm up"])
-    int8_p50 = p50_us(lambda text: int8.embed([text + " ?"]), query_texts[:100])
-    text = render(lib_rows, paths, args) + (
-        " With `MiniLMEmbedder(quantize=True)` (dynamic int8) the embedding P50 is "
-        f"{int8_p50[0] / 1000:.2f} / "
-        f"{int8_p50[1] / 1000:.2f} ms (wall / CPU); its accuracy is in the int8 accuracy section."
+    others = []
+    for label, checkpoint, quantize in VARIANTS:
+        other = make_embedder(checkpoint, quantize)
+        if other.model_id == embedder.model_id:
+            continue
+        other.embed(["warm up"])
+        wall, cpu = p50_us(lambda text, e=other: e.embed([text + " ?"]), query_texts[:100])
+        others.append(f"{label} (`{other.model_id}`) {wall / 1000:.2f} / {cpu / 1000:.2f} ms")
+    text = render(lib_rows, paths, args, embedder.model_id) + (
+        " Embedding P50 (wall / CPU) of the other MiniLM variants on the same questions: "
+        + "; ".join(others)
+        + ". Their accuracy is in the `semantic_eval*` sections."
     )
     print(text)
     if args.report:
@@ -275,13 +289,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: argparse.Namespace) -> str:
+VARIANTS = (
+    ("published MiniLM, float32", "none", "no"),
+    ("published MiniLM, int8", "none", "yes"),
+    ("fine-tuned MiniLM, float32", "default", "no"),
+    ("fine-tuned MiniLM, int8", "default", "yes"),
+)
+
+
+def make_embedder(checkpoint: str, quantize: str) -> MiniLMEmbedder:
+    """MiniLMEmbedder on CPU; 'default' leaves that argument to MiniLMEmbedder's own default."""
+    kwargs: dict[str, Any] = {"device": "cpu"}
+    if checkpoint != "default":
+        kwargs["checkpoint"] = None if checkpoint == "none" else Path(checkpoint)
+    if quantize != "default":
+        kwargs["quantize"] = quantize == "yes"
+    return MiniLMEmbedder(**kwargs)
+
+
+def render(
+    lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: argparse.Namespace, model_id: str
+) -> str:
+    flags = "" if args.checkpoint == "default" else f" --checkpoint {args.checkpoint}"
+    flags += "" if args.quantize == "default" else f" --quantize {args.quantize}"
     lines = [
         "## Semantic cache: performance (`benchmarks/semantic_perf.py`)",
         "",
-        f"Command: `python benchmarks/semantic_perf.py --data {args.data} --sizes {args.sizes} --report`. "
+        f"Command: `python benchmarks/semantic_perf.py --data {args.data} --sizes {args.sizes}{flags} "
+        f"--report`. Embedder: `{model_id}` (vectors and lookups). "
         f"Machine: {machine_description()} — a 2-core CI-class VM shared with other jobs while measuring, so "
-        "absolute times are noisy; compare rows of one run. Vectors: all-MiniLM-L6-v2 (384-d) of QQP "
+        "absolute times are noisy; compare rows of one run. Vectors: the embedder's (384-d) of QQP "
         "questions; beyond the distinct real questions, noisy copies of them (see the script's docstring). "
         f"{args.queries} held-out real queries; lookups use {args.lookup_queries} of them, MiniLM on "
         f"{args.threads} torch thread(s), numpy BLAS on 1 thread. Memory: the serialised index size per "

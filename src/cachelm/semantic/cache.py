@@ -145,8 +145,18 @@ class SemanticCache:
 
     # -- keys ------------------------------------------------------------------------------------
     def query(self, request: Mapping[str, Any], *, tenant: str) -> SemanticQuery | None:
-        """The (text, context key) split of `request` for `tenant`; None when it has no last user turn."""
-        return semantic_query(request, tenant_salt=tenant_salt(tenant, self._secret))
+        """The (text, context key) split of `request` for `tenant`; None when it has no last user turn.
+
+        The context key also digests the embedder's model id: vectors of different embedders (a new
+        checkpoint, int8 vs float) live in different partitions of a persisted index and are never compared.
+        """
+        query = semantic_query(request, tenant_salt=tenant_salt(tenant, self._secret))
+        if query is None:
+            return None
+        digest = hashlib.sha256(
+            b"semantic-embedder\x00" + self.embedder.model_id.encode() + b"\x00" + query.context_key.encode()
+        )
+        return SemanticQuery(text=query.text, context_key=digest.hexdigest())
 
     def _embed(self, text: str, tenant: str) -> np.ndarray:
         if isinstance(self.embedder, EmbeddingCache):

@@ -8,6 +8,10 @@ Loaders read the files under ``DATA/`` (see /work/shared/data/MANIFEST.md for pr
 - ``stsb/sts-dev.csv`` and ``stsb/sts-test.csv``: STS-B, tab-separated, score 0–5; a pair counts as a
   paraphrase when its score is >= 4.0 ("mostly equivalent" in the STS annotation guide).
 
+`gptcache_split` separates GPTCache's pairs into the ones the fine-tuned embedder may train on (no question
+shared with MeanCache val or test, after `normalise_question`) and the rest (held out: they may only be
+evaluated on).
+
 `embed_cached` stores vectors under ``CACHE_DIR/<model>/<sha256 of the text list>.npy`` so reruns skip
 the model. The file name is a digest of the exact texts, so a changed subset can never reuse stale vectors.
 """
@@ -81,6 +85,52 @@ def load_gptcache(data_dir: Path, *, limit: int | None = None, seed: int = 0) ->
         a=[str(x["text_a"]) for x in items],
         b=[str(x["text_b"]) for x in items],
         labels=np.asarray([int(x["label"]) for x in items], dtype=np.int8),
+    )
+
+
+def normalise_question(text: str) -> str:
+    """Lower case, whitespace collapsed and stripped: how "the same question" is recognised across files."""
+    return " ".join(text.lower().split())
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTCacheSplit:
+    """GPTCache's pairs split by overlap with MeanCache val + test (the evaluation's QQP questions)."""
+
+    train: PairSet  # no question in common with MeanCache val or test
+    held_out: PairSet  # at least one question also in MeanCache val or test: never trained on
+    meancache_questions: int  # distinct normalised questions of MeanCache val + test
+
+
+def _subset(pairs: PairSet, keep: np.ndarray, name: str) -> PairSet:
+    idx = np.flatnonzero(keep)
+    return PairSet(
+        name=name, a=[pairs.a[i] for i in idx], b=[pairs.b[i] for i in idx], labels=pairs.labels[idx]
+    )
+
+
+def gptcache_split(data_dir: Path) -> GPTCacheSplit:
+    """All 80,854 GPTCache pairs, split into training pairs and pairs held out for evaluation.
+
+    A pair is held out when either question (normalised) appears anywhere in MeanCache val or test: both
+    files are drawn from the same QQP pool, so training on such a pair would leak evaluation questions.
+    """
+    seen: set[str] = set()
+    for split in ("val", "test"):
+        mc = load_meancache(data_dir, split)
+        seen.update(normalise_question(t) for t in (*mc.a, *mc.b))
+    full = load_gptcache(data_dir)
+    overlap = np.asarray(
+        [
+            normalise_question(a) in seen or normalise_question(b) in seen
+            for a, b in zip(full.a, full.b, strict=True)
+        ],
+        dtype=bool,
+    )
+    return GPTCacheSplit(
+        train=_subset(full, ~overlap, "gptcache-train"),
+        held_out=_subset(full, overlap, "gptcache-heldout"),
+        meancache_questions=len(seen),
     )
 
 

@@ -18,12 +18,20 @@ import hashlib
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from cachelm.errors import ConfigError
+from cachelm.errors import CheckpointError, ConfigError
+from cachelm.semantic.finetuned import (
+    DEFAULT_CHECKPOINT,
+    CheckpointInfo,
+    apply_checkpoint,
+    base_file_sha256,
+    read_checkpoint,
+)
 
 Vectors = npt.NDArray[np.float32]  # (n, dim), rows of unit norm
 
@@ -115,20 +123,38 @@ class MiniLMEmbedder:
     behind a lock: sentence-transformers' ``encode`` is not documented thread-safe. Texts are encoded in
     batches of `batch_size`; the library truncates at 256 word pieces, the model's trained length.
 
+    ``checkpoint`` (a path, see `cachelm.semantic.finetuned`) replaces the top transformer layers by ones
+    fine-tuned on QQP duplicate pairs. The default is the shipped `DEFAULT_CHECKPOINT`; `None` keeps the
+    published weights. The checkpoint is validated (format, base-weights hash, tensor names and shapes) when
+    the embedder is built, so a wrong file fails at start-up, not on the first request.
+
     ``quantize=True`` (CPU only) converts the transformer's Linear layers to dynamic int8: about 2.5× less
-    CPU per query, at the price of vectors that differ from the float model's (cosine ≈ 0.96–0.99 to
-    them). It has its own `model_id`, so the two never share embedding-cache entries; docs/BENCHMARKS.md
-    gives its speed and accuracy side by side.
+    CPU per query, at the price of vectors that differ a little from the float model's. The default
+    (`None`) quantises whenever the model runs on the CPU (``device='cpu'``, or no device and no CUDA): that
+    is what keeps a lookup under 10 ms there. Every (checkpoint, quantize) combination has its own
+    `model_id`, so they never share embedding-cache entries; docs/BENCHMARKS.md gives speed and accuracy
+    side by side.
     """
 
     MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
     DIM = 384
 
-    def __init__(self, *, device: str | None = None, batch_size: int = 64, quantize: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        batch_size: int = 64,
+        quantize: bool | None = None,
+        checkpoint: str | Path | None = DEFAULT_CHECKPOINT,
+    ) -> None:
         if device is not None and not (device == "cpu" or device.startswith("cuda")):
             raise ConfigError(f"`device` must be None, 'cpu' or 'cuda[:N]', got {device!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        if quantize is not None and not isinstance(quantize, bool):
+            raise ConfigError(f"`quantize` must be a bool or None, got {quantize!r}")
+        if quantize is None:  # the default: int8 wherever the model runs on the CPU
+            quantize = device == "cpu" or (device is None and not _cuda_available())
         if quantize and device is not None and device != "cpu":
             raise ConfigError(f"`quantize` needs device='cpu' (dynamic int8 runs on CPU), got {device!r}")
         self._device = "cpu" if quantize else device
@@ -136,10 +162,25 @@ class MiniLMEmbedder:
         self.quantize = quantize
         self._model: Any = None
         self._lock = threading.Lock()
+        self.checkpoint: CheckpointInfo | None = None
+        if checkpoint is not None:
+            if not isinstance(checkpoint, (str, Path)):
+                raise ConfigError(f"`checkpoint` must be a path or None, got {type(checkpoint).__name__}")
+            self.checkpoint, _ = read_checkpoint(checkpoint)
+            expected = base_file_sha256(minilm_model_path())
+            if self.checkpoint.base_file_sha256 != expected:
+                raise CheckpointError(
+                    f"`checkpoint` {checkpoint} was trained on base weights "
+                    f"{self.checkpoint.base_file_sha256[:12] or '?'}…, the installed all-MiniLM-L6-v2 is "
+                    f"{expected[:12]}…"
+                )
 
     @property
     def model_id(self) -> str:
-        return self.MODEL_ID + ("+int8-dynamic" if self.quantize else "")
+        """The base model id, plus ``+ft-<first 16 hex of the checkpoint file's SHA-256>`` when fine-tuned,
+        plus ``+int8-dynamic`` when quantised: every distinct weight set has its own id."""
+        ft = f"+ft-{self.checkpoint.sha256[:16]}" if self.checkpoint is not None else ""
+        return self.MODEL_ID + ft + ("+int8-dynamic" if self.quantize else "")
 
     @property
     def dim(self) -> int:
@@ -162,6 +203,8 @@ class MiniLMEmbedder:
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             model = SentenceTransformer(minilm_model_path(), device=device)
+            if self.checkpoint is not None:
+                apply_checkpoint(model[0].auto_model, self.checkpoint.path, base_dir=minilm_model_path())
             if self.quantize:
                 inner = model[0]
                 quantized = _quantize_linear(inner.auto_model)
@@ -180,12 +223,22 @@ class MiniLMEmbedder:
             model = self._load()
             vectors = model.encode(
                 items,
-                batch_size=self.batch_size,
+                # Dynamic int8 quantises each Linear input with one scale for the whole batch tensor, so a
+                # text's vector would depend on its batch neighbours and their padding (cosine 0.97–0.99 to
+                # its own one-text vector, measured on QQP): one text per forward keeps vectors
+                # deterministic, the same in a batch as in a single lookup.
+                batch_size=1 if self.quantize else self.batch_size,
                 convert_to_numpy=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
         return normalise_rows(vectors)  # (n, 384); re-normalised in float32 for exact unit norm
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _quantize_linear(module: Any) -> Any:

