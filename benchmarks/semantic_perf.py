@@ -53,7 +53,8 @@ from cachelm.semantic.datasets import cached_vectors, embed_cached, load_meancac
 from cachelm.semantic.hnsw import BACKENDS, GraphPartition
 from cachelm.store import MemoryStore
 
-M, EF_ADD, EF_SEARCH = 16, 128, 64
+_DEFAULT = HNSWConfig()
+M, EF_ADD, EF_SEARCH = _DEFAULT.connectivity, _DEFAULT.expansion_add, _DEFAULT.expansion_search
 
 
 def rss_bytes() -> int:
