@@ -54,6 +54,15 @@ def _save_hf(loaded: Any, target: Path) -> None:
     loaded.tokenizer.save_pretrained(target)
 
 
+def _fuser_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fuser's shape and alignment, the same for the C2C fuser and its fair control."""
+    return {
+        "hidden_dim": args.hidden,
+        "fuse_span": args.fuse_span,
+        "token_alignment": "causal" if args.fuse_span == "all" else "last",
+    }
+
+
 def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any]) -> None:
     from cachelm.c2c import data as c2c_data
     from cachelm.c2c import pair
@@ -71,9 +80,9 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
     cfg = TrainConfig(
         epochs=args.epochs, steps=steps, batch_size=args.batch_size, lr=args.lr, save_every=10**9
     )
-    c2c = pair.new_fuser(receiver, sharer, hidden_dim=args.hidden)
+    c2c = pair.new_fuser(receiver, sharer, **_fuser_options(args))
     fused_layers = tuple(r for r, _ in c2c.config.layer_map)
-    control = pair.new_fuser(receiver, receiver, hidden_dim=args.hidden, receiver_layers=fused_layers)
+    control = pair.new_fuser(receiver, receiver, receiver_layers=fused_layers, **_fuser_options(args))
     for name, fuser, sh in (("c2c", c2c, sharer), ("control", control, receiver)):
         target = args.out / f"{name}.safetensors"
         if target.is_file():
@@ -104,7 +113,7 @@ def time_train_step(receiver: Any, sharer: Any, examples: list[Any], args: argpa
 
     from cachelm.c2c import pair
 
-    fuser = pair.new_fuser(receiver, sharer, hidden_dim=args.hidden)
+    fuser = pair.new_fuser(receiver, sharer, **_fuser_options(args))
     pipe = pair.pipeline(receiver, sharer, fuser)
     fuser.train()
     opt = torch.optim.AdamW(fuser.parameters(), lr=1e-4)
@@ -337,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--fuse-span", choices=("context", "all"), default="context")
     p.add_argument("--instructions", type=int, default=5000)
     p.add_argument("--limit", type=int, default=None, help="questions per test set (debugging)")
     p.add_argument("--eval-batch", type=int, default=64)

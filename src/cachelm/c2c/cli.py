@@ -42,7 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=192)
     t.add_argument("--mlp-layers", type=int, default=2)
     t.add_argument("--layer-map", choices=("terminal", "uniform"), default="terminal")
-    t.add_argument("--token-alignment", choices=("last", "mean"), default="last")
+    t.add_argument(
+        "--fuse-span",
+        choices=("context", "all"),
+        default="context",
+        help="'context': fuse the prompt's context once (C2C paper); 'all': fuse every position",
+    )
+    t.add_argument(
+        "--token-alignment",
+        choices=("last", "mean", "causal"),
+        default=None,
+        help="default: 'last' for --fuse-span context, 'causal' (required) for all",
+    )
     t.add_argument("--sharer-positions", choices=("receiver", "own"), default="receiver")
     t.add_argument("--instructions", type=int, default=5000, help="Alpaca examples to mix in")
     t.add_argument("--no-progress", action="store_true")
@@ -86,8 +97,9 @@ def _train(args: argparse.Namespace) -> int:
         mlp_layers=args.mlp_layers,
         layer_map=args.layer_map,
         receiver_layers=layers,
-        token_alignment=args.token_alignment,
+        token_alignment=args.token_alignment or ("causal" if args.fuse_span == "all" else "last"),
         sharer_positions=args.sharer_positions,
+        fuse_span=args.fuse_span,
     )
     examples = load_training(args.data, instructions=args.instructions)
     info = train_fuser(

@@ -7,7 +7,7 @@
 | `TTLPolicy` | expired keys, then its inner policy's victims | O(1) + inner |
 | `GDSFPolicy` | lowest ``L + freq × cost / size`` | O(log n) (lazy heap) |
 | `S3FIFOPolicy` | one-hit wonders in the small FIFO, then the main FIFO's CLOCK | O(1) amortised |
-| `AdaptiveCostPolicy` | a regret-weighted choice between two cost-aware experts (learned) | O(log n) |
+| `AdaptiveCostPolicy` | two cost-aware experts; follows the one saving more in miniatures | O(log n) |
 | `TinyLFUPolicy` | wraps any policy: a window LRU, then refuses keys rarer than the victim | O(1) + inner |
 """
 
