@@ -43,22 +43,29 @@ TIERS = (  # (tier, codec)
 )
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], Any], reps: int) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def _bandwidths(tmp: Path) -> dict[str, float]:
-    big = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+def _bandwidths(tmp: Path, device: str) -> dict[str, float]:
+    big = torch.empty(1 << 28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(big)
-    host = torch.empty(big.numel(), dtype=torch.uint8).pin_memory()
+    host = torch.empty(big.numel(), dtype=torch.uint8)
+    if device != "cpu":
+        host = host.pin_memory()
     out = {
         "gpu": big.numel() / _timed(lambda: dst.copy_(big), 5),
         "cpu-pinned": big.numel() / _timed(lambda: dst.copy_(host, non_blocking=True), 5),
@@ -72,15 +79,15 @@ def _bandwidths(tmp: Path) -> dict[str, float]:
     return out
 
 
-def _tier(kind: str, codec: str, tmp: Path) -> Any:
+def _tier(kind: str, codec: str, tmp: Path, device: str) -> Any:
     from cachelm.kv.codecs import make_codec
     from cachelm.kv.tiers import DiskTier, MemoryTier
 
     c = make_codec(codec)
     if kind == "gpu":
-        return MemoryTier(capacity_bytes=8 << 30, device="cuda", codec=c)
+        return MemoryTier(capacity_bytes=8 << 30, device=device, codec=c)
     if kind == "cpu-pinned":
-        return MemoryTier(capacity_bytes=8 << 30, device="cpu", pin=True, codec=c)
+        return MemoryTier(capacity_bytes=8 << 30, device="cpu", pin=device != "cpu", codec=c)
     return DiskTier(tmp / f"disk-{codec}-{time.monotonic_ns()}", capacity_bytes=16 << 30, codec=c)
 
 
@@ -93,7 +100,8 @@ def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: 
     from cachelm.kv.prefix_cache import KVPrefixCache
 
     t0 = time.perf_counter()
-    model, tok = load_model(path, device="cuda", dtype=torch.bfloat16)
+    dev = args.device
+    model, tok = load_model(path, device=dev, dtype=torch.bfloat16)
     print(f"{name}: loaded in {time.perf_counter() - t0:.0f}s", flush=True)
     layout = KVLayout.from_model(model)
     fingerprint = make_fingerprint(model, name)
@@ -104,7 +112,7 @@ def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: 
     top = min(len(ids), layout_max(model)) - args.suffix
     lengths = sorted({min(n, top) for n in args.lengths})
     base = Engine(model, tok)
-    bw = _bandwidths(tmp)
+    bw = _bandwidths(tmp, dev)
     runner = None
     if model.config.model_type == "llama":
         runner = StaticLlamaRunner(model, max_tokens=max(lengths) + args.suffix, fuse_weights=True)
@@ -115,19 +123,19 @@ def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: 
         with torch.inference_mode():
             ref = base.prefill(prompt)
             full = hf.new_cache(model)
-            model(input_ids=torch.tensor([prompt[:length]], device="cuda"), past_key_values=full)
+            model(input_ids=torch.tensor([prompt[:length]], device=dev), past_key_values=full)
             prefix_kv = hf.extract(full, length)
 
         def suffix_only(p: list[int] = prompt, kv: torch.Tensor = prefix_kv, n: int = length) -> None:
             cache = hf.new_cache(model)
             hf.restore(cache, kv, layout)
             with torch.inference_mode():
-                model(input_ids=torch.tensor([p[n:]], device="cuda"), past_key_values=cache, logits_to_keep=1)
+                model(input_ids=torch.tensor([p[n:]], device=dev), past_key_values=cache, logits_to_keep=1)
 
         t_suffix = _timed(suffix_only, args.reps)
         row: dict[str, Any] = {"prefix": length, "miss_s": miss, "suffix_s": t_suffix, "hits": {}}
         for kind, codec in TIERS:
-            tier = _tier(kind, codec, tmp)
+            tier = _tier(kind, codec, tmp, dev)
             pc = KVPrefixCache(layout=layout, model=fingerprint, tiers=[tier], block_size=args.block_size)
             pc.store(prompt, prefix_kv, tenant_salt=b"bench")
             engine = Engine(model, tok, prefix_cache=pc)
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     p.add_argument("--render", type=Path, default=None, help="render docs from a JSON result instead")
     args = p.parse_args(argv)
     if args.render:
@@ -237,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         write_section("kv-gpu-real", render(result))
         print(render(result))
         return 0
-    if not args.model or not torch.cuda.is_available():
+    if not args.model or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error("needs CUDA and at least one --model NAME=PATH")
     book = sorted((args.data / "longtext").glob("pg*_*.txt"))
     text = next(b for b in book if "LICENSE" not in b.name).read_text(encoding="utf-8", errors="replace")
     text = text[len(text) // 3 :][:120_000]
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device != "cpu" else "CPU (smoke test)",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "suffix": args.suffix,
