@@ -7,7 +7,8 @@ Every error derives from one root, so ``except CacheLMError`` catches them all::
      ├── BackendError       a store, index or tier failed (server down, timeout, disk full)
      ├── IntegrityError     a stored record failed its checksum or could not be decrypted
      ├── TenantError        unknown tenant, bad API key, or an access across tenants
-     └── CheckpointError    a model or fuser checkpoint does not match what it is loaded into
+     ├── CheckpointError    a model or fuser checkpoint does not match what it is loaded into
+     └── TrainingError      a training run became numerically unsound (non-finite losses or gradients)
 
 Backend libraries' own exceptions (``redis.ConnectionError``, ``sqlite3.OperationalError``…) are translated
 into ``BackendError`` at one boundary: the backend module that called them. On the serving path a
@@ -39,3 +40,7 @@ class TenantError(CacheLMError):
 
 class CheckpointError(CacheLMError):
     """A checkpoint does not belong to the models or configuration it is loaded into."""
+
+
+class TrainingError(CacheLMError):
+    """A training run went numerically wrong: too many steps with a non-finite loss or gradient."""

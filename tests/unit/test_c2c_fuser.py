@@ -12,7 +12,7 @@ from cachelm.c2c import pair
 from cachelm.c2c.data import TrainExample
 from cachelm.c2c.fuser import C2CFuser
 from cachelm.c2c.train import TrainConfig, lr_factor, temperature, train_fuser
-from cachelm.errors import ConfigError
+from cachelm.errors import ConfigError, TrainingError
 from tests.unit.test_c2c_support import (
     randomize,
     receiver_model,
@@ -188,3 +188,60 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(
     assert info["steps"] == 6
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_padding_is_left_alone_and_a_nan_in_sharer_padding_does_not_spread(models: tuple[Any, Any]) -> None:
+    """Padded receiver positions keep their own K/V; whatever a model wrote at padded sharer positions
+    (NaN included: an alignment weight of 0 does not cancel it) never reaches the fused cache."""
+    fuser = _fuser(models).eval()
+    b, t, s = 2, 5, 7
+    rec = [(torch.randn(b, 2, t, 16), torch.randn(b, 2, t, 16)) for _ in range(4)]
+    sh = [(torch.randn(b, 1, s, 32), torch.randn(b, 1, s, 32)) for _ in range(3)]
+    r_mask = torch.ones(b, t, dtype=torch.long)
+    r_mask[1, :2] = 0  # row 1 is left-padded by two receiver positions
+    s_mask = torch.ones(b, s, dtype=torch.long)
+    s_mask[1, :3] = 0  # and by three sharer positions
+    align = torch.softmax(torch.randn(b, t, s), -1) * s_mask[:, None, :]
+    align = align / align.sum(-1, keepdim=True)
+    poisoned = [(k.clone(), v.clone()) for k, v in sh]
+    for k, v in poisoned:
+        k[1, :, :3] = float("nan")
+        v[1, :, :3] = float("nan")
+    clean = fuser.fuse(rec, sh, align, receiver_mask=r_mask, sharer_mask=s_mask)
+    fused = fuser.fuse(rec, poisoned, align, receiver_mask=r_mask, sharer_mask=s_mask)
+    for (k, v), (ck, cv), (rk, rv) in zip(fused, clean, rec, strict=True):
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()
+        assert torch.allclose(k, ck) and torch.allclose(v, cv)
+        assert torch.equal(k[1, :, :2], rk[1, :, :2]) and torch.equal(v[1, :, :2], rv[1, :, :2])
+    unmasked = fuser.fuse(rec, poisoned, align)
+    assert torch.isnan(unmasked[1][0][1]).any()  # without the masks the NaN would spread
+
+
+def _poisoned_receiver(text: str) -> Any:
+    """The tiny receiver with NaN in the embedding of `text`'s first token: any row reading it gives NaN."""
+    model = receiver_model()
+    token = receiver_tokenizer()(text, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token] = float("nan")
+    return pair.from_objects("tiny-llama-poisoned", model, receiver_tokenizer())
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(models: tuple[Any, Any]) -> None:
+    receiver = _poisoned_receiver(" do")  # " d": only the third example has it
+    sharer = models[1]
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    cfg = TrainConfig(steps=6, batch_size=1, lr=1e-2, max_skipped_fraction=0.5)
+    info = train_fuser(pair.pipeline(receiver, sharer, fuser), EXAMPLES, cfg, progress=False)
+    # One example in three reads the poisoned token: two of the six steps are skipped, the rest train.
+    assert info["skipped_steps"] == 2
+    assert info["first_skipped"]["examples"] == [2] and math.isnan(info["first_skipped"]["loss"])
+    assert all(torch.isfinite(p).all() for p in fuser.parameters())
+    assert math.isfinite(info["final_loss"])
+    fresh = pair.new_fuser(receiver, sharer, hidden_dim=8)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train_fuser(
+            pair.pipeline(receiver, sharer, fresh),
+            EXAMPLES,
+            TrainConfig(steps=6, batch_size=1, max_skipped_fraction=0.1),
+            progress=False,
+        )

@@ -88,13 +88,23 @@ class C2CFuser(nn.Module):
         """Size of the parameters when stored as `dtype`."""
         return sum(p.numel() for p in self.parameters()) * torch.empty((), dtype=dtype).element_size()
 
-    def fuse(self, receiver: Sequence[KV], sharer: Sequence[KV], alignment: torch.Tensor) -> list[KV]:
+    def fuse(
+        self,
+        receiver: Sequence[KV],
+        sharer: Sequence[KV],
+        alignment: torch.Tensor,
+        *,
+        receiver_mask: torch.Tensor | None = None,
+        sharer_mask: torch.Tensor | None = None,
+    ) -> list[KV]:
         """The receiver's cache with the sharer's projected in.
 
         `receiver`: per receiver layer (K, V), each (B, Hr, T, Dr). `sharer`: per sharer layer (K, V), each
         (B, Hs, S, Ds). `alignment`: (B, T, S), rows summing to 1 (align.py), mapping sharer tokens onto
-        receiver tokens. Returns per receiver layer (K, V) in the receiver's dtype; unfused layers and layers
-        whose gate is closed are the receiver's own tensors.
+        receiver tokens. `receiver_mask` (B, T) / `sharer_mask` (B, S): 1 for real tokens, 0 for padding;
+        padded receiver positions keep their own K/V and padded sharer positions contribute nothing
+        (whatever a model wrote there, even NaN). Returns per receiver layer (K, V) in the receiver's
+        dtype; unfused layers and layers whose gate is closed are the receiver's own tensors.
         """
         cfg = self.config
         if len(receiver) != cfg.receiver.num_layers or len(sharer) != cfg.sharer.num_layers:
@@ -108,29 +118,37 @@ class C2CFuser(nn.Module):
         for i, (r_layer, s_layer) in enumerate(self.config.layer_map):
             if not self.training and float(gates[i]) == 0.0:
                 continue
-            aligned_k, aligned_v = self.align_sharer(sharer[s_layer], alignment)
-            out[r_layer] = self.fuse_layer(i, receiver[r_layer], (aligned_k, aligned_v), gates[i])
+            aligned = self.align_sharer(sharer[s_layer], alignment, sharer_mask)
+            out[r_layer] = self.fuse_layer(i, receiver[r_layer], aligned, gates[i], receiver_mask)
         return out
 
     @staticmethod
-    def align_sharer(sharer: KV, alignment: torch.Tensor) -> KV:
+    def align_sharer(sharer: KV, alignment: torch.Tensor, sharer_mask: torch.Tensor | None = None) -> KV:
         """One sharer layer's (K, V), each (B, Hs, S, Ds), read through `alignment` (B, T, S): per receiver
-        token, heads flattened — (B, T, Hs*Ds) each, float32."""
+        token, heads flattened — (B, T, Hs*Ds) each, float32. Positions where `sharer_mask` (B, S) is 0 are
+        zeroed first: an alignment weight of 0 does not cancel a NaN (0 · NaN = NaN)."""
         out = []
         for x in sharer:
             b, hs, s, ds = x.shape
             flat = x.float().transpose(1, 2).reshape(b, s, hs * ds)  # (B, S, Hs*Ds)
+            if sharer_mask is not None:
+                flat = flat.masked_fill(sharer_mask[:, :, None] == 0, 0.0)
             out.append(torch.bmm(alignment.float(), flat))  # (B, T, Hs*Ds)
         return out[0], out[1]
 
-    def fuse_layer(self, index: int, receiver: KV, aligned: KV, gate: torch.Tensor) -> KV:
+    def fuse_layer(
+        self, index: int, receiver: KV, aligned: KV, gate: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> KV:
         """Fused (K, V) of the `index`-th pair of the layer map: `receiver` (K, V) each (B, Hr, T, Dr),
-        `aligned` sharer (K, V) each (B, T, Hs*Ds), `gate` this layer's gate value."""
+        `aligned` sharer (K, V) each (B, T, Hs*Ds), `gate` this layer's gate value, `mask` (B, T) 0 where
+        the receiver position is padding (left unchanged)."""
         fused: list[torch.Tensor] = []
         for rec, sh, projector in (
             (receiver[0], aligned[0], self.key_projectors[index]),
             (receiver[1], aligned[1], self.value_projectors[index]),
         ):
             delta = projector(rec, sh)  # (B, Hr, T, Dr)
+            if mask is not None:
+                delta = delta.masked_fill(mask[:, None, :, None] == 0, 0.0)
             fused.append((rec.float() + gate * delta).to(rec.dtype))
         return fused[0], fused[1]

@@ -98,13 +98,14 @@ class _FusingCache(DynamicCache):
 
     `aligned[i]`: the aligned sharer (K, V) of the `i`-th layer-map pair, each (B, T_total, Hs*Ds), one row
     per receiver column of the batch; an update at column offset `o` with `t` new tokens reads rows
-    `o .. o + t`.
+    `o .. o + t`. `mask` (B, T_total): 0 on padding columns, which keep the receiver's own K/V.
     """
 
-    def __init__(self, fuser: C2CFuser, aligned: list[KV]) -> None:
+    def __init__(self, fuser: C2CFuser, aligned: list[KV], mask: torch.Tensor) -> None:
         super().__init__()
         self.fuser = fuser
         self.aligned = aligned
+        self.mask = mask
         self.gates = fuser.gates()
         self.pair_of = {r: i for i, (r, _) in enumerate(fuser.config.layer_map)}
 
@@ -117,7 +118,11 @@ class _FusingCache(DynamicCache):
             end = start + key_states.shape[-2]
             ak, av = self.aligned[i]
             key_states, value_states = self.fuser.fuse_layer(
-                i, (key_states, value_states), (ak[:, start:end], av[:, start:end]), self.gates[i]
+                i,
+                (key_states, value_states),
+                (ak[:, start:end], av[:, start:end]),
+                self.gates[i],
+                self.mask[:, start:end],
             )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         return keys, values
@@ -265,7 +270,13 @@ class C2CPipeline:
             )
         receiver_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(cache)]
         sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
-        fused = self.fuser.fuse(receiver_kv, sharer_kv, batch.alignment)
+        fused = self.fuser.fuse(
+            receiver_kv,
+            sharer_kv,
+            batch.alignment,
+            receiver_mask=batch.receiver_mask,
+            sharer_mask=batch.sharer_mask,
+        )
         for layer, (k, v) in zip(_layers(cache), fused, strict=True):
             layer.keys, layer.values = k, v
         return cache
@@ -285,14 +296,14 @@ class C2CPipeline:
             )
             sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
             return [
-                self.fuser.align_sharer(sharer_kv[s_layer], batch.alignment)
+                self.fuser.align_sharer(sharer_kv[s_layer], batch.alignment, batch.sharer_mask)
                 for _, s_layer in self.fuser.config.layer_map
             ]
 
     def _forward_all(self, batch: ContextBatch) -> tuple[torch.Tensor, _FusingCache]:
         """`fuse_span="all"`: the receiver over whole rows with every position fused; logits (B, T, V)."""
         assert self.fuser is not None
-        cache = _FusingCache(self.fuser, self._aligned_sharer(batch))
+        cache = _FusingCache(self.fuser, self._aligned_sharer(batch), batch.receiver_mask)
         out = self.receiver(
             input_ids=batch.receiver_ids,
             attention_mask=batch.receiver_mask,
@@ -465,6 +476,7 @@ class C2CPipeline:
             # the last column of the grown batch.
             cache.aligned = self._aligned_sharer(self.prepare_full(prompts, generated))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step + 1)
+            cache.mask = mask
             out = self.receiver(
                 input_ids=nxt[:, None],
                 attention_mask=mask,

@@ -20,7 +20,7 @@ import torch
 
 from cachelm.c2c.data import TrainExample
 from cachelm.c2c.runtime import C2CPipeline
-from cachelm.errors import ConfigError
+from cachelm.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +38,7 @@ class TrainConfig:
     max_response_tokens: int = 48
     max_prompt_chars: int = 1000
     grad_clip: float = 1.0
+    max_skipped_fraction: float = 0.02
     save_every: int = 100
     seed: int = 0
 
@@ -49,6 +50,8 @@ class TrainConfig:
             )
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"`steps` must be ≥ 1, got {self.steps!r}")
+        if not 0 <= self.max_skipped_fraction < 1:
+            raise ConfigError(f"`max_skipped_fraction` must be in [0, 1), got {self.max_skipped_fraction!r}")
         if not 0 < self.tau_end <= self.tau_start:
             raise ConfigError(f"need 0 < `tau_end` ≤ `tau_start`, got {self.tau_end!r}, {self.tau_start!r}")
 
@@ -97,6 +100,11 @@ def train_fuser(
     """Train `pipeline.fuser` in place on `examples`; return a summary (steps, losses, seconds).
 
     Only the fuser's parameters are optimised; the receiver and sharer must not require gradients.
+
+    A step whose loss or gradient norm is not finite is skipped (no update; AMP's loss scaler does the
+    same): one NaN would otherwise reach every parameter through AdamW and end the run. Skipped steps are
+    counted in the summary with the first one's batch; more than `max_skipped_fraction` of the steps
+    raises `TrainingError`, since then the run itself is unsound.
     """
     fuser = pipeline.fuser
     if fuser is None:
@@ -121,6 +129,7 @@ def train_fuser(
         optimizer, lambda s: lr_factor(s, total, config.warmup_fraction)
     )
     step, losses = 0, []
+    skipped: list[dict[str, Any]] = []
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file():
         state = torch.load(path, map_location=pipeline.device, weights_only=False)
@@ -130,6 +139,7 @@ def train_fuser(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
+        skipped = list(state.get("skipped", []))
         # The gates' Gumbel noise comes from torch's global generators: restore them so a resumed run
         # draws the same noise as an uninterrupted one.
         torch.set_rng_state(state["rng_cpu"])
@@ -147,6 +157,7 @@ def train_fuser(
                 "total": total,
                 "step": step,
                 "losses": losses,
+                "skipped": skipped,
                 "fuser": fuser.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -167,17 +178,29 @@ def train_fuser(
         fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
         loss = pipeline.loss([data[i].prompt for i in idx], [responses[i] for i in idx])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(fuser.parameters(), config.grad_clip)
-        optimizer.step()
+        value = float(loss.detach())
+        norm = float("nan")
+        if math.isfinite(value):
+            loss.backward()  # type: ignore[no-untyped-call]
+            norm = float(torch.nn.utils.clip_grad_norm_(fuser.parameters(), config.grad_clip))
+        if math.isfinite(norm):
+            optimizer.step()
+            losses.append(value)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            skipped.append({"step": step, "loss": value, "grad_norm": norm, "examples": idx})
+            if len(skipped) > config.max_skipped_fraction * total:
+                raise TrainingError(
+                    f"{len(skipped)} of {step + 1} steps had a non-finite loss or gradient; the first: "
+                    f"step {skipped[0]['step']}, loss {skipped[0]['loss']}, examples {skipped[0]['examples']}"
+                )
         scheduler.step()
-        losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}", tau=f"{fuser.temperature:.2f}")
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(step, value)
         if step % config.save_every == 0:
             save()
     bar.close()
@@ -191,5 +214,8 @@ def train_fuser(
         "final_loss": sum(tail) / len(tail) if tail else None,
         "seconds": time.perf_counter() - started,
         "open_gates": int((fuser.gate_logits > 0).sum()),
+        "skipped_steps": len(skipped),
+        "first_skipped": skipped[0] if skipped else None,
+        "loss_curve": [sum(losses[i : i + 20]) / len(losses[i : i + 20]) for i in range(0, len(losses), 20)],
         "config": asdict(config),
     }

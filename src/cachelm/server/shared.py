@@ -239,7 +239,7 @@ class Invalidator:
                 log.warning("invalidation channel down", extra={"error": str(exc)})
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
