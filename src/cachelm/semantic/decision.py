@@ -239,6 +239,30 @@ def calibrate_threshold(
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PairScores:
+    """How a threshold does on labelled pairs; rates are over all pairs."""
+
+    precision: float
+    recall: float
+    f1: float
+    hit_rate: float
+    false_hit_rate: float
+
+
+def pair_scores(similarities: np.ndarray, labels: np.ndarray, threshold: float) -> PairScores:
+    """Scores of "predict a hit when similarity >= `threshold`" on labelled pairs (label 1 = same answer)."""
+    y = labels.astype(bool)
+    hit = similarities >= threshold
+    tp, fp, fn = int((hit & y).sum()), int((hit & ~y).sum()), int((~hit & y).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return PairScores(
+        precision=precision, recall=recall, f1=f1, hit_rate=float(hit.mean()), false_hit_rate=fp / len(y)
+    )
+
+
 @dataclass
 class _Region:
     """One certificate's data; every ``*_at[j]`` counts values >= grid[j], kept incrementally (O(grid))."""
