@@ -30,6 +30,7 @@ from cachelm.semantic.finetuned import (
     CheckpointInfo,
     apply_checkpoint,
     base_file_sha256,
+    calibrated_threshold,
     read_checkpoint,
 )
 
@@ -185,6 +186,12 @@ class MiniLMEmbedder:
     @property
     def dim(self) -> int:
         return self.DIM
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The static cosine threshold of best F1 on MeanCache val measured for exactly these weights
+        (`model_id`), or None when they were never calibrated (see `finetuned.calibrated_threshold`)."""
+        return calibrated_threshold(self.model_id)
 
     @property
     def device(self) -> str:

@@ -55,34 +55,14 @@ from cachelm.semantic.decision import (
     DecisionRule,
     StaticThreshold,
     calibrate_threshold,
+    pair_scores,
 )
 from cachelm.semantic.embedder import Embedder, MiniLMEmbedder
-from cachelm.semantic.finetuned import DEFAULT_CHECKPOINT
+from cachelm.semantic.finetuned import DEFAULT_CHECKPOINT, record_calibration
 from cachelm.semantic.hnsw import HNSWConfig, HNSWIndex
 
 DELTAS = (0.01, 0.02, 0.05)
 GRID = np.round(np.arange(0.50, 1.0001, 0.01), 2)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PairScores:
-    precision: float
-    recall: float
-    f1: float
-    hit_rate: float
-    false_hit_rate: float
-
-
-def pair_scores(similarities: np.ndarray, labels: np.ndarray, threshold: float) -> PairScores:
-    y = labels.astype(bool)
-    hit = similarities >= threshold
-    tp, fp, fn = int((hit & y).sum()), int((hit & ~y).sum()), int((~hit & y).sum())
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return PairScores(
-        precision=precision, recall=recall, f1=f1, hit_rate=float(hit.mean()), false_hit_rate=fp / len(y)
-    )
 
 
 # -- stream simulation --------------------------------------------------------------------------------
@@ -365,6 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stsb_f1": sts_f1.__dict__,
         },
         "sizes": {k: len(v) for k, v in sets.items()},
+        "model_id": embedder.model_id,
         "gptcache_held_out": len(gptcache_split(data).held_out),
         "seconds": time.perf_counter() - started,
         "curves": {k: (sims[k], labels[k]) for k in ("meancache-test", "gptcache", "stsb-test")},
@@ -516,6 +497,22 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def calibration_entry(result: dict[str, Any]) -> dict[str, Any]:
+    """The calibration file's record of this run: the best-F1 threshold on MeanCache val, and its F1 there
+    and on MeanCache test."""
+    cal = result["calibration"]["f1"]
+    test = next(
+        r for r in result["rows"] if r["data"] == "meancache-test" and r["rule"].startswith("calibrated F1")
+    )
+    return {
+        "threshold": cal["threshold"],
+        "objective": "best F1 on meancache-val",
+        "pairs": cal["num_pairs"],
+        "f1_val": round(cal["f1"], 4),
+        "f1_test": round(test["f1"], 4),
+    }
+
+
 def report_module() -> Any:
     """benchmarks/_report.py of this checkout (the scripts' shared writer of docs/BENCHMARKS.md)."""
     import importlib.util
@@ -587,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_section(
             f"semantic_eval{_suffix(args)}", text.replace("on the machine above", f"on {machine}")
         )
+        if args.checkpoint in ("default", "none"):  # the shipped weights: what `calibrated` serves with
+            record_calibration(result["model_id"], calibration_entry(result))
     if args.json:
         payload = {k: v for k, v in result.items() if k not in ("curves", "streams")}
         payload["streams"] = [s.__dict__ for s in result["streams"]]
