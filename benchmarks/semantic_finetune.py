@@ -1,5 +1,7 @@
 """Fine-tune the top layers of all-MiniLM-L6-v2 on QQP pairs disjoint from the evaluation (CPU).
 
+(All six layers on a GPU: ``benchmarks/semantic_finetune_full.py``, from a bundle.)
+
     python benchmarks/semantic_finetune.py --data ../shared/data \
         --out checkpoints/semantic/minilm-qqp.safetensors
 
@@ -36,15 +38,7 @@ import torch
 from cachelm.semantic.datasets import gptcache_split
 from cachelm.semantic.embedder import minilm_model_path
 from cachelm.semantic.finetuned import save_checkpoint
-
-
-def cosent_loss(cos: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-    """CoSENT: log(1 + Σ_{label_i > label_j} exp(scale · (cos_j − cos_i)))."""
-    diff = scale * (cos[None, :] - cos[:, None])  # [i, j] = scale · (cos_j − cos_i)
-    mask = labels[:, None] > labels[None, :]
-    diff = diff[mask]
-    zero = torch.zeros(1, dtype=diff.dtype)
-    return torch.logsumexp(torch.cat([zero, diff]), dim=0)
+from cachelm.semantic.training import cosent_loss, warmup_linear
 
 
 class Frozen:
@@ -170,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     total = max(1, int(steps_per_epoch * args.epochs))
     warmup = max(1, total // 10)
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(total, warmup))
     for layer in bert.encoder.layer[split:]:
         layer.train()
     info = {
