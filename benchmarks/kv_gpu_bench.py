@@ -100,6 +100,23 @@ def _efficient_ok(runner: Any, suffix: list[int], start: int, device: torch.devi
         return f"no: {str(exc).splitlines()[0][:120]}"
 
 
+def _profile(runner: Any, suffix: list[int], start: int, device: torch.device) -> str:
+    """The GPU kernels of one un-graphed suffix forward of the chosen runner (same kernels as its graph),
+    top 25 by device time: where the hit's time goes, for whoever optimises it next."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.tensor([suffix], device=device)
+    runner.forward_eager(ids, start)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.forward_eager(ids, start)
+        _sync(device)
+    averages = prof.key_averages()
+    table: str = averages.table(sort_by="device_time_total", row_limit=25, max_name_column_width=64)
+    print(table, flush=True)
+    return table
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -194,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["runner_variant"] = best
         row["suffix_graph_s"] = variants[best]
         row["efficient_attention"] = _efficient_ok(runner, prompt[length:], length, device)
+        if args.profile and length == max(args.lengths) and device.type == "cuda":
+            row["profile"] = _profile(runner, prompt[length:], length, device)
         attn_flops = 4 * layout.num_layers * args.suffix * (length + args.suffix) * config.hidden_size
         flops = 2 * (n_params - embed - lm_head) * args.suffix + 2 * lm_head + attn_flops
         compute_bound = max(flops / hw["matmul_flops"], weight_bytes / hw["hbm_bytes_per_s"])
@@ -390,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--chunks", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--profile", action="store_true", help="kernel profile, longest prefix")
     p.add_argument("--out", type=Path, default=None, help="folder for kv_gpu.json")
     p.add_argument(
         "--render", type=Path, default=None, help="render docs from a JSON result instead of running"
