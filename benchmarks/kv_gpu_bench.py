@@ -264,6 +264,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         rows.append(row)
+        if args.out:  # what a run cut short by its time limit still brings back
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "kv_gpu.partial.json").write_text(json.dumps(rows, indent=1))
         del ref, prefix_kv, tiers
         if device.type == "cuda":
             torch.cuda.empty_cache()
