@@ -1,7 +1,7 @@
 """Fine-tune every layer of all-MiniLM-L6-v2 on QQP pairs from a bundle (GPU; CPU for checks), choose by val.
 
     # on the GPU host (bundle from benchmarks/semantic_gpu_bundle.py, carried as .stage/semantic):
-    python benchmarks/semantic_finetune_full.py train --bundle .stage/semantic --out $OUT --budget-s 220
+    python benchmarks/semantic_finetune_full.py train --bundle .stage/semantic --out $OUT
     # back here: join the returned parts into the shipped checkpoint
     python benchmarks/semantic_finetune_full.py join checkpoints/semantic/minilm-qqp.safetensors \\
         OUT/minilm-qqp-full.part-*.safetensors
@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="folder for results.json and the checkpoint parts")
     t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    t.add_argument("--budget-s", type=float, default=220.0, help="start no run estimated to end after this")
-    t.add_argument("--deadline-s", type=float, default=260.0, help="stop a run still training at this time")
+    t.add_argument("--budget-s", type=float, default=200.0, help="start no run estimated to end after this")
+    t.add_argument("--deadline-s", type=float, default=240.0, help="stop a run still training at this time")
     t.add_argument("--sweep", choices=["coordinate", "none"], default="coordinate")
     t.add_argument("--set", default=None, help="settings for every run, e.g. epochs=1,batch=512")
     t.add_argument("--eval-limit", type=int, default=None, help="score only the first N val/test pairs")

@@ -438,7 +438,7 @@ def train(
         opt.step()
         sched.step()
         losses.append(loss.detach())
-        if step % 200 == 0 or step == total - 1:
+        if step % 1000 == 0 or step == total - 1:
             recent = float(torch.stack(losses[-50:]).mean())
             log(f"    step {step + 1}/{total} loss {recent:.4f} ({time.perf_counter() - started:.1f} s)")
     final = float(torch.stack(losses[-50:]).mean())

@@ -45,7 +45,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--semantic", action="store_true", help="semantic layer on (requests may turn it off)")
     p.add_argument("--semantic-embedder", default="minilm", choices=["minilm", "hashing"])
     p.add_argument("--semantic-delta", type=float, default=0.02, help="δ of the error-bounded rule")
-    p.add_argument("--semantic-threshold", type=float, default=None, help="static cosine threshold instead")
+    p.add_argument(
+        "--semantic-threshold",
+        type=lambda v: v if v == "calibrated" else float(v),
+        default=None,
+        help="static cosine threshold instead of the δ-bounded rule; 'calibrated': the embedder's measured "
+        "best-F1 threshold on MeanCache val (checkpoints/semantic/calibration.json)",
+    )
+    p.add_argument(
+        "--semantic-checkpoint",
+        default="default",
+        help="MiniLM fine-tuned layers: 'default' (shipped), 'none' (published weights) or a checkpoint path",
+    )
     p.add_argument("--pg-url", default=None, help="semantic index on PostgreSQL + pgvector (shared mode)")
     p.add_argument("--ttl", type=float, default=None, help="default entry lifetime in seconds")
     p.add_argument("--hit-floor-ms", type=float, default=0.0, help="pad every hit to at least this latency")
@@ -84,6 +95,7 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
         semantic_embedder=args.semantic_embedder,
         semantic_delta=args.semantic_delta,
         semantic_threshold=args.semantic_threshold,
+        semantic_checkpoint=args.semantic_checkpoint,
         pg_url=args.pg_url or env.get("CACHELM_PG_URL"),
         default_ttl=args.ttl,
         hit_floor_ms=args.hit_floor_ms,

@@ -22,7 +22,8 @@ class ServerConfig:
     semantic: bool = False  # build the semantic layer; on for every request unless it says off
     semantic_embedder: str = "minilm"  # or "hashing" (lexical, no model)
     semantic_delta: float = 0.02  # error bound of the δ-bounded rule (requests may ask for their own)
-    semantic_threshold: float | None = None  # a static cosine threshold instead of the δ-bounded rule
+    semantic_checkpoint: str = "default"  # MiniLM's fine-tuned layers: "default", "none" or a path
+    semantic_threshold: float | str | None = None  # static cosine threshold (or "calibrated") instead of δ
     pg_url: str | None = None  # semantic index on PostgreSQL + pgvector (shared mode)
     default_ttl: float | None = None
     hit_floor_ms: float = 0.0  # constant-latency padding of hits (0: off)

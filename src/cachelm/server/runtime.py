@@ -80,6 +80,7 @@ def _semantic_layer(config: ServerConfig, store: Store) -> SemanticLayer:
         index_path = config.store_url[len("sqlite://") :].split("?")[0]  # the index persists beside it
     settings = SemanticSettings(
         embedder=config.semantic_embedder,
+        checkpoint=config.semantic_checkpoint,
         delta=config.semantic_delta,
         threshold=config.semantic_threshold,
         pg_url=config.pg_url,

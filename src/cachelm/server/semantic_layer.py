@@ -36,8 +36,12 @@ class SemanticSettings:
     """How the proxy builds its semantic layer."""
 
     embedder: str = "minilm"  # "minilm" (the packaged all-MiniLM-L6-v2) or "hashing" (lexical, no model)
+    # MiniLM's fine-tuned layers: "default" (the shipped checkpoint), "none" (published weights) or a path
+    checkpoint: str = "default"
     delta: float = 0.02  # default error bound of the δ-bounded rule
-    threshold: float | None = None  # a static cosine threshold instead of the δ-bounded rule
+    # A static cosine threshold instead of the δ-bounded rule; "calibrated" takes the embedder's threshold
+    # of best F1 on MeanCache val (checkpoints/semantic/calibration.json, per model id).
+    threshold: float | str | None = None
     pg_url: str | None = None  # shared index on PostgreSQL + pgvector; else in-process HNSW
     index_path: str | None = None  # persist the in-process index beside this file (the SQLite store)
     table: str = "cachelm_semantic"
@@ -47,16 +51,36 @@ class SemanticSettings:
             raise ConfigError(f"`semantic_embedder` must be 'minilm' or 'hashing', got {self.embedder!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"`delta` must be in (0, 1), got {self.delta!r}")
-        if self.threshold is not None and not -1 <= self.threshold <= 1:
+        if isinstance(self.threshold, str):
+            if self.threshold != "calibrated":
+                raise ConfigError(f"`threshold` must be a number or 'calibrated', got {self.threshold!r}")
+        elif self.threshold is not None and not -1 <= self.threshold <= 1:
             raise ConfigError(f"`threshold` must be in [-1, 1], got {self.threshold!r}")
 
 
-def _embedder(name: str) -> Embedder:
-    if name == "hashing":
+def _embedder(settings: SemanticSettings) -> Embedder:
+    if settings.embedder == "hashing":
         return HashingEmbedder()
     from cachelm.semantic.embedder import MiniLMEmbedder
+    from cachelm.semantic.finetuned import DEFAULT_CHECKPOINT
 
-    return MiniLMEmbedder()
+    named = {"default": DEFAULT_CHECKPOINT, "none": None}
+    checkpoint = named[settings.checkpoint] if settings.checkpoint in named else Path(settings.checkpoint)
+    return MiniLMEmbedder(checkpoint=checkpoint)
+
+
+def _static_threshold(settings: SemanticSettings, embedder: Embedder) -> float | None:
+    """The configured static threshold, "calibrated" resolved for `embedder` (at start-up, so a model
+    without a measured threshold fails there, not on the first request)."""
+    if settings.threshold != "calibrated":
+        return None if settings.threshold is None else float(settings.threshold)
+    found = getattr(embedder, "calibrated_threshold", None)
+    if found is None:
+        raise ConfigError(
+            f"`threshold` 'calibrated': no threshold was measured for {embedder.model_id!r}; run "
+            "`cachelm eval semantic --report` for these weights or give a number"
+        )
+    return float(found)
 
 
 def _index(settings: SemanticSettings, dim: int) -> VectorIndex:
@@ -75,7 +99,9 @@ class SemanticLayer:
 
     def __init__(self, settings: SemanticSettings, store: Store, *, tenant_secret: bytes = b"") -> None:
         self.settings = settings
-        self.embeddings = EmbeddingCache(store, _embedder(settings.embedder))
+        embedder = _embedder(settings)
+        self.threshold = _static_threshold(settings, embedder)
+        self.embeddings = EmbeddingCache(store, embedder)
         self.index = _index(settings, self.embeddings.dim)
         self._secret = tenant_secret
         self._lock = threading.Lock()
@@ -83,8 +109,8 @@ class SemanticLayer:
         self.default = self._cache(settings.delta)
 
     def _rule(self, delta: float) -> DecisionRule:
-        if self.settings.threshold is not None:
-            return StaticThreshold(self.settings.threshold)
+        if self.threshold is not None:
+            return StaticThreshold(self.threshold)
         return BoundedErrorPolicy(BoundedErrorConfig(delta=delta))
 
     def _cache(self, delta: float) -> SemanticCache:
@@ -106,7 +132,7 @@ class SemanticLayer:
         self, request: Mapping[str, Any], *, tenant: str, delta: float | None
     ) -> tuple[SemanticHit | None, tuple[SemanticCache, Candidate] | None]:
         """A hit to serve, or a candidate to verify (with the facade that must hear the outcome)."""
-        use_delta = self.settings.threshold is None and delta is not None and delta != self.settings.delta
+        use_delta = self.threshold is None and delta is not None and delta != self.settings.delta
         cache = self._cache(delta) if use_delta and delta is not None else self.default
         found = cache.search(request, tenant=tenant)
         return found.hit, None if found.verify is None else (cache, found.verify)
