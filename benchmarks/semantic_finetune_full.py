@@ -150,6 +150,7 @@ def save_best(out: Path, bundle: Bundle, record: dict[str, Any], result: Any, ru
     info = {
         **record["train"],
         "data": DATA,
+        "script": "benchmarks/semantic_finetune_full.py",
         "loss": "CoSENT" + (" + in-batch ranking" if record["config"]["in_batch"] else ""),
         "gptcache_pairs_removed_for_overlap": bundle.manifest["gptcache_pairs_removed_for_overlap"],
         "dtype": "float16",

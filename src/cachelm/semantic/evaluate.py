@@ -428,7 +428,8 @@ def embedder_description(args: argparse.Namespace) -> str:
             f" with layers {train.get('layers_trained')} replaced by the fine-tuned checkpoint `{ckpt.name}` "
             f"(sha256 {ft.sha256[:12]}…; {train.get('loss')} loss, {train.get('pairs')} GPTCache pairs "
             "sharing no question with MeanCache val/test, "
-            f"{train.get('steps')} steps, seed {train.get('seed')}; `benchmarks/semantic_finetune.py`)"
+            f"{train.get('steps')} steps, seed {train.get('seed')}; "
+            f"`{train.get('script', 'benchmarks/semantic_finetune.py')}`)"
         )
     return text + (", Linear layers dynamic int8" if args.quantize else "")
 
