@@ -266,6 +266,13 @@ def targets(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
     return "\n".join(rows)
 
 
+def _acc_cell(r: dict[str, Any] | None) -> str:
+    """Accuracy in percent with its 95% interval, or a dash when the cell was not measured."""
+    if not r:
+        return "—"
+    return f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, {100 * r['acc_ci'][1]:.1f}]"
+
+
 def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None) -> str:
     """Markdown: accuracy with 95% CI per set and latency per method, then the targets check."""
     acc, lat = results.get("accuracy", {}), results.get("latency", {})
@@ -275,12 +282,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
     for m in ("receiver", "sharer", "t2t", "control", "c2c"):
         if m not in acc and m not in lat:
             continue
-        cells = []
-        for s in SETS:
-            r = acc.get(m, {}).get(s)
-            cells.append(
-                f"{100 * r['acc']:.1f} [{100 * r['acc_ci'][0]:.1f}, {100 * r['acc_ci'][1]:.1f}]" if r else "—"
-            )
+        cells = [_acc_cell(acc.get(m, {}).get(s)) for s in SETS]
         lm = lat.get(m)
         times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
         rows.append(f"| {LABELS[m]} | " + " | ".join(cells + times) + " |")
@@ -324,6 +326,49 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
             lines.append(f"- {what}: `{cmd}`")
     if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
         lines += ["", "Targets (issue 5):", "", targets(results, answers)]
+    if "fuse_all" in results:
+        lines += ["", fuse_all_report(results["fuse_all"], answers or {})]
+    return "\n".join(lines)
+
+
+def fuse_all_report(run: dict[str, Any], answers: dict[str, list[int]]) -> str:
+    """The `fuse_span="all"` variant: C2C and its fair control, both fusing every position."""
+    acc, lat, train = run["accuracy"], run.get("latency", {}), run.get("train", {})
+    lines = [
+        '**Every position fused** (`fuse_span="all"`, causal token alignment): the sharer also reads the '
+        "option being scored, and the fuser writes into the receiver's K/V of every token, the option's "
+        "included. Same data, steps and fuser width as above; the control again uses the receiver as its "
+        "own sharer.",
+        "",
+        "| method | "
+        + " | ".join(f"{SET_LABELS[s]} acc % [95% CI]" for s in SETS)
+        + " | TTFT ms | total ms |",
+        "|---|" + "---|" * (len(SETS) + 2),
+    ]
+    for m in ("control", "c2c"):
+        cells = [_acc_cell(acc[m][s]) for s in SETS]
+        lm = lat.get(m)
+        times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
+        lines.append(f"| {LABELS[m]} (all) | " + " | ".join(cells + times) + " |")
+    diffs = []
+    for s in SETS:
+        if s in answers:
+            d, lo, hi = paired_bootstrap(
+                acc["c2c"][s]["predictions"], acc["control"][s]["predictions"], answers[s]
+            )
+            diffs.append(f"{SET_LABELS[s]} {d:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    lines.append("")
+    if diffs:
+        lines.append("C2C − fair control, points [95% paired bootstrap]: " + "; ".join(diffs) + ".")
+    parts = [
+        f"{name}: {info['steps']} steps, {info['seconds']:.0f} s, loss {info['first_loss']:.3f} → "
+        f"{info['final_loss']:.3f}, {info.get('skipped_steps', 0)} steps skipped (non-finite gradient)"
+        for name, info in train.items()
+    ]
+    if parts:
+        lines.append("Training: " + "; ".join(parts) + ".")
+    for what, cmd in run.get("runs", {}).items():
+        lines.append(f"- {what}: `{cmd}`")
     return "\n".join(lines)
 
 
