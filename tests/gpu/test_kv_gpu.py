@@ -38,8 +38,16 @@ def test_gpu_and_pinned_tiers_equal_recompute(llama: Any, gpu_bytes: int, cpu_by
         assert all(t.is_pinned() for b in pc.tiers[-1]._blocks.values() for t in b.tensors.values())  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "split"])
-def test_cuda_graph_runner_equals_hf(attention: str) -> None:
+@pytest.mark.parametrize(
+    ("attention", "options"),
+    [
+        ("sdpa", {}),
+        ("split", {}),
+        ("split", {"fuse_weights": True}),
+        ("split", {"compile": True}),  # packed weights + torch.compile'd layer math, graphed
+    ],
+)
+def test_cuda_graph_runner_equals_hf(attention: str, options: dict[str, bool]) -> None:
     # bf16: the flash kernel of the split path takes only half precision; tolerance of bf16 rounding.
     model = tiny_llama(initializer_range=0.1).to("cuda", torch.bfloat16)
     ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -48,7 +56,7 @@ def test_cuda_graph_runner_equals_hf(attention: str) -> None:
         want = (
             model(input_ids=torch.tensor([ids], device="cuda"), past_key_values=cache).logits[0, -1].float()
         )
-    runner = StaticLlamaRunner(model, max_tokens=64, attention=attention, split_chunk=8)
+    runner = StaticLlamaRunner(model, max_tokens=64, attention=attention, split_chunk=8, **options)
     runner.kv[:32] = hf.extract(cache, 48)[:32]
     for _ in range(3):  # capture, then replays
         torch.testing.assert_close(runner(ids[32:], 32), want, atol=0.05, rtol=0)
