@@ -103,3 +103,23 @@ def test_engine_with_static_runner_equals_plain_engine(llama: Any) -> None:
         torch.testing.assert_close(got.first_logits, want.first_logits, atol=1e-4, rtol=0)
     longer = fast.generate(torch.randint(3, 384, (200,)).tolist(), params)  # beyond the buffer: HF path
     assert len(longer.token_ids) == 8
+
+
+def test_static_prefill_builds_its_decode_cache_lazily_and_refuses_a_stale_buffer(llama: Any) -> None:
+    """The runner's prefill returns logits first and copies the buffer into a DynamicCache on first use
+    (off the time to the first token); once a later prefill has reused the buffer, the earlier prefill's
+    cache can no longer be built and says so instead of returning the other prompt's KV."""
+    from cachelm.engine.engine import Engine
+
+    fast = Engine(llama, None, static_runner=StaticLlamaRunner(llama, max_tokens=128))
+    a = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    b = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    first = fast.prefill(a)
+    want_logits, want_cache = _hf_prefill(llama, a)
+    torch.testing.assert_close(first.logits, want_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(hf.extract(first.cache, 40), hf.extract(want_cache, 40), atol=1e-5, rtol=0)
+    stale = fast.prefill(a)
+    fast.prefill(b)
+    with pytest.raises(ConfigError, match="overwritten by a later prefill"):
+        _ = stale.cache
+    assert first.cache.get_seq_length() == 40  # built before the reuse: still valid

@@ -60,14 +60,37 @@ class SamplingParams:
             raise ConfigError(f"`top_k` must be an int >= 0, got {self.top_k!r}")
 
 
-@dataclass(kw_only=True)
 class Prefill:
-    """The state after the prompt: last-position logits and the model cache, plus what reuse saved."""
+    """The state after the prompt: last-position logits and the model cache, plus what reuse saved.
 
-    logits: torch.Tensor  # (V,) float32, logits after the last prompt token
-    cache: Any  # transformers DynamicCache holding the prompt
-    num_prompt_tokens: int
-    num_cached_tokens: int  # tokens loaded from the prefix cache (not computed)
+    `cache` (a transformers DynamicCache holding the prompt) may be built lazily, on first access, by
+    `restore`: the static runner's prefill hands back logits first and copies its buffer into a
+    DynamicCache only when decoding needs it, so that copy is not part of the time to the first token.
+    """
+
+    def __init__(
+        self,
+        *,
+        logits: torch.Tensor,
+        num_prompt_tokens: int,
+        num_cached_tokens: int,
+        cache: Any = None,
+        restore: Callable[[], Any] | None = None,
+    ) -> None:
+        if (cache is None) == (restore is None):
+            raise ConfigError("a Prefill needs exactly one of `cache` and `restore`")
+        self.logits = logits  # (V,) float32, logits after the last prompt token
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = num_cached_tokens  # tokens loaded from the prefix cache (not computed)
+        self._cache = cache
+        self._restore = restore
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            assert self._restore is not None
+            self._cache, self._restore = self._restore(), None
+        return self._cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,13 +202,26 @@ class Engine:
     def _prefill_static(self, token_ids: Sequence[int], tenant_salt: bytes) -> Prefill:
         runner = self.static_runner
         assert runner is not None
+        runner.epoch += 1  # the buffer is about to be written: earlier prefills' lazy caches are void
         prefix = self._load_prefix(token_ids, tenant_salt, out=runner.kv)  # straight into the buffer
         cached = prefix.shape[0] if prefix is not None else 0
         logits = runner(list(token_ids[cached:]), cached).clone()  # (V,); the graph reuses its output
-        # Decoding continues in a DynamicCache. Clone: the runner's buffer is overwritten by the next request.
-        cache = hf.new_cache(self.model)
-        hf.restore(cache, runner.kv[: len(token_ids)].clone(), self.layout)
-        return Prefill(logits=logits, cache=cache, num_prompt_tokens=len(token_ids), num_cached_tokens=cached)
+        epoch = runner.epoch
+        length = len(token_ids)
+
+        def restore() -> Any:
+            # Decoding continues in a DynamicCache, copied from the buffer when first needed. A later
+            # prefill through this runner has overwritten the buffer by then: refuse rather than mix.
+            if runner.epoch != epoch:
+                raise ConfigError(
+                    "this prefill's KV was overwritten by a later prefill on the same static runner: read "
+                    "`.cache` (or finish decoding) before the next prefill"
+                )
+            cache = hf.new_cache(self.model)
+            hf.restore(cache, runner.kv[:length].clone(), self.layout)
+            return cache
+
+        return Prefill(logits=logits, restore=restore, num_prompt_tokens=length, num_cached_tokens=cached)
 
     def _load_prefix(
         self, token_ids: Sequence[int], tenant_salt: bytes, *, out: torch.Tensor | None = None

@@ -147,6 +147,7 @@ class StaticLlamaRunner:
         # Copy each layer's K/V head-major before attention (costs a read+write of the prefix KV per call;
         # only worth it where the attention kernel would otherwise reject the token-major strides).
         self.contiguous_kv = contiguous_kv
+        self.epoch = 0  # bumped by whoever starts writing `kv` for a new prompt (Engine._prefill_static)
         if attention not in ("sdpa", "split"):
             raise ConfigError(f"`attention` must be 'sdpa' or 'split', got {attention!r}")
         if isinstance(split_chunk, bool) or not isinstance(split_chunk, int) or split_chunk <= 0:
