@@ -78,7 +78,13 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
         steps = max(1, min(planned, int(args.train_budget_s / (2.1 * per_step))))
         log(f"train step {per_step * 1000:.0f} ms → {steps} steps per fuser (epochs would give {planned})")
     cfg = TrainConfig(
-        epochs=args.epochs, steps=steps, batch_size=args.batch_size, lr=args.lr, save_every=10**9
+        epochs=args.epochs,
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        save_every=10**9,
+        mc_weight=args.mc_weight,
+        distill_weight=args.distill_weight,
     )
     c2c = pair.new_fuser(receiver, sharer, **_fuser_options(args))
     fused_layers = tuple(r for r, _ in c2c.config.layer_map)
@@ -392,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--fuse-span", choices=("context", "all"), default="context")
+    p.add_argument(
+        "--mc-weight", type=float, default=0.0, help="option cross-entropy (train.OptionObjective)"
+    )
+    p.add_argument("--distill-weight", type=float, default=0.0, help="KL to the sharer alone's options")
     p.add_argument("--instructions", type=int, default=5000)
     p.add_argument("--limit", type=int, default=None, help="questions per test set (debugging)")
     p.add_argument("--eval-batch", type=int, default=64)

@@ -11,7 +11,7 @@ import torch
 from cachelm.c2c import pair
 from cachelm.c2c.data import TrainExample
 from cachelm.c2c.fuser import C2CFuser
-from cachelm.c2c.train import TrainConfig, lr_factor, temperature, train_fuser
+from cachelm.c2c.train import OptionObjective, TrainConfig, lr_factor, temperature, train_fuser
 from cachelm.errors import ConfigError, TrainingError
 from tests.unit.test_c2c_support import (
     randomize,
@@ -245,3 +245,62 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(models: tuple[Any,
             TrainConfig(steps=6, batch_size=1, max_skipped_fraction=0.1),
             progress=False,
         )
+
+
+MC_EXAMPLES = [
+    TrainExample(
+        prompt=PROMPTS[1],
+        response="heat from the sun",
+        source="t",
+        options=("ice", "heat from the sun", "a magnet"),
+        answer=1,
+    ),
+    TrainExample(
+        prompt="Question: What do magnets attract?\nAnswer:",
+        response="iron",
+        source="t",
+        options=("iron", "water", "light", "grams"),
+        answer=0,
+    ),
+]
+
+
+def test_option_objective_is_cross_entropy_over_options_plus_kl_to_the_sharer_alone(
+    models: tuple[Any, Any],
+) -> None:
+    receiver, sharer = models
+    fuser = _fuser(models).eval()  # hard gates: the same fused cache on every call
+    pipe = pair.pipeline(receiver, sharer, fuser)
+    fused = pipe.score([e.prompt for e in MC_EXAMPLES], [e.options for e in MC_EXAMPLES])
+    alone = pair.pipeline(sharer).score([e.prompt for e in MC_EXAMPLES], [e.options for e in MC_EXAMPLES])
+    ce, kl = [], []
+    for e, f_row, s_row in zip(MC_EXAMPLES, fused, alone, strict=True):
+        log_q = torch.log_softmax(torch.tensor(f_row), 0)
+        p = torch.softmax(torch.tensor(s_row), 0)
+        ce.append(float(-log_q[e.answer]))
+        kl.append(float((p * (p.log() - log_q)).sum()))
+    assert OptionObjective(pipe, 1.0, 0.0)(MC_EXAMPLES).item() == pytest.approx(sum(ce) / 2, abs=1e-4)
+    assert OptionObjective(pipe, 0.0, 1.0)(MC_EXAMPLES).item() == pytest.approx(sum(kl) / 2, abs=1e-4)
+    both = OptionObjective(pipe, 0.5, 2.0)(MC_EXAMPLES)
+    assert both.item() == pytest.approx((0.5 * sum(ce) + 2.0 * sum(kl)) / 2, abs=1e-4)
+    fuser.train()
+    both = OptionObjective(pipe, 0.5, 2.0)(MC_EXAMPLES)
+    both.backward()  # type: ignore[no-untyped-call]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fuser.parameters())
+    assert all(p.grad is None for p in receiver.model.parameters())
+    with pytest.raises(ConfigError, match="sharer"):
+        OptionObjective(pair.pipeline(receiver), 0.0, 1.0)
+    with pytest.raises(ConfigError, match="mc_weight"):
+        TrainConfig(mc_weight=-1.0)
+
+
+def test_training_with_option_terms_lowers_the_loss(models: tuple[Any, Any]) -> None:
+    receiver, sharer = models
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=16)
+    info = train_fuser(
+        pair.pipeline(receiver, sharer, fuser),
+        MC_EXAMPLES + EXAMPLES,
+        TrainConfig(steps=20, batch_size=5, lr=1e-2, warmup_fraction=0.1, mc_weight=1.0, distill_weight=0.5),
+        progress=False,
+    )
+    assert info["final_loss"] < info["first_loss"] and info["skipped_steps"] == 0

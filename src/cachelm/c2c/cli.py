@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
         help="default: 'last' for --fuse-span context, 'causal' (required) for all",
     )
     t.add_argument("--sharer-positions", choices=("receiver", "own"), default="receiver")
+    t.add_argument(
+        "--mc-weight",
+        type=float,
+        default=0.0,
+        help="weight of the cross-entropy over each question's options",
+    )
+    t.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        help="weight of the KL from the sharer alone's option distribution (distillation of its judgment)",
+    )
     t.add_argument("--instructions", type=int, default=5000, help="Alpaca examples to mix in")
     t.add_argument("--no-progress", action="store_true")
 
@@ -80,7 +92,14 @@ def _train(args: argparse.Namespace) -> int:
     from cachelm.c2c.data import load_training
     from cachelm.c2c.train import TrainConfig, train_fuser
 
-    config = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    config = TrainConfig(
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mc_weight=args.mc_weight,
+        distill_weight=args.distill_weight,
+    )
     receiver = pair.load(args.receiver, device=args.device)
     sharer = receiver if args.control else pair.load(args.sharer, device=args.device)
     layers = None

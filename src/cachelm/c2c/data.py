@@ -36,11 +36,14 @@ class MCQuestion:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainExample:
-    """A prompt and the response the receiver should produce after it."""
+    """A prompt and the response the receiver should produce after it; a multiple-choice example also
+    carries its options and the index of the right one (`response` is that option)."""
 
     prompt: str
     response: str
     source: str
+    options: tuple[str, ...] = ()
+    answer: int | None = None
 
 
 def format_prompt(question: str) -> str:
@@ -114,7 +117,15 @@ def load_training(
     out: list[TrainExample] = []
     for name in TEST_SETS:
         for q in load_questions(root, name, "Train"):
-            out.append(TrainExample(prompt=q.prompt, response=q.options[q.answer], source=name))
+            out.append(
+                TrainExample(
+                    prompt=q.prompt,
+                    response=q.options[q.answer],
+                    source=name,
+                    options=q.options,
+                    answer=q.answer,
+                )
+            )
     alpaca_path = root / "instruct" / "alpaca_5000.json"
     if instructions > 0:
         if not alpaca_path.is_file():

@@ -381,6 +381,17 @@ class C2CPipeline:
         The context is prefilled and fused once per prompt and shared by its options; with
         `fuse_span="all"` every (prompt, option) is one fused row, since the sharer reads the option too.
         """
+        totals = self.option_logprobs(prompts, options).tolist()  # (P,)
+        out: list[list[float]] = []
+        k = 0
+        for opts in options:
+            out.append([float(x) for x in totals[k : k + len(opts)]])
+            k += len(opts)
+        return out
+
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> torch.Tensor:
+        """`score` as one float32 tensor (P,) over every (prompt, option) pair in order, keeping the
+        fuser's gradients when it is in training mode (the option-level training objective uses it)."""
         if len(prompts) != len(options) or any(len(o) == 0 for o in options):
             raise ConfigError("`options` must give one non-empty list of options per prompt")
         rows_list, suffixes = [], []
@@ -400,13 +411,7 @@ class C2CPipeline:
             logits, targets, tmask = self._suffix_logits(batch, cache, rows, suffixes)
         logits = logits.float()
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        totals = (picked * tmask).sum(-1).tolist()  # (P,)
-        out: list[list[float]] = []
-        k = 0
-        for opts in options:
-            out.append([float(x) for x in totals[k : k + len(opts)]])
-            k += len(opts)
-        return out
+        return (picked * tmask).sum(-1)  # (P,)
 
     # ---- generation --------------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ class TrainConfig:
     max_prompt_chars: int = 1000
     grad_clip: float = 1.0
     max_skipped_fraction: float = 0.02
+    mc_weight: float = 0.0
+    distill_weight: float = 0.0
     save_every: int = 100
     seed: int = 0
 
@@ -50,6 +52,11 @@ class TrainConfig:
             )
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"`steps` must be ≥ 1, got {self.steps!r}")
+        if self.mc_weight < 0 or self.distill_weight < 0:
+            raise ConfigError(
+                "`mc_weight` and `distill_weight` must be ≥ 0, "
+                f"got {self.mc_weight!r}, {self.distill_weight!r}"
+            )
         if not 0 <= self.max_skipped_fraction < 1:
             raise ConfigError(f"`max_skipped_fraction` must be in [0, 1), got {self.max_skipped_fraction!r}")
         if not 0 < self.tau_end <= self.tau_start:
@@ -88,6 +95,61 @@ def _batches(n: int, batch_size: int, total: int, seed: int) -> list[list[int]]:
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(total)]
 
 
+class OptionObjective:
+    """The option-level terms of the loss, on the multiple-choice examples of a batch.
+
+    For a question with options o_1..o_n, let s_j be the fused receiver's summed log-probability of
+    " o_j" after the prompt (what evaluation scores) and q = softmax(s). Then
+
+    * `mc_weight` · −log q_answer — cross-entropy over the options: it trains the discrimination the
+      evaluation measures, where the response loss only raises the right option's likelihood;
+    * `distill_weight` · KL(p ‖ q), with p the softmax of the *sharer alone*'s option log-probabilities —
+      distillation of the sharer's judgment, which the receiver can only match by reading it out of the
+      fused cache. For the fair control the sharer is the receiver itself, so p is the receiver's own
+      judgment and the term carries no outside knowledge: the control stays fair.
+
+    The sharer's p are computed once per question (the sharer is frozen) and cached.
+    """
+
+    def __init__(self, pipeline: C2CPipeline, mc_weight: float, distill_weight: float) -> None:
+        self.pipeline = pipeline
+        self.mc_weight = mc_weight
+        self.distill_weight = distill_weight
+        self._teacher_cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        self._teacher: C2CPipeline | None = None
+        if distill_weight > 0:
+            if pipeline.sharer is None or pipeline.sharer_tokenizer is None:
+                raise ConfigError("`distill_weight` needs a pipeline with a sharer")
+            self._teacher = C2CPipeline(pipeline.sharer, pipeline.sharer_tokenizer)
+
+    def teacher(self, examples: Sequence[TrainExample]) -> list[torch.Tensor]:
+        """The sharer-alone option distribution p of each example (float32, on the pipeline's device)."""
+        assert self._teacher is not None
+        missing = [e for e in examples if (e.prompt, e.options) not in self._teacher_cache]
+        if missing:
+            scores = self._teacher.score([e.prompt for e in missing], [e.options for e in missing])
+            for e, row in zip(missing, scores, strict=True):
+                probs = torch.softmax(torch.tensor(row, dtype=torch.float32), 0)
+                self._teacher_cache[(e.prompt, e.options)] = probs.to(self.pipeline.device)
+        return [self._teacher_cache[(e.prompt, e.options)] for e in examples]
+
+    def __call__(self, examples: Sequence[TrainExample]) -> torch.Tensor:
+        """The option terms averaged over `examples` (each must have options and an answer)."""
+        flat = self.pipeline.option_logprobs([e.prompt for e in examples], [e.options for e in examples])
+        targets = self.teacher(examples) if self.distill_weight > 0 else [None] * len(examples)
+        total = flat.new_zeros(())
+        k = 0
+        for e, p in zip(examples, targets, strict=True):
+            assert e.answer is not None
+            log_q = torch.log_softmax(flat[k : k + len(e.options)], 0)  # (n,)
+            k += len(e.options)
+            if self.mc_weight > 0:
+                total = total - self.mc_weight * log_q[e.answer]
+            if p is not None:
+                total = total + self.distill_weight * (p * (p.clamp_min(1e-12).log() - log_q)).sum()
+        return total / len(examples)
+
+
 def train_fuser(
     pipeline: C2CPipeline,
     examples: Sequence[TrainExample],
@@ -123,6 +185,9 @@ def train_fuser(
         raise ConfigError("`examples` has no usable example (empty responses or prompts too long)")
     total = config.total_steps(len(keep))
     batches = _batches(len(keep), config.batch_size, total, config.seed)
+    options = None
+    if config.mc_weight > 0 or config.distill_weight > 0:
+        options = OptionObjective(pipeline, config.mc_weight, config.distill_weight)
 
     optimizer = torch.optim.AdamW(fuser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -177,6 +242,10 @@ def train_fuser(
         idx = [keep[i] for i in batches[step]]
         fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
         loss = pipeline.loss([data[i].prompt for i in idx], [responses[i] for i in idx])
+        if options is not None:
+            mc = [data[i] for i in idx if data[i].options and data[i].answer is not None]
+            if mc:
+                loss = loss + options(mc)
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         norm = float("nan")
