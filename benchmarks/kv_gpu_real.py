@@ -225,6 +225,34 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """TTFT against prefix length per model: the miss, the hit from each tier and codec, the graphed hit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (name, res) in zip(axes[0], models.items(), strict=True):
+        xs = [r["prefix"] for r in res["rows"]]
+        ax.plot(xs, [r["miss_s"] * 1e3 for r in res["rows"]], "k-o", label="miss (full prefill)")
+        for tier in res["rows"][0]["hits"]:
+            ax.plot(xs, [r["hits"][tier]["ttft_s"] * 1e3 for r in res["rows"]], "--.", label=f"hit {tier}")
+        graphed = [r["hits"].get("gpu/raw", {}).get("graphed_s") for r in res["rows"]]
+        if all(g is not None for g in graphed):
+            ax.plot(xs, [g * 1e3 for g in graphed], "g-s", label="hit gpu/raw, graphed runner")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached prefix (tokens)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"{name}, {result['device']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], help="NAME=PATH (repeatable)")
@@ -240,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", type=Path, default=None, help="render docs from a JSON result instead")
     args = p.parse_args(argv)
     if args.render:
-        from _report import write_section
+        from _report import DOCS_IMG, write_section
 
         result = json.loads(args.render.read_text())
-        write_section("kv-gpu-real", render(result))
+        write_section(
+            "kv-gpu-real",
+            render(result) + "\n\n![TTFT, real small models on the GPU](img/kv_ttft_gpu_real.png)",
+        )
+        plot(result, DOCS_IMG / "kv_ttft_gpu_real.png")
         print(render(result))
         return 0
     if not args.model or (args.device != "cpu" and not torch.cuda.is_available()):
