@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +85,48 @@ def _hardware(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         out["h2d_bytes_per_s"] = big.numel() / _timed(lambda: dst.copy_(host, non_blocking=True), 5, device)
     else:
         out["h2d_bytes_per_s"] = out["d2d_bytes_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:  # file reads (page cache), as the disk tier reads blocks
+        piece = bytes(4 << 20)
+        paths = [Path(tmp) / f"bw{i}.bin" for i in range(32)]
+        for p in paths:
+            p.write_bytes(piece)
+        out["disk_read_bytes_per_s"] = (
+            32 * len(piece) / _timed(lambda: [p.read_bytes() for p in paths], 3, device)
+        )
     return out
+
+
+# Tiers measured for every prefix: (name, kind, codec). The first two carry the issue's targets.
+TIERS = (
+    ("gpu", "gpu", "raw"),
+    ("cpu-pinned", "cpu", "raw"),
+    ("cpu-pinned/int8", "cpu", "int8"),
+    ("cpu-pinned/int4", "cpu", "int4"),
+    ("disk", "disk", "raw"),
+    ("disk/int4", "disk", "int4"),
+)
+
+
+def _make_tier(kind: str, codec: str, capacity: int, device: torch.device, tmp: Path) -> Any:
+    from cachelm.kv.codecs import make_codec
+    from cachelm.kv.tiers import DiskTier, MemoryTier
+
+    c = make_codec(codec)
+    if kind == "gpu":
+        return MemoryTier(capacity_bytes=capacity, device=str(device), codec=c)
+    if kind == "cpu":
+        return MemoryTier(capacity_bytes=capacity, device="cpu", pin=True, codec=c)
+    return DiskTier(tmp / f"disk-{codec}-{time.monotonic_ns()}", capacity_bytes=capacity, codec=c)
+
+
+def _tier_bandwidth(kind: str, hw: dict[str, float]) -> float:
+    """Bytes/s at which a tier's stored bytes reach the GPU: device copy, pinned copy, or file read then
+    copy (the two in series)."""
+    if kind == "gpu":
+        return hw["d2d_bytes_per_s"]
+    if kind == "cpu":
+        return hw["h2d_bytes_per_s"]
+    return 1 / (1 / hw["disk_read_bytes_per_s"] + 1 / hw["h2d_bytes_per_s"])
 
 
 def _efficient_ok(runner: Any, suffix: list[int], start: int, device: torch.device) -> str:
@@ -125,7 +168,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from cachelm.kv import hf
     from cachelm.kv.layout import KVLayout
     from cachelm.kv.prefix_cache import KVPrefixCache
-    from cachelm.kv.tiers import MemoryTier
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -158,9 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ref = base.prefill(prompt)
             prefix_kv = hf.extract(ref.cache, length + args.suffix)[:length]  # (P, L, 2, H, D)
         kv_bytes = prefix_kv.numel() * prefix_kv.element_size()
+        tmp = Path(tempfile.mkdtemp(prefix="kv-bench-"))
         tiers = {
-            "gpu": MemoryTier(capacity_bytes=kv_bytes + (1 << 24), device=str(device)),
-            "cpu-pinned": MemoryTier(capacity_bytes=kv_bytes + (1 << 24), device="cpu", pin=True),
+            name: (kind, _make_tier(kind, codec, kv_bytes + (1 << 24), device, tmp))
+            for name, kind, codec in TIERS
         }
         row: dict[str, Any] = {"prefix": length, "kv_bytes": kv_bytes, "full_s": full_s, "hits": {}}
 
@@ -217,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flops = 2 * (n_params - embed - lm_head) * args.suffix + 2 * lm_head + attn_flops
         compute_bound = max(flops / hw["matmul_flops"], weight_bytes / hw["hbm_bytes_per_s"])
         row["compute_bound_s"] = compute_bound
-        for name, tier in tiers.items():
+        for name, (kind, tier) in tiers.items():
             pc = KVPrefixCache(layout=layout, model=fingerprint, tiers=[tier], block_size=args.block_size)
             pc.store(prompt, prefix_kv, tenant_salt=b"bench")
             engine = Engine(model, None, prefix_cache=pc)
@@ -236,9 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 lambda p=prompt, e=fast: e.prefill(p, tenant_salt=b"bench"), args.reps, device
             )
             graph_logits = graph_hit().clone()
-            bw = hw["d2d_bytes_per_s"] if name == "gpu" else hw["h2d_bytes_per_s"]
-            limit = compute_bound + kv_bytes / bw
+            stored = tier.used_bytes
+            limit = compute_bound + stored / _tier_bandwidth(kind, hw)
             row["hits"][name] = {
+                "stored_bytes": stored,
                 "eager_s": eager,
                 "graph_s": graphed,
                 "engine_static_s": engine_static,
@@ -254,6 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"limit {limit * 1e3:.1f} ms",
                 flush=True,
             )
+            tier.clear()
             pc.close()
             del engine, fast, pc
         print(
@@ -268,6 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "kv_gpu.partial.json").write_text(json.dumps(rows, indent=1))
         del ref, prefix_kv, tiers
+        shutil.rmtree(tmp, ignore_errors=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -315,6 +361,23 @@ def render(result: dict[str, Any]) -> str:
             f"{g['graph_s'] * 1e3:.1f} ms ({g['limit_s'] * 1e3:.1f}) | {c['eager_s'] * 1e3:.1f} ms | "
             f"{c['graph_s'] * 1e3:.1f} ms ({c['limit_s'] * 1e3:.1f}) | {r['suffix_graph_s'] * 1e3:.1f} ms |"
         )
+    extra = [t for t in result["rows"][0]["hits"] if t not in ("gpu", "cpu-pinned")]
+    if extra:
+        lines += [
+            "",
+            "Graphed hits from the other tiers and codecs (stored size ÷ raw size; limit as above, with the "
+            "stored bytes and, for disk, file reads then the pinned copy in series):",
+            "",
+            "| prefix | " + " | ".join(f"{t} (limit)" for t in extra) + " |",
+            "|---|" + "---|" * len(extra),
+        ]
+        for r in result["rows"]:
+            cells = [
+                f"{r['hits'][t]['graph_s'] * 1e3:.1f} ms ({r['hits'][t]['limit_s'] * 1e3:.1f}); "
+                f"{r['hits'][t]['stored_bytes'] / r['kv_bytes']:.2f}×"
+                for t in extra
+            ]
+            lines.append(f"| {r['prefix']} | " + " | ".join(cells) + " |")
     keys = sorted({k for r in result["rows"] for k in r["suffix_variants_s"]})
     lines += [
         "",
@@ -403,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="8b")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192])
+    p.add_argument(
+        "--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 2048, 4096, 8192]
+    )
     p.add_argument("--suffix", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--block-size", type=int, default=256)
