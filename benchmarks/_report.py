@@ -13,6 +13,7 @@ import platform
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = REPO_ROOT / "docs" / "BENCHMARKS.md"
@@ -105,3 +106,17 @@ def machine_description() -> str:
 
 if __name__ == "__main__":  # pragma: no cover - manual check
     print(machine_description(), file=sys.stdout)
+
+
+def finish_ttft_plot(fig: Any, axes: Any, titles: list[str], path: Path) -> None:
+    """Log-log TTFT-vs-prefix axes with their titles and legends, saved as a PNG at `path`."""
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached prefix (tokens)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -451,15 +451,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for key, style, what in series:
             ys = [r["hits"][tier][key] * 1e3 for r in rows]
             ax.plot(xs, ys, style, color=color, label=f"{tier} {what}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("cached prefix (tokens)")
-    ax.set_ylabel("TTFT (ms)")
-    ax.set_title(f"{result['config'].upper()}-shaped Llama, {result['device']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from _report import finish_ttft_plot
+
+    finish_ttft_plot(fig, [ax], [f"{result['config'].upper()}-shaped Llama, {result['device']}"], path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,7 +234,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     models = result["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, (name, res) in zip(axes[0], models.items(), strict=True):
+    for ax, res in zip(axes[0], models.values(), strict=True):
         xs = [r["prefix"] for r in res["rows"]]
         ax.plot(xs, [r["miss_s"] * 1e3 for r in res["rows"]], "k-o", label="miss (full prefill)")
         for tier in res["rows"][0]["hits"]:
@@ -242,15 +242,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         graphed = [r["hits"].get("gpu/raw", {}).get("graphed_s") for r in res["rows"]]
         if all(g is not None for g in graphed):
             ax.plot(xs, [g * 1e3 for g in graphed], "g-s", label="hit gpu/raw, graphed runner")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached prefix (tokens)")
-        ax.set_ylabel("TTFT (ms)")
-        ax.set_title(f"{name}, {result['device']}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from _report import finish_ttft_plot
+
+    finish_ttft_plot(fig, axes[0], [f"{name}, {result['device']}" for name in models], path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,17 +259,9 @@ class C2CPipeline:
             )
             if self.fuser is None:
                 return cache
-            assert self.sharer is not None and batch.sharer_ids is not None and batch.alignment is not None
-            sharer_cache = DynamicCache()
-            self.sharer.model(
-                input_ids=batch.sharer_ids,
-                attention_mask=batch.sharer_mask,
-                position_ids=batch.sharer_positions,
-                past_key_values=sharer_cache,
-                use_cache=True,
-            )
+            sharer_kv = self._sharer_kv(batch)
+        assert batch.alignment is not None
         receiver_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(cache)]
-        sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
         fused = self.fuser.fuse(
             receiver_kv,
             sharer_kv,
@@ -281,20 +273,26 @@ class C2CPipeline:
             layer.keys, layer.values = k, v
         return cache
 
+    @torch.no_grad()
+    def _sharer_kv(self, batch: ContextBatch) -> list[KV]:
+        """The sharer's prefill of `batch`: per sharer layer (K, V), each (B, Hs, S, Ds). The cache has
+        no config, so Gemma-3's sliding-window layers keep every token for the fuser."""
+        assert self.sharer is not None and batch.sharer_ids is not None
+        sharer_cache = DynamicCache()
+        self.sharer.model(
+            input_ids=batch.sharer_ids,
+            attention_mask=batch.sharer_mask,
+            position_ids=batch.sharer_positions,
+            past_key_values=sharer_cache,
+            use_cache=True,
+        )
+        return [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
+
     def _aligned_sharer(self, batch: ContextBatch) -> list[KV]:
         """The sharer's KV of `batch`, aligned onto the receiver's columns, per layer-map pair."""
-        assert self.fuser is not None and self.sharer is not None
-        assert batch.sharer_ids is not None and batch.alignment is not None
+        assert self.fuser is not None and batch.alignment is not None
+        sharer_kv = self._sharer_kv(batch)
         with torch.no_grad():
-            sharer_cache = DynamicCache()
-            self.sharer.model(
-                input_ids=batch.sharer_ids,
-                attention_mask=batch.sharer_mask,
-                position_ids=batch.sharer_positions,
-                past_key_values=sharer_cache,
-                use_cache=True,
-            )
-            sharer_kv: list[KV] = [(layer.keys, layer.values) for layer in _layers(sharer_cache)]
             return [
                 self.fuser.align_sharer(sharer_kv[s_layer], batch.alignment, batch.sharer_mask)
                 for _, s_layer in self.fuser.config.layer_map
