@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _kv_tiers import disk_to_device_bytes_per_s, file_read_bytes_per_s, make_tier
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "8b": {  # Llama-3-8B shape
         "hidden_size": 4096,
@@ -85,48 +87,29 @@ def _hardware(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         out["h2d_bytes_per_s"] = big.numel() / _timed(lambda: dst.copy_(host, non_blocking=True), 5, device)
     else:
         out["h2d_bytes_per_s"] = out["d2d_bytes_per_s"]
-    with tempfile.TemporaryDirectory() as tmp:  # file reads (page cache), as the disk tier reads blocks
-        piece = bytes(4 << 20)
-        paths = [Path(tmp) / f"bw{i}.bin" for i in range(32)]
-        for p in paths:
-            p.write_bytes(piece)
-        out["disk_read_bytes_per_s"] = (
-            32 * len(piece) / _timed(lambda: [p.read_bytes() for p in paths], 3, device)
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        out["disk_read_bytes_per_s"] = file_read_bytes_per_s(Path(tmp), lambda fn: _timed(fn, 3, device))
     return out
 
 
 # Tiers measured for every prefix: (name, kind, codec). The first two carry the issue's targets.
 TIERS = (
     ("gpu", "gpu", "raw"),
-    ("cpu-pinned", "cpu", "raw"),
-    ("cpu-pinned/int8", "cpu", "int8"),
-    ("cpu-pinned/int4", "cpu", "int4"),
+    ("cpu-pinned", "cpu-pinned", "raw"),
+    ("cpu-pinned/int8", "cpu-pinned", "int8"),
+    ("cpu-pinned/int4", "cpu-pinned", "int4"),
     ("disk", "disk", "raw"),
     ("disk/int4", "disk", "int4"),
 )
 
 
-def _make_tier(kind: str, codec: str, capacity: int, device: torch.device, tmp: Path) -> Any:
-    from cachelm.kv.codecs import make_codec
-    from cachelm.kv.tiers import DiskTier, MemoryTier
-
-    c = make_codec(codec)
-    if kind == "gpu":
-        return MemoryTier(capacity_bytes=capacity, device=str(device), codec=c)
-    if kind == "cpu":
-        return MemoryTier(capacity_bytes=capacity, device="cpu", pin=True, codec=c)
-    return DiskTier(tmp / f"disk-{codec}-{time.monotonic_ns()}", capacity_bytes=capacity, codec=c)
-
-
 def _tier_bandwidth(kind: str, hw: dict[str, float]) -> float:
-    """Bytes/s at which a tier's stored bytes reach the GPU: device copy, pinned copy, or file read then
-    copy (the two in series)."""
+    """Bytes/s at which a tier's stored bytes reach the GPU."""
     if kind == "gpu":
         return hw["d2d_bytes_per_s"]
-    if kind == "cpu":
+    if kind == "cpu-pinned":
         return hw["h2d_bytes_per_s"]
-    return 1 / (1 / hw["disk_read_bytes_per_s"] + 1 / hw["h2d_bytes_per_s"])
+    return disk_to_device_bytes_per_s(hw["disk_read_bytes_per_s"], hw["h2d_bytes_per_s"])
 
 
 def _efficient_ok(runner: Any, suffix: list[int], start: int, device: torch.device) -> str:
@@ -202,7 +185,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kv_bytes = prefix_kv.numel() * prefix_kv.element_size()
         tmp = Path(tempfile.mkdtemp(prefix="kv-bench-"))
         tiers = {
-            name: (kind, _make_tier(kind, codec, kv_bytes + (1 << 24), device, tmp))
+            name: (
+                kind,
+                make_tier(kind, codec, capacity=kv_bytes + (1 << 24), device=str(device), folder=tmp),
+            )
             for name, kind, codec in TIERS
         }
         row: dict[str, Any] = {"prefix": length, "kv_bytes": kv_bytes, "full_s": full_s, "hits": {}}

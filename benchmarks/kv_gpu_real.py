@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _kv_tiers import disk_to_device_bytes_per_s, file_read_bytes_per_s, make_tier
+
 TIERS = (  # (tier, codec)
     ("gpu", "raw"),
     ("cpu-pinned", "raw"),
@@ -70,25 +72,9 @@ def _bandwidths(tmp: Path, device: str) -> dict[str, float]:
         "gpu": big.numel() / _timed(lambda: dst.copy_(big), 5),
         "cpu-pinned": big.numel() / _timed(lambda: dst.copy_(host, non_blocking=True), 5),
     }
-    piece = bytes(2 << 20)
-    paths = [tmp / f"bw{i}.bin" for i in range(64)]
-    for p in paths:
-        p.write_bytes(piece)
-    read = 64 * len(piece) / _timed(lambda: [p.read_bytes() for p in paths], 3)
-    out["disk"] = 1 / (1 / read + 1 / out["cpu-pinned"])  # read, then copy up (unpinned, so optimistic)
+    read = file_read_bytes_per_s(tmp, lambda fn: _timed(fn, 3))
+    out["disk"] = disk_to_device_bytes_per_s(read, out["cpu-pinned"])
     return out
-
-
-def _tier(kind: str, codec: str, tmp: Path, device: str) -> Any:
-    from cachelm.kv.codecs import make_codec
-    from cachelm.kv.tiers import DiskTier, MemoryTier
-
-    c = make_codec(codec)
-    if kind == "gpu":
-        return MemoryTier(capacity_bytes=8 << 30, device=device, codec=c)
-    if kind == "cpu-pinned":
-        return MemoryTier(capacity_bytes=8 << 30, device="cpu", pin=device != "cpu", codec=c)
-    return DiskTier(tmp / f"disk-{codec}-{time.monotonic_ns()}", capacity_bytes=16 << 30, codec=c)
 
 
 def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -135,7 +121,8 @@ def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: 
         t_suffix = _timed(suffix_only, args.reps)
         row: dict[str, Any] = {"prefix": length, "miss_s": miss, "suffix_s": t_suffix, "hits": {}}
         for kind, codec in TIERS:
-            tier = _tier(kind, codec, tmp, dev)
+            capacity = 16 << 30 if kind == "disk" else 8 << 30
+            tier = make_tier(kind, codec, capacity=capacity, device=dev, folder=tmp)
             pc = KVPrefixCache(layout=layout, model=fingerprint, tiers=[tier], block_size=args.block_size)
             pc.store(prompt, prefix_kv, tenant_salt=b"bench")
             engine = Engine(model, tok, prefix_cache=pc)

@@ -98,7 +98,8 @@ class _FusingCache(DynamicCache):
 
     `aligned[i]`: the aligned sharer (K, V) of the `i`-th layer-map pair, each (B, T_total, Hs*Ds), one row
     per receiver column of the batch; an update at column offset `o` with `t` new tokens reads rows
-    `o .. o + t`. `mask` (B, T_total): 0 on padding columns, which keep the receiver's own K/V.
+    `o .. o + t`. `mask` (B, T0): the first forward's attention mask; its padding columns keep the
+    receiver's own K/V. Columns added later (generated tokens) are never padding.
     """
 
     def __init__(self, fuser: C2CFuser, aligned: list[KV], mask: torch.Tensor) -> None:
@@ -122,7 +123,7 @@ class _FusingCache(DynamicCache):
                 (key_states, value_states),
                 (ak[:, start:end], av[:, start:end]),
                 self.gates[i],
-                self.mask[:, start:end],
+                self.mask[:, start:end] if start < self.mask.shape[1] else None,
             )
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         return keys, values
@@ -479,7 +480,6 @@ class C2CPipeline:
             # the last column of the grown batch.
             cache.aligned = self._aligned_sharer(self.prepare_full(prompts, generated))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + step + 1)
-            cache.mask = mask
             out = self.receiver(
                 input_ids=nxt[:, None],
                 attention_mask=mask,

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from cachelm.engine.loader import file_sha256
 from cachelm.errors import BackendError, ConfigError
 from cachelm.semantic.index import FlatPartition, IndexEntry, Partition, PartitionedIndex, PartitionKey
 
@@ -225,14 +226,6 @@ def _partition_file_id(key: PartitionKey) -> str:
     return hashlib.sha256(f"{key[0]}\x00{key[1]}".encode()).hexdigest()[:24]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class HNSWIndex(PartitionedIndex):
     """Partitioned HNSW (see module docstring). In memory, or durable when `path` is given.
 
@@ -357,8 +350,8 @@ class HNSWIndex(PartitionedIndex):
             with contextlib.suppress(Exception):  # any unreadable snapshot means: rebuild
                 gpath, lpath = self._snap_dir / info["graph"], self._snap_dir / info["labels"]
                 if (
-                    _sha256_file(gpath) == info["graph_sha256"]
-                    and _sha256_file(lpath) == info["labels_sha256"]
+                    file_sha256(gpath) == info["graph_sha256"]
+                    and file_sha256(lpath) == info["labels_sha256"]
                 ):
                     saved = np.load(lpath).tolist()
                     graph = GraphPartition.load(gpath, saved, self._dim, self.config)
@@ -448,8 +441,8 @@ class HNSWIndex(PartitionedIndex):
                 parts[fid] = {
                     "graph": gname,
                     "labels": lname,
-                    "graph_sha256": _sha256_file(snap / gname),
-                    "labels_sha256": _sha256_file(snap / lname),
+                    "graph_sha256": file_sha256(snap / gname),
+                    "labels_sha256": file_sha256(snap / lname),
                 }
             manifest = {
                 "snapshot": number,

@@ -24,7 +24,6 @@ tensors (see `cachelm.semantic.finetuned`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cachelm.engine.loader import file_sha256
 from cachelm.errors import ConfigError
 from cachelm.semantic.datasets import GPTCacheSplit, PairSet, gptcache_split, load_meancache
 from cachelm.semantic.decision import calibrate_threshold, pair_scores
@@ -173,14 +173,6 @@ def _flatten(ids: list[list[int]], remap: np.ndarray) -> tuple[np.ndarray, np.nd
     return flat.astype(np.uint16), offsets
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_bundle(
     out: Path,
     *,
@@ -248,7 +240,7 @@ def write_bundle(
         "train_duplicates": int(split.train.labels.sum()),
         "gptcache_pairs_removed_for_overlap": len(split.held_out),
         "meancache_questions": split.meancache_questions,
-        "files": {name: _sha256(out / name) for name in ("model.safetensors", "data.npz", "config.json")},
+        "files": {name: file_sha256(out / name) for name in ("model.safetensors", "data.npz", "config.json")},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
@@ -263,7 +255,7 @@ def read_bundle(folder: Path) -> Bundle:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ConfigError(f"`bundle` {folder} has format {manifest.get('format')!r}, not {BUNDLE_FORMAT!r}")
     for name, digest in manifest["files"].items():
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
             raise ConfigError(f"`bundle` {folder}: {name} is missing or differs from the manifest")
     with np.load(folder / "data.npz") as z:
         arrays = {k: z[k] for k in z.files}
