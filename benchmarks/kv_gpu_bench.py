@@ -175,7 +175,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runners["compiled"] = StaticLlamaRunner(model, max_tokens=max_tokens, attention="split", compile=True)
     runner = runners["modules"]
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def result(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The run's JSON; rows by prefix length (`--lengths` may list the longest first)."""
+        return {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "config": args.config,
+            "params": n_params,
+            "weight_bytes": weight_bytes,
+            "suffix": args.suffix,
+            "block_size": args.block_size,
+            "reps": args.reps,
+            "hardware": hw,
+            "rows": sorted(rows, key=lambda r: r["prefix"]),
+        }
+
     for length in args.lengths:
         prompt = torch.randint(10, config.vocab_size, (length + args.suffix,), generator=gen).tolist()
         full_s = _timed(lambda p=prompt: base.prefill(p), args.reps, device)
@@ -295,27 +312,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         rows.append(row)
-        if args.out:  # what a run cut short by its time limit still brings back
+        if args.out:  # what a run cut short by its time limit still brings back (renderable as is)
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "kv_gpu.partial.json").write_text(json.dumps(rows, indent=1))
+            partial = result(rows)
+            (args.out / "kv_gpu.partial.json").write_text(json.dumps(partial, indent=1))
         del ref, prefix_kv, tiers
         shutil.rmtree(tmp, ignore_errors=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "config": args.config,
-        "params": n_params,
-        "weight_bytes": weight_bytes,
-        "suffix": args.suffix,
-        "block_size": args.block_size,
-        "reps": args.reps,
-        "hardware": hw,
-        "rows": rows,
-    }
+    return result(rows)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -447,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", choices=sorted(CONFIGS), default="8b")
     p.add_argument("--device", default="cuda")
     p.add_argument(
-        "--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 2048, 4096, 8192]
+        "--lengths",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[8192, 4096, 2048, 1024, 512],
+        help="prefix lengths, measured in this order (longest first: a run cut short keeps the target's)",
     )
     p.add_argument("--suffix", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
