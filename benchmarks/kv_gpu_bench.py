@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from cachelm.engine.engine import Engine, make_fingerprint
-    from cachelm.engine.static_llama import StaticLlamaRunner
+    from cachelm.engine.static_runner import StaticRunner
     from cachelm.kv import hf
     from cachelm.kv.layout import KVLayout
     from cachelm.kv.prefix_cache import KVPrefixCache
@@ -169,10 +169,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = (n_params - embed) * dtype.itemsize  # the embedding is gathered, not streamed
     base = Engine(model, None)
     max_tokens = max(args.lengths) + args.suffix
-    runners: dict[str, Any] = {"modules": StaticLlamaRunner(model, max_tokens=max_tokens, attention="split")}
-    runners["packed"] = StaticLlamaRunner(model, max_tokens=max_tokens, attention="split", fuse_weights=True)
+    runners: dict[str, Any] = {"modules": StaticRunner(model, max_tokens=max_tokens, attention="split")}
+    runners["packed"] = StaticRunner(model, max_tokens=max_tokens, attention="split", fuse_weights=True)
     if not args.no_compile:
-        runners["compiled"] = StaticLlamaRunner(model, max_tokens=max_tokens, attention="split", compile=True)
+        runners["compiled"] = StaticRunner(model, max_tokens=max_tokens, attention="split", compile=True)
     runner = runners["modules"]
     gen = torch.Generator().manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.reps,
             device,
         )
-        # Graphed runner variants side by side (module docstring of cachelm.engine.static_llama): plain
+        # Graphed runner variants side by side (module docstring of cachelm.engine.static_runner): plain
         # modules with split-KV attention, packed Q/K/V + gate/up weights, and torch.compile'd layer math,
         # each at several split-KV chunk sizes. The fastest is used for the tier hits below.
         variants: dict[str, float] = {}
@@ -337,7 +337,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         "*eager*: the engine's HF path (DynamicCache restore + HF forward of the suffix). *graphed*: blocks",
         "decoded straight into a static token-major KV buffer + the suffix as one CUDA-graph replay",
-        "(`StaticLlamaRunner`).",
+        "(`StaticRunner`).",
         "Limit = max(FLOPs ÷ peak, weight bytes ÷ HBM) + KV bytes ÷ tier copy bandwidth.",
         "",
         "| prefix | KV | full prefill | GPU hit eager | GPU hit graphed (limit) | CPU-pinned hit eager | "

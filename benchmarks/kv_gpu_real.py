@@ -13,7 +13,7 @@ depend on the words). TTFT = `Engine.prefill` (lookup + load + suffix prefill + 
 after one warm-up. Limit of a hit = the suffix prefill alone on an already restored cache (HF eager, the same
 code path the hit ends in) + stored KV bytes ÷ the tier's copy bandwidth measured in the same run (device copy
 for the GPU tier, pinned host→device for the CPU tier, page-cache file reads + host→device for disk). For
-SmolLM2 (Llama architecture) the GPU-tier hit is also run through the CUDA-graph `StaticLlamaRunner`.
+both models the GPU-tier hit is also run through the CUDA-graph `StaticRunner`.
 Redis is not measured here: the GPU machine has no Redis server (the CPU benchmark covers that tier).
 """
 
@@ -80,7 +80,7 @@ def _bandwidths(tmp: Path, device: str) -> dict[str, float]:
 def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from cachelm.engine.engine import Engine, make_fingerprint
     from cachelm.engine.loader import load_model
-    from cachelm.engine.static_llama import StaticLlamaRunner
+    from cachelm.engine.static_runner import StaticRunner
     from cachelm.kv import hf
     from cachelm.kv.layout import KVLayout
     from cachelm.kv.prefix_cache import KVPrefixCache
@@ -100,8 +100,9 @@ def bench_model(name: str, path: str, text: str, args: argparse.Namespace, tmp: 
     base = Engine(model, tok)
     bw = _bandwidths(tmp, dev)
     runner = None
-    if model.config.model_type == "llama":
-        runner = StaticLlamaRunner(model, max_tokens=max(lengths) + args.suffix, fuse_weights=True)
+    if model.config.model_type in ("llama", "gemma3_text"):  # packed weights: Llama only
+        llama = model.config.model_type == "llama"
+        runner = StaticRunner(model, max_tokens=max(lengths) + args.suffix, fuse_weights=llama)
     rows = []
     for length in lengths:
         prompt = ids[:length] + suffix

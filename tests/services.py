@@ -68,8 +68,10 @@ class PostgresServer:
         AVX-512 build on a CPU without it) crashes the server here, and every later test would fail with
         "the database system is in recovery mode"; stop with the cause instead."""
         try:
-            self._server.psql("SELECT '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]'::vector <=> "
-                              "'[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,17]'::vector;")
+            self._server.psql(
+                "SELECT '[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]'::vector <=> "
+                "'[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,17]'::vector;"
+            )
         except Exception as exc:
             self.close()
             raise RuntimeError(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache
-from cachelm.engine.static_llama import StaticLlamaRunner
+from cachelm.engine.static_runner import StaticRunner
 from cachelm.engine.tiny import tiny_llama, tiny_tokenizer
 from cachelm.kv import hf
 
@@ -56,7 +56,7 @@ def test_cuda_graph_runner_equals_hf(attention: str, options: dict[str, bool]) -
         want = (
             model(input_ids=torch.tensor([ids], device="cuda"), past_key_values=cache).logits[0, -1].float()
         )
-    runner = StaticLlamaRunner(model, max_tokens=64, attention=attention, split_chunk=8, **options)
+    runner = StaticRunner(model, max_tokens=64, attention=attention, split_chunk=8, **options)
     runner.kv[:32] = hf.extract(cache, 48)[:32]
     for _ in range(3):  # capture, then replays
         torch.testing.assert_close(runner(ids[32:], 32), want, atol=0.05, rtol=0)

@@ -10,7 +10,7 @@ _EXPORTS = {
     "Engine": "cachelm.engine.engine",
     "GenerationResult": "cachelm.engine.engine",
     "SamplingParams": "cachelm.engine.engine",
-    "StaticLlamaRunner": "cachelm.engine.static_llama",
+    "StaticRunner": "cachelm.engine.static_runner",
     "TokenEvent": "cachelm.engine.engine",
     "build_prefix_cache": "cachelm.engine.engine",
     "load_model": "cachelm.engine.loader",

@@ -29,7 +29,7 @@ from cachelm.kv.layout import KVLayout
 from cachelm.kv.prefix_cache import KVPrefixCache
 
 if TYPE_CHECKING:
-    from cachelm.engine.static_llama import StaticLlamaRunner
+    from cachelm.engine.static_runner import StaticRunner
 
 DEFAULT_TENANT_SALT = tenant_salt("default")
 
@@ -136,10 +136,10 @@ class Engine:
         tokenizer: Any,
         *,
         prefix_cache: KVPrefixCache | None = None,
-        static_runner: StaticLlamaRunner | None = None,
+        static_runner: StaticRunner | None = None,
     ) -> None:
-        """`static_runner` (Llama only): run prefills through the lean static-buffer runner (CUDA graphs on
-        GPU) instead of HF eager; prompts longer than its buffer fall back to the HF path."""
+        """`static_runner` (Llama or Gemma-3): run prefills through the lean static-buffer runner (CUDA
+        graphs on GPU) instead of HF eager; prompts longer than its buffer fall back to the HF path."""
         self.model = model
         self.static_runner = static_runner
         self.tokenizer = tokenizer
@@ -218,7 +218,8 @@ class Engine:
                     "`.cache` (or finish decoding) before the next prefill"
                 )
             cache = hf.new_cache(self.model)
-            hf.restore(cache, runner.kv[:length].clone(), self.layout)
+            # whole: sliding layers keep every token, so `store` can still extract the new ones
+            hf.restore(cache, runner.kv[:length].clone(), self.layout, whole=True)
             return cache
 
         return Prefill(logits=logits, restore=restore, num_prompt_tokens=length, num_cached_tokens=cached)

@@ -38,8 +38,13 @@ def new_cache(model: Any) -> Any:
     return cache
 
 
-def restore(cache: Any, prefix: torch.Tensor, layout: KVLayout) -> None:
-    """Load `prefix` ``(P, L, 2, H, D)`` into the empty `cache` (the state after a forward over P tokens)."""
+def restore(cache: Any, prefix: torch.Tensor, layout: KVLayout, *, whole: bool = False) -> None:
+    """Load `prefix` ``(P, L, 2, H, D)`` into the empty `cache` (the state after a forward over P tokens).
+
+    `whole`: sliding layers keep all P tokens too, as a recording layer (see `new_cache`) holds every token
+    its forward passes saw — so that `extract` can read back tokens older than the window (used when the
+    P tokens were computed outside the cache, e.g. by the static runner, and must still be stored).
+    """
     num_tokens = prefix.shape[0]
     if prefix.dim() != 5 or prefix.shape[1:] != layout.block_shape(num_tokens)[1:]:
         raise ConfigError(
@@ -49,7 +54,9 @@ def restore(cache: Any, prefix: torch.Tensor, layout: KVLayout) -> None:
         raise ConfigError(f"`cache` has {len(cache.layers)} layers, the layout {layout.num_layers}")
     for i, layer in enumerate(cache.layers):
         window = layout.sliding_windows[i]
-        keep = num_tokens if window is None else min(num_tokens, window - 1)
+        if whole and window is not None and not getattr(layer, "record_past", False):
+            raise ConfigError("`whole` needs a cache whose sliding layers record their past (`new_cache`)")
+        keep = num_tokens if window is None or whole else min(num_tokens, window - 1)
         kv = prefix[num_tokens - keep :, i].permute(1, 2, 0, 3).unsqueeze(1)  # (2, 1, H, keep, D)
         keys, values = kv[0], kv[1]
         layer.lazy_initialization(keys, values)

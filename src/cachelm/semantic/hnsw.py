@@ -349,10 +349,7 @@ class HNSWIndex(PartitionedIndex):
         if isinstance(info, dict):
             with contextlib.suppress(Exception):  # any unreadable snapshot means: rebuild
                 gpath, lpath = self._snap_dir / info["graph"], self._snap_dir / info["labels"]
-                if (
-                    file_sha256(gpath) == info["graph_sha256"]
-                    and file_sha256(lpath) == info["labels_sha256"]
-                ):
+                if file_sha256(gpath) == info["graph_sha256"] and file_sha256(lpath) == info["labels_sha256"]:
                     saved = np.load(lpath).tolist()
                     graph = GraphPartition.load(gpath, saved, self._dim, self.config)
         if graph is None:

@@ -1,4 +1,4 @@
-"""A lean suffix prefill for Llama-architecture models over a static, token-major KV buffer, CUDA-graphed.
+"""A lean suffix prefill for Llama and Gemma-3 models over a static, token-major KV buffer, CUDA-graphed.
 
 Why: on a hit only the suffix is computed (e.g. 64 tokens). For an 8B model that is ~5 ms of weight reads
 on an H100, but HF eager spends ~50 ms of per-call Python and kernel-launch overhead on it (measured in
@@ -6,7 +6,7 @@ on an H100, but HF eager spends ~50 ms of per-call Python and kernel-launch over
 
 - the KV lives in one static buffer ``(max_tokens, L, 2, H, D)`` — the block layout of `cachelm.kv` — so a
   prefix hit decodes its blocks straight into the buffer (no per-layer restore copies);
-- the forward is the Llama decoder written out with the model's own modules (no cache objects, no mask
+- the forward is the decoder written out with the model's own modules (no cache objects, no mask
   builders, no output recorders);
 - on CUDA, each (prefix length, suffix length) gets a CUDA graph captured once and replayed after, so a call
   is one graph launch;
@@ -17,8 +17,11 @@ on an H100, but HF eager spends ~50 ms of per-call Python and kernel-launch over
   `torch.compile`, which fuses the elementwise kernels. Both functions take the weights as arguments, so
   one compiled graph serves every layer.
 
-Scope: Llama-architecture causal LMs (Llama, SmolLM2) with default or scaled rope; no sliding windows.
-`forward_eager` is the same math without a graph; tests check it against HF on CPU.
+Scope: Llama-architecture causal LMs (Llama, SmolLM2) with default or scaled rope, and Gemma-3 text
+models (per-head q/k norms, one rope per layer type, "sandwich" norms, sliding-window layers: their
+queries read only the last W keys of the buffer, which still holds every token, as the prefix cache's
+blocks do). `fuse_weights` and `compile` are Llama-only. `forward_eager` is the same math without a graph;
+tests check it against HF on CPU.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class _Graph:
     logits: torch.Tensor  # (V,) static output
 
 
-class StaticLlamaRunner:
+class StaticRunner:
     """Suffix prefill on top of a prefix held in `kv` (see the module docstring)."""
 
     def __init__(
@@ -131,13 +134,22 @@ class StaticLlamaRunner:
 
         `fuse_weights` / `compile`: see the module docstring. `compile` implies `fuse_weights` and needs a
         working `torch.compile` backend (Triton on CUDA)."""
-        if model.config.model_type not in ("llama",):
-            raise ConfigError(f"`model` must be a Llama-architecture model, got {model.config.model_type!r}")
-        self.layout = KVLayout.from_model(model)
-        if any(w is not None for w in self.layout.sliding_windows):
+        model_type = model.config.model_type
+        if model_type not in ("llama", "gemma3_text"):
             raise ConfigError(
-                "`model` has sliding-window layers; StaticLlamaRunner supports full attention only"
+                f"`model` must be a Llama-architecture or Gemma-3 text model, got {model_type!r}"
             )
+        self.gemma = model_type == "gemma3_text"
+        if self.gemma and (
+            getattr(model.config, "attn_logit_softcapping", None) is not None
+            or getattr(model.config, "use_bidirectional_attention", False)
+        ):
+            raise ConfigError(
+                "Gemma-3 models with attention soft-capping or bidirectional attention are not supported"
+            )
+        self.layout = KVLayout.from_model(model)
+        if any(w is not None for w in self.layout.sliding_windows) and not self.gemma:
+            raise ConfigError("`model` has sliding-window layers; only Gemma-3's are supported")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ConfigError(f"`max_tokens` must be an int > 0, got {max_tokens!r}")
         self.model = model
@@ -161,11 +173,13 @@ class StaticLlamaRunner:
         inner = model.model
         self._embed, self._layers, self._norm = inner.embed_tokens, inner.layers, inner.norm
         self._rotary, self._lm_head = inner.rotary_emb, model.lm_head
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Gemma-3's is the same
 
         self._apply_rope = apply_rotary_pos_emb
         self.fused = fuse_weights or compile
         cfg = model.config
+        if self.fused and self.gemma:
+            raise ConfigError("`fuse_weights`/`compile` support Llama-architecture models only")
         if self.fused and (
             getattr(cfg, "hidden_act", "silu") != "silu"
             or getattr(cfg, "attention_bias", False)
@@ -220,10 +234,11 @@ class StaticLlamaRunner:
         mask = torch.arange(end, device=self.device)[None, :] <= positions[0, :, None]  # (S, T)
         group = n_heads // kv_heads
         mask_g = mask.repeat(group, 1)  # (G·S, T): row g·S + i is query i of group member g
-        h = self._embed(input_ids)  # (1, S, d)
-        cos, sin = self._rotary(h, positions)  # (1, S, D) each
+        h = self._embed(input_ids)  # (1, S, d); Gemma's embedding module applies its sqrt(d) scale
+        rope = self._rope(h, positions)
         for i, layer in enumerate(self._layers):
             attn = layer.self_attn
+            cos, sin = rope[i]
             if self.fused:
                 q, k, v = self._pre(
                     h,
@@ -240,6 +255,8 @@ class StaticLlamaRunner:
                 q = attn.q_proj(x).view(1, num_new, n_heads, head_dim).transpose(1, 2)  # (1, Hq, S, D)
                 k = attn.k_proj(x).view(1, num_new, kv_heads, head_dim).transpose(1, 2)  # (1, H, S, D)
                 v = attn.v_proj(x).view(1, num_new, kv_heads, head_dim)  # (1, S, H, D)
+                if self.gemma:  # per-head RMSNorm of queries and keys, before RoPE
+                    q, k = attn.q_norm(q), attn.k_norm(k)
                 q, k = self._apply_rope(q, k, cos, sin)
             self.kv[start:end, i, 0] = k[0].transpose(0, 1)  # (S, H, D)
             self.kv[start:end, i, 1] = v[0]
@@ -251,7 +268,10 @@ class StaticLlamaRunner:
             # that head. SDPA then needs no GQA support and the memory-efficient kernel (which takes a mask)
             # runs instead of the math fallback, which would materialise scores and repeat K/V per head.
             q = q.reshape(1, kv_heads, group * num_new, head_dim)  # (1, H, G·S, D)
-            if self.attention == "split":
+            window = self.layout.sliding_windows[i]
+            if window is not None:
+                o = self._window_attention(q, i, start, end, window, group, attn.scaling)
+            elif self.attention == "split":
                 o = self._split_attention(q, i, start, end, mask_g[:, start:], attn.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_g, scale=attn.scaling)
@@ -269,12 +289,40 @@ class StaticLlamaRunner:
                     mlp.down_proj.weight,
                     layer.post_attention_layernorm.variance_epsilon,
                 )
+            elif self.gemma:  # "sandwich" norms: after attention and around the MLP
+                h = h + layer.post_attention_layernorm(attn.o_proj(o))
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
             else:
                 h = h + attn.o_proj(o)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = self._norm(h[:, -1:])  # (1, 1, d)
         logits: torch.Tensor = self._lm_head(last)[0, -1].float()  # (V,)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's RoPE (cos, sin) ``(1, S, D)``: Gemma-3 has one rope per layer type (local layers use
+        another base frequency), Llama one for all."""
+        if not self.gemma:
+            both = self._rotary(h, positions)
+            return [both] * len(self._layers)
+        by_type = {t: self._rotary(h, positions, t) for t in set(self.model.config.layer_types)}
+        return [by_type[t] for t in self.model.config.layer_types]
+
+    def _window_attention(
+        self, q: torch.Tensor, layer: int, start: int, end: int, window: int, group: int, scale: float
+    ) -> torch.Tensor:
+        """Sliding-window attention of `q` ``(1, H, G·S, D)``: query at position p sees keys p - W < j <= p
+        (HF's sliding mask), so only keys from ``start - W + 1`` on are read."""
+        lo = max(0, start - window + 1)
+        keys = self.kv[lo:end, layer, 0].permute(1, 0, 2)[None]  # (1, H, T', D)
+        values = self.kv[lo:end, layer, 1].permute(1, 0, 2)[None]
+        pos = torch.arange(start, end, device=self.device)[:, None]  # (S, 1)
+        key_pos = torch.arange(lo, end, device=self.device)[None, :]  # (1, T')
+        mask = ((key_pos <= pos) & (key_pos > pos - window)).repeat(group, 1)  # (G·S, T')
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def _split_attention(
         self, q: torch.Tensor, layer: int, start: int, end: int, tail_mask: torch.Tensor, scale: float

@@ -1,4 +1,4 @@
-"""The lean static-buffer Llama suffix prefill equals HF's forward (CPU, tiny random Llama, float32)."""
+"""The lean static-buffer suffix prefill equals HF's forward (CPU, tiny random Llama and Gemma-3, float32)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cachelm.engine.engine import build_prefix_cache
-from cachelm.engine.static_llama import StaticLlamaRunner
+from cachelm.engine.static_runner import StaticRunner
 from cachelm.engine.tiny import tiny_gemma3, tiny_llama
 from cachelm.errors import ConfigError
 from cachelm.kv import hf
@@ -49,14 +49,14 @@ def test_suffix_on_loaded_prefix_matches_hf(options: dict[str, Any]) -> None:
     ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     llama = tiny_llama(initializer_range=0.1)  # its own copy: fuse_weights repacks the module weights
     want, full_cache = _hf_prefill(llama, ids)
-    runner = StaticLlamaRunner(llama, max_tokens=64, **options)
+    runner = StaticRunner(llama, max_tokens=64, **options)
     runner.kv[:32] = hf.extract(full_cache, 48)[:32]
     got = runner(ids[32:], 32)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     # The suffix's KV written into the buffer equals HF's.
     torch.testing.assert_close(runner.kv[32:48], hf.extract(full_cache, 48)[32:], atol=1e-5, rtol=0)
     # A whole prompt from position 0 works too.
-    whole = StaticLlamaRunner(llama, max_tokens=64, **options)(ids, 0)
+    whole = StaticRunner(llama, max_tokens=64, **options)(ids, 0)
     torch.testing.assert_close(whole, want, atol=1e-4, rtol=0)
     # The model itself is unchanged by packing (its weights became views of the packed tensors).
     again, _ = _hf_prefill(llama, ids)
@@ -68,17 +68,65 @@ def test_prefix_cache_loads_straight_into_the_buffer(llama: Any) -> None:
     want, full_cache = _hf_prefill(llama, ids)
     pc = build_prefix_cache(llama, model_id="tiny", block_size=16, cpu_bytes=1 << 24)
     pc.store(ids, hf.extract(full_cache, 40), tenant_salt=b"t")
-    runner = StaticLlamaRunner(llama, max_tokens=64)
+    runner = StaticRunner(llama, max_tokens=64)
     match = pc.match(ids, tenant_salt=b"t")
     prefix = pc.load(match, out=runner.kv)
     assert prefix.shape[0] == 32 and prefix.data_ptr() == runner.kv.data_ptr()
     torch.testing.assert_close(runner(ids[32:], 32), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("options", [{}, {"attention": "split", "split_chunk": 8}])
+@pytest.mark.parametrize(("prefix", "total"), [(32, 48), (4, 40), (15, 17), (0, 30)])
+def test_gemma3_sliding_window_suffix_matches_hf(options: dict[str, Any], prefix: int, total: int) -> None:
+    """Gemma-3: per-head q/k norms, one rope per layer type, sandwich norms, and sliding-window layers
+    (window 16 here) whose queries see only the last 16 keys — prefixes inside, across and far beyond
+    the window, and suffixes longer than it."""
+    gemma = tiny_gemma3(initializer_range=0.1)
+    ids = torch.randint(3, 384, (total,), generator=torch.Generator().manual_seed(6)).tolist()
+    want, full_cache = _hf_prefill(gemma, ids)
+    full_kv = hf.extract(full_cache, total)
+    runner = StaticRunner(gemma, max_tokens=64, **options)
+    runner.kv[:prefix] = full_kv[:prefix]
+    torch.testing.assert_close(runner(ids[prefix:], prefix), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(runner.kv[prefix:total], full_kv[prefix:], atol=1e-5, rtol=0)
+
+
+def test_gemma3_engine_hit_through_the_runner_equals_plain_engine() -> None:
+    from cachelm.engine.engine import Engine, SamplingParams
+
+    gemma = tiny_gemma3(initializer_range=0.1)
+    pc = build_prefix_cache(gemma, model_id="tiny-gemma", block_size=16, cpu_bytes=1 << 24)
+    fast = Engine(gemma, None, prefix_cache=pc, static_runner=StaticRunner(gemma, max_tokens=128))
+    ids = torch.randint(3, 384, (50,), generator=torch.Generator().manual_seed(7)).tolist()
+    params = SamplingParams(max_new_tokens=6)
+    want = Engine(gemma, None).generate(ids, params)
+    fast.generate(ids, params)
+    again = fast.generate(ids, params)
+    assert again.num_cached_tokens == 48 and again.token_ids == want.token_ids
+    assert again.first_logits is not None and want.first_logits is not None
+    torch.testing.assert_close(again.first_logits, want.first_logits, atol=1e-4, rtol=0)
+
+
 def test_rejects_what_it_cannot_run(llama: Any) -> None:
-    with pytest.raises(ConfigError, match="Llama-architecture"):
-        StaticLlamaRunner(tiny_gemma3(), max_tokens=8)
-    runner = StaticLlamaRunner(llama, max_tokens=8)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(ConfigError, match="Llama-architecture or Gemma-3"):
+        StaticRunner(qwen, max_tokens=8)
+    with pytest.raises(ConfigError, match="Llama-architecture models only"):
+        StaticRunner(tiny_gemma3(), max_tokens=8, fuse_weights=True)
+    with pytest.raises(ConfigError, match="soft-capping"):
+        StaticRunner(tiny_gemma3(attn_logit_softcapping=50.0), max_tokens=8)
+    runner = StaticRunner(llama, max_tokens=8)
     with pytest.raises(ConfigError, match="`start`"):
         runner([1, 2, 3], 6)
 
@@ -89,7 +137,7 @@ def test_engine_with_static_runner_equals_plain_engine(llama: Any) -> None:
 
     tok = tiny_tokenizer()
     pc = build_prefix_cache(llama, model_id="tiny", block_size=16, cpu_bytes=1 << 24)
-    fast = Engine(llama, tok, prefix_cache=pc, static_runner=StaticLlamaRunner(llama, max_tokens=128))
+    fast = Engine(llama, tok, prefix_cache=pc, static_runner=StaticRunner(llama, max_tokens=128))
     plain = Engine(llama, tok)
     ids = torch.randint(3, 384, (50,), generator=torch.Generator().manual_seed(3)).tolist()
     params = SamplingParams(max_new_tokens=8)
@@ -111,7 +159,7 @@ def test_static_prefill_builds_its_decode_cache_lazily_and_refuses_a_stale_buffe
     cache can no longer be built and says so instead of returning the other prompt's KV."""
     from cachelm.engine.engine import Engine
 
-    fast = Engine(llama, None, static_runner=StaticLlamaRunner(llama, max_tokens=128))
+    fast = Engine(llama, None, static_runner=StaticRunner(llama, max_tokens=128))
     a = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(4)).tolist()
     b = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     first = fast.prefill(a)
