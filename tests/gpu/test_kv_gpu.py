@@ -9,7 +9,7 @@ import torch
 
 from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache
 from cachelm.engine.static_runner import StaticRunner
-from cachelm.engine.tiny import tiny_llama, tiny_tokenizer
+from cachelm.engine.tiny import tiny_gemma3, tiny_llama, tiny_tokenizer
 from cachelm.kv import hf
 
 pytestmark = pytest.mark.gpu
@@ -39,17 +39,20 @@ def test_gpu_and_pinned_tiers_equal_recompute(llama: Any, gpu_bytes: int, cpu_by
 
 
 @pytest.mark.parametrize(
-    ("attention", "options"),
+    ("arch", "attention", "options"),
     [
-        ("sdpa", {}),
-        ("split", {}),
-        ("split", {"fuse_weights": True}),
-        ("split", {"compile": True}),  # packed weights + torch.compile'd layer math, graphed
+        ("llama", "sdpa", {}),
+        ("llama", "split", {}),
+        ("llama", "split", {"fuse_weights": True}),
+        ("llama", "split", {"compile": True}),  # packed weights + torch.compile'd layer math, graphed
+        ("gemma3", "sdpa", {}),  # sliding-window layers (window 16) over a 32-token prefix
+        ("gemma3", "split", {}),
     ],
 )
-def test_cuda_graph_runner_equals_hf(attention: str, options: dict[str, bool]) -> None:
+def test_cuda_graph_runner_equals_hf(arch: str, attention: str, options: dict[str, bool]) -> None:
     # bf16: the flash kernel of the split path takes only half precision; tolerance of bf16 rounding.
-    model = tiny_llama(initializer_range=0.1).to("cuda", torch.bfloat16)
+    build = tiny_llama if arch == "llama" else tiny_gemma3
+    model = build(initializer_range=0.1).to("cuda", torch.bfloat16)
     ids = torch.randint(3, 384, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     cache = hf.new_cache(model)
     with torch.inference_mode():
