@@ -332,9 +332,53 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
             lines.append(f"- {what}: `{cmd}`")
     if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
         lines += ["", "Targets (issue 5):", "", targets(results, answers)]
+        lines += [
+            "",
+            "Does C2C use the sharer? (`sharer_reliance`, from the per-question predictions above)",
+            "",
+            sharer_reliance(acc["c2c"], acc["control"], acc["sharer"], answers),
+        ]
     if "fuse_all" in results:
         lines += ["", fuse_all_report(results["fuse_all"], answers or {})]
+        if answers and "sharer" in acc:
+            run = results["fuse_all"]["accuracy"]
+            lines += ["", sharer_reliance(run["c2c"], run["control"], acc["sharer"], answers)]
     return "\n".join(lines)
+
+
+def _right_share(pred: list[int], gold: list[int], idx: list[int]) -> str:
+    share = sum(pred[i] == gold[i] for i in idx) / max(1, len(idx))
+    return f"{100 * share:.1f}% of {len(idx)}"
+
+
+def _same_share(a: list[int], b: list[int]) -> str:
+    return f"{100 * sum(x == y for x, y in zip(a, b, strict=True)) / len(a):.1f}%"
+
+
+def sharer_reliance(
+    c2c: dict[str, Any], control: dict[str, Any], sharer: dict[str, Any], answers: dict[str, list[int]]
+) -> str:
+    """Does C2C use the sharer? Per test set, from the stored per-question predictions: how often C2C is
+    right where the sharer alone is right and the fair control wrong (what the sharer could add) and where
+    it is the other way round (what following the sharer could cost), and how often C2C and the control
+    pick the sharer's option. A fuser that reads the sharer moves the first number up and its picks
+    towards the sharer's; one that learned only the task stays with the control."""
+    rows = [
+        "| set | sharer right, control wrong: C2C right | sharer wrong, control right: C2C right "
+        "| C2C picks the sharer's option | control picks it | C2C picks the control's |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in SETS:
+        if s not in answers:
+            continue
+        gold = answers[s]
+        c, k, h = (m[s]["predictions"] for m in (c2c, control, sharer))
+        gain = [i for i, y in enumerate(gold) if h[i] == y and k[i] != y]
+        loss = [i for i, y in enumerate(gold) if h[i] != y and k[i] == y]
+        cells = [_right_share(c, gold, gain), _right_share(c, gold, loss)]
+        cells += [_same_share(c, h), _same_share(k, h), _same_share(c, k)]
+        rows.append(f"| {SET_LABELS[s]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def fuse_all_report(run: dict[str, Any], answers: dict[str, list[int]]) -> str:
