@@ -5,8 +5,9 @@ docs/C2C.md.
 
     python benchmarks/c2c_option_check.py --data ../shared/data --steps 150 --n 400   # ~30 min on 2 cores
 
-Training data: the ARC-Easy *train* split only. Prints each method's accuracy and the paired bootstrap
-difference C2C − control (points, 95% interval).
+Training data: the ARC-Easy *train* split only. Prints each method's accuracy, the paired bootstrap
+difference C2C − control (points, 95% interval) and `c2c_eval.sharer_reliance` (does C2C follow the sharer
+more than the control does?).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from c2c_eval import paired_bootstrap
+    from c2c_eval import paired_bootstrap, sharer_reliance
     from cachelm.c2c import evaluate as ev
     from cachelm.c2c import pair
     from cachelm.c2c.data import load_test, load_training
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {100 * acc:.1f}% of {len(answers)}")
     d, lo, hi = paired_bootstrap(list(predictions["c2c"]), list(predictions["control"]), answers)
     print(f"C2C − control: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] ({time.perf_counter() - started:.0f} s)")
+    runs = {m: {"arc_easy": {"predictions": list(predictions[m])}} for m in ("c2c", "control", "sharer")}
+    print(sharer_reliance(runs["c2c"], runs["control"], runs["sharer"], {"arc_easy": answers}))
     return 0
 
 
