@@ -5,7 +5,6 @@ it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,8 @@ import torch
 from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache, make_fingerprint
 from cachelm.engine.loader import PACKAGED_MODELS, default_cache_dir, load_model
 
-pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 MODELS_DIR = Path(os.environ.get("CACHELM_MODELS_DIR") or default_cache_dir())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("smollm2", 256), ("gemma3", 640)])

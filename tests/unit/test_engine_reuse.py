@@ -20,19 +20,11 @@ from cachelm.kv.codecs import Int8Codec
 from cachelm.kv.prefix_cache import KVPrefixCache
 from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-4
 GREEDY = SamplingParams(max_new_tokens=12)
 TEXT = "The quick brown fox jumps over the lazy dog. There is a theory that the theatre is there. "
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models are dominated by thread start-up and contention on a shared 2-core CI machine: one
-    # thread is ~30x faster here. Restored afterwards so other modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,13 +12,7 @@ from cachelm.errors import ConfigError
 from cachelm.kv import hf
 from cachelm.kv.blend import Segment, blend_prefill, layer_inv_freqs, prefill_chunk, reposition
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(n: int, seed: int) -> list[int]:

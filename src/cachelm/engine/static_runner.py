@@ -236,6 +236,9 @@ class StaticRunner:
         mask_g = mask.repeat(group, 1)  # (G·S, T): row g·S + i is query i of group member g
         h = self._embed(input_ids)  # (1, S, d); Gemma's embedding module applies its sqrt(d) scale
         rope = self._rope(h, positions)
+        window_masks = {  # one per window size, shared by its layers
+            w: self._window_mask(start, end, w, group) for w in set(self.layout.sliding_windows) if w
+        }
         for i, layer in enumerate(self._layers):
             attn = layer.self_attn
             cos, sin = rope[i]
@@ -270,7 +273,7 @@ class StaticRunner:
             q = q.reshape(1, kv_heads, group * num_new, head_dim)  # (1, H, G·S, D)
             window = self.layout.sliding_windows[i]
             if window is not None:
-                o = self._window_attention(q, i, start, end, window, group, attn.scaling)
+                o = self._window_attention(q, i, start, end, window_masks[window], attn.scaling)
             elif self.attention == "split":
                 o = self._split_attention(q, i, start, end, mask_g[:, start:], attn.scaling)
             else:
@@ -311,17 +314,22 @@ class StaticRunner:
         by_type = {t: self._rotary(h, positions, t) for t in set(self.model.config.layer_types)}
         return [by_type[t] for t in self.model.config.layer_types]
 
-    def _window_attention(
-        self, q: torch.Tensor, layer: int, start: int, end: int, window: int, group: int, scale: float
-    ) -> torch.Tensor:
-        """Sliding-window attention of `q` ``(1, H, G·S, D)``: query at position p sees keys p - W < j <= p
-        (HF's sliding mask), so only keys from ``start - W + 1`` on are read."""
+    def _window_mask(self, start: int, end: int, window: int, group: int) -> torch.Tensor:
+        """The mask ``(G·S, T')`` of a sliding layer over keys ``start - W + 1 .. end``: a query at position p
+        sees keys p - W < j <= p (HF's sliding mask)."""
         lo = max(0, start - window + 1)
-        keys = self.kv[lo:end, layer, 0].permute(1, 0, 2)[None]  # (1, H, T', D)
-        values = self.kv[lo:end, layer, 1].permute(1, 0, 2)[None]
         pos = torch.arange(start, end, device=self.device)[:, None]  # (S, 1)
         key_pos = torch.arange(lo, end, device=self.device)[None, :]  # (1, T')
-        mask = ((key_pos <= pos) & (key_pos > pos - window)).repeat(group, 1)  # (G·S, T')
+        return ((key_pos <= pos) & (key_pos > pos - window)).repeat(group, 1)
+
+    def _window_attention(
+        self, q: torch.Tensor, layer: int, start: int, end: int, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Sliding-window attention of `q` ``(1, H, G·S, D)`` under `mask` (`_window_mask`): only the keys
+        from ``end - mask.shape[1]`` on are read."""
+        lo = end - mask.shape[1]
+        keys = self.kv[lo:end, layer, 0].permute(1, 0, 2)[None]  # (1, H, T', D)
+        values = self.kv[lo:end, layer, 1].permute(1, 0, 2)[None]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
     def _split_attention(
