@@ -69,7 +69,9 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
     from cachelm.c2c.checkpoint import save_fuser
     from cachelm.c2c.train import TrainConfig, train_fuser
 
-    examples = c2c_data.load_training(args.data, instructions=args.instructions)
+    examples = c2c_data.load_training(
+        args.data, instructions=args.instructions, prompt_style=args.prompt_style
+    )
     steps = args.steps
     if args.train_budget_s is not None and steps is None:
         per_step = time_train_step(receiver, sharer, examples, args)
@@ -82,7 +84,7 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
         steps=steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        save_every=10**9,
+        save_every=25,  # a run cut short by the device time limit resumes from --state-dir
         mc_weight=args.mc_weight,
         distill_weight=args.distill_weight,
     )
@@ -99,6 +101,7 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
             pair.pipeline(receiver, sh, fuser), examples, cfg, state_path=args.state_dir / name
         )
         info["data"] = "ARC-Easy/Challenge train, OpenBookQA train, alpaca_5000"
+        info["prompt_style"] = args.prompt_style
         log(f"{name}: {json.dumps({k: v for k, v in info.items() if k != 'config'})}")
         save_fuser(
             fuser,
@@ -156,7 +159,7 @@ def eval_phase(
                 return Path(d) / f"{name}.safetensors"
         raise FileNotFoundError(f"{name}.safetensors not in {args.out} or {args.checkpoint_dir}")
 
-    sets = {s: c2c_data.load_test(args.data, s)[: args.limit] for s in SETS}
+    sets = {s: c2c_data.load_test(args.data, s, args.prompt_style)[: args.limit] for s in SETS}
     alone_r, alone_s = pair.pipeline(receiver), pair.pipeline(sharer)
     device = alone_r.device
     acc = results.setdefault("accuracy", {})
@@ -296,9 +299,14 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
     train = results.get("train", {})
     lines = [head + "\n".join(rows), ""]
     sizes = ", ".join(f"{SET_LABELS[s]} n={acc.get('receiver', {}).get(s, {}).get('n', '?')}" for s in SETS)
+    prompt = (
+        '"Question: …\\nA. …\\nB. …\\nAnswer:" (options listed)'
+        if meta.get("prompt_style") == "options"
+        else '"Question: …\\nAnswer:"'
+    )
     lines.append(
         'Scoring: zero-shot option log-likelihood (`acc`: highest summed log-probability of " <option>" '
-        f'after "Question: …\\nAnswer:"), 95% Wilson intervals, full test sets ({sizes}). '
+        f"after {prompt}), 95% Wilson intervals, full test sets ({sizes}). "
         "acc_norm (per-character) is in the results file."
     )
     if lat:
@@ -443,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--fuse-span", choices=("context", "all"), default="context")
     p.add_argument(
+        "--prompt-style",
+        choices=("plain", "options"),
+        default="plain",
+        help="options: list the options in the prompt (training and evaluation alike)",
+    )
+    p.add_argument(
         "--mc-weight", type=float, default=0.0, help="option cross-entropy (train.OptionObjective)"
     )
     p.add_argument("--distill-weight", type=float, default=0.0, help="KL to the sharer alone's options")
@@ -474,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python benchmarks/c2c_eval.py "
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "hint_tokens": args.hint_tokens,
+            "prompt_style": args.prompt_style,
         }
         log("loading models")
         receiver = pair.load(args.receiver, device=args.device, dtype=dtype)

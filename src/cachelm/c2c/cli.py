@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cachelm.c2c.data import PROMPT_STYLES
 from cachelm.errors import CacheLMError
 
 _SETS = ("arc_easy", "arc_challenge", "openbookqa")
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="weight of the KL from the sharer alone's option distribution (distillation of its judgment)",
     )
     t.add_argument("--instructions", type=int, default=5000, help="Alpaca examples to mix in")
+    t.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        default="plain",
+        help="options: list each question's options in the prompt (stored in the checkpoint; eval reuses it)",
+    )
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="option log-likelihood accuracy: receiver alone and with the fuser")
@@ -77,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sets", default=",".join(_SETS))
     e.add_argument("--limit", type=int, default=None, help="questions per set")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument(
+        "--prompt-style",
+        choices=PROMPT_STYLES,
+        default=None,
+        help="default: the one the fuser was trained with",
+    )
 
     g = sub.add_parser("generate", help="stream the receiver's answer on the fused cache")
     _models(g)
@@ -120,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
         sharer_positions=args.sharer_positions,
         fuse_span=args.fuse_span,
     )
-    examples = load_training(args.data, instructions=args.instructions)
+    examples = load_training(args.data, instructions=args.instructions, prompt_style=args.prompt_style)
     info = train_fuser(
         pair.pipeline(receiver, sharer, fuser),
         examples,
@@ -128,6 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         state_path=args.out.with_suffix(".state.pt"),
         progress=not args.no_progress,
     )
+    info["prompt_style"] = args.prompt_style
     save_fuser(
         fuser,
         args.out,
@@ -148,6 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
     from cachelm.c2c.evaluate import score_questions
 
     meta = read_metadata(args.checkpoint)
+    style = args.prompt_style or json.loads(meta.get("train", "{}")).get("prompt_style", "plain")
     receiver = pair.load(args.receiver, device=args.device)
     # A control checkpoint names the receiver as its sharer.
     sharer = (
@@ -157,7 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
     alone = pair.pipeline(receiver)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in [s for s in args.sets.split(",") if s]:
-        questions = load_test(args.data, name)[: args.limit]
+        questions = load_test(args.data, name, style)[: args.limit]
         out[name] = {
             "receiver": score_questions(alone, questions, batch_size=args.batch_size).as_dict(),
             "fused": score_questions(fused, questions, batch_size=args.batch_size).as_dict(),
