@@ -36,11 +36,13 @@ from cachelm.semantic.training import (
     TokenTexts,
     TrainConfig,
     TrainingStopped,
+    bucketed_vectors,
     cosent_loss,
     encode,
     evaluate,
     in_batch_loss,
     read_bundle,
+    sentence_vectors,
     train,
     trained_tensors,
     warmup_linear,
@@ -193,6 +195,35 @@ def test_train_changes_exactly_the_configured_parameters(bundle_dir: Path) -> No
     assert 0 <= scores["val_f1"] <= 1 and scores["pairs"] == {"meancache-val": 3, "meancache-test": 2}
     with pytest.raises(TrainingStopped):
         train(bundle, config, device=CPU, log=lambda _: None, deadline=0.0)
+
+
+def test_length_buckets_give_the_same_vectors_and_gradients(bundle_dir: Path) -> None:
+    """A step's texts run in groups of similar length; vectors, order and gradients are those of one batch."""
+    bundle = read_bundle(bundle_dir)
+    bert = bundle.build_model(CPU)
+    ids, full = bundle.texts["train"].padded(12, sep_id=bundle.sep_id)  # (n, 12), (n,)
+    gen = torch.Generator().manual_seed(0)
+    # Mixed lengths in no order (the tokens past a length are masked, as padding is).
+    lengths = torch.minimum(full, torch.randint(2, int(full.max()) + 1, full.shape, generator=gen))
+    assert len(set(lengths.tolist())) > 2
+    weights = torch.randn(len(ids), 1, generator=gen)
+
+    def run(buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bert.zero_grad(set_to_none=True)
+        vectors = bucketed_vectors(bert, ids, lengths, buckets)  # (n, d)
+        (vectors * weights).sum().backward()  # type: ignore[no-untyped-call]
+        grad = bert.encoder.layer[0].attention.self.query.weight.grad
+        assert grad is not None
+        return vectors.detach(), grad.clone()
+
+    reference = sentence_vectors(bert, ids, lengths).detach()
+    one, grad_one = run(1)
+    four, grad_four = run(4)
+    torch.testing.assert_close(one, reference)
+    torch.testing.assert_close(four, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_four, grad_one, rtol=1e-4, atol=1e-6)
+    # Distinct rows, so the order check above can fail.
+    assert len({tuple(v.round(decimals=4).tolist()) for v in reference}) > 2
 
 
 def test_train_config_is_validated() -> None:
