@@ -275,6 +275,16 @@ def targets(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
     return "\n".join(rows)
 
 
+def objective(config: dict[str, Any]) -> str:
+    """The training loss of a fuser, from its TrainConfig."""
+    text = "next-token loss on the response tokens"
+    if config.get("mc_weight"):
+        text += f" + {config['mc_weight']:g} × cross-entropy over each multiple-choice question's options"
+    if config.get("distill_weight"):
+        text += f" + {config['distill_weight']:g} × KL from the sharer alone's option distribution"
+    return text
+
+
 def _acc_cell(r: dict[str, Any] | None) -> str:
     """Accuracy in percent with its 95% interval, or a dash when the cell was not measured."""
     if not r:
@@ -326,6 +336,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
                 f"{info['open_gates']} gates open, {info['bytes'] / 1e6:.1f} MB"
             )
         lines.append("Training: " + "; ".join(parts) + ".")
+        lines.append(f"Objective: {objective(next(iter(train.values()))['config'])}.")
     short = results.get("short_run")
     if short:
         cells = [
@@ -336,6 +347,11 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         lines.append(f"A first pair trained for {steps} steps scored (ARC-E/ARC-C/OBQA): {'; '.join(cells)}.")
     if meta:
         lines.append(f"Machine: {meta.get('machine', '?')}.")
+        if meta.get("baselines_machine"):
+            lines.append(
+                "The receiver, sharer and t2t rows come from an earlier run on another H100 host "
+                f"({meta['baselines_machine']}); compare their latency with care."
+            )
         for what, cmd in meta.get("runs", {"run": meta.get("command", "?")}).items():
             lines.append(f"- {what}: `{cmd}`")
     if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
@@ -346,10 +362,12 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
             "",
             sharer_reliance(acc["c2c"], acc["control"], acc["sharer"], answers),
         ]
-    if "fuse_all" in results:
-        lines += ["", fuse_all_report(results["fuse_all"], answers or {})]
+    for key, (tag, intro) in VARIANTS.items():
+        if key not in results:
+            continue
+        lines += ["", variant_report(results[key], answers or {}, tag, intro)]
         if answers and "sharer" in acc:
-            run = results["fuse_all"]["accuracy"]
+            run = results[key]["accuracy"]
             lines += ["", sharer_reliance(run["c2c"], run["control"], acc["sharer"], answers)]
     return "\n".join(lines)
 
@@ -389,14 +407,27 @@ def sharer_reliance(
     return "\n".join(rows)
 
 
-def fuse_all_report(run: dict[str, Any], answers: dict[str, list[int]]) -> str:
-    """The `fuse_span="all"` variant: C2C and its fair control, both fusing every position."""
+VARIANTS = {
+    "next_token_only": (
+        "next-token",
+        "**Next-token loss only** (no option objective; the pair committed before): same data, steps, fuser "
+        "and context-only fusion as above, trained on the receiver's response tokens alone.",
+    ),
+    "fuse_all": (
+        "all",
+        '**Every position fused** (`fuse_span="all"`, causal token alignment, next-token loss only): the '
+        "sharer also reads the option being scored, and the fuser writes into the receiver's K/V of every "
+        "token, the option's included. Same data, steps and fuser width; the control again uses the "
+        "receiver as its own sharer.",
+    ),
+}
+
+
+def variant_report(run: dict[str, Any], answers: dict[str, list[int]], tag: str, intro: str) -> str:
+    """A trained variant's C2C and fair control (accuracy, latency, C2C − control, training)."""
     acc, lat, train = run["accuracy"], run.get("latency", {}), run.get("train", {})
     lines = [
-        '**Every position fused** (`fuse_span="all"`, causal token alignment): the sharer also reads the '
-        "option being scored, and the fuser writes into the receiver's K/V of every token, the option's "
-        "included. Same data, steps and fuser width as above; the control again uses the receiver as its "
-        "own sharer.",
+        intro,
         "",
         "| method | "
         + " | ".join(f"{SET_LABELS[s]} acc % [95% CI]" for s in SETS)
@@ -407,7 +438,7 @@ def fuse_all_report(run: dict[str, Any], answers: dict[str, list[int]]) -> str:
         cells = [_acc_cell(acc[m][s]) for s in SETS]
         lm = lat.get(m)
         times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
-        lines.append(f"| {LABELS[m]} (all) | " + " | ".join(cells + times) + " |")
+        lines.append(f"| {LABELS[m]} ({tag}) | " + " | ".join(cells + times) + " |")
     diffs = []
     for s in SETS:
         if s in answers:

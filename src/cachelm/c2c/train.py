@@ -207,9 +207,10 @@ def train_fuser(
         skipped = list(state.get("skipped", []))
         # The gates' Gumbel noise comes from torch's global generators: restore them so a resumed run
         # draws the same noise as an uninterrupted one.
-        torch.set_rng_state(state["rng_cpu"])
+        # (`map_location` moved them to the pipeline's device; generator states must be CPU byte tensors.)
+        torch.set_rng_state(state["rng_cpu"].cpu())
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
 
     def save() -> None:
         if path is None:
