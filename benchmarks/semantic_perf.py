@@ -138,6 +138,34 @@ def compare_libraries(base: np.ndarray, queries: np.ndarray, exact: np.ndarray) 
     return rows
 
 
+def ef_sweep(
+    base: np.ndarray, queries: np.ndarray, exact: np.ndarray, efs: list[int]
+) -> list[dict[str, Any]]:
+    """hnswlib at the default M and ef_construction, searched with each ef_search in `efs`: recall@1
+    against exact search and query P50 — what `HNSWConfig.expansion_search` is chosen from."""
+    labels = list(range(1, len(base) + 1))
+    part = GraphPartition(
+        base.shape[1],
+        HNSWConfig(connectivity=M, expansion_add=EF_ADD, expansion_search=efs[0], min_graph_size=1),
+        capacity=len(base),
+    )
+    part.add_many(labels, base)
+    rows = []
+    for ef in efs:
+        part.graph.set_ef(ef)
+        for q in queries[:20]:  # warm caches
+            part.search(q, 1)
+        top1 = np.array([part.search(q, 1)[0][0] - 1 for q in queries])
+        wall, _ = p50_us(lambda q: part.search(q, 1), queries)
+        rows.append({"n": len(base), "ef": ef, "recall@1": float((top1 == exact).mean()), "p50_us": wall})
+        print(
+            f"  ef_search {ef:5d} n={len(base)} recall@1 {rows[-1]['recall@1']:.4f} p50 {wall:.0f}us",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
 def cachelm_paths(
     base: np.ndarray,
     queries: np.ndarray,
@@ -246,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantize", default="default", choices=("default", "yes", "no"), help="dynamic int8 MiniLM"
     )
+    p.add_argument(
+        "--ef-sweep",
+        default="256,512,1024",
+        help="ef_search values to compare (hnswlib, default M and ef_construction); '' to skip",
+    )
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     import torch
@@ -261,12 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     queries, query_texts = real[held], [names[i] for i in held[: args.lookup_queries]]
     pool = real[perm[args.queries :]]
     embedder.embed(["warm up"])
-    lib_rows, paths = [], []
+    lib_rows, paths, sweep = [], [], []
+    efs = [int(x) for x in args.ef_sweep.split(",") if x]
     for n in (int(x) for x in args.sizes.split(",")):
         base, num_real = corpus(pool, n, rng)
         exact = np.argmax(queries @ base.T, axis=1)  # (q,) exact top-1
         print(f"n={n} ({num_real} real vectors)", file=sys.stderr, flush=True)
         lib_rows += compare_libraries(base, queries, exact)
+        if efs:
+            sweep += ef_sweep(base, queries, exact, efs)
         row = cachelm_paths(base, queries, query_texts, exact, embedder, args.backend)
         row["real"] = num_real
         paths.append(row)
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         other.embed(["warm up"])
         wall, cpu = p50_us(lambda text, e=other: e.embed([text + " ?"]), query_texts[:100])
         others.append(f"{label} (`{other.model_id}`) {wall / 1000:.2f} / {cpu / 1000:.2f} ms")
-    text = render(lib_rows, paths, args, embedder.model_id) + (
+    text = render(lib_rows, paths, args, embedder.model_id, sweep) + (
         " Embedding P50 (wall / CPU) of the other MiniLM variants on the same questions: "
         + "; ".join(others)
         + ". Their accuracy is in the `semantic_eval*` sections."
@@ -309,7 +345,11 @@ def make_embedder(checkpoint: str, quantize: str) -> MiniLMEmbedder:
 
 
 def render(
-    lib_rows: list[dict[str, Any]], paths: list[dict[str, Any]], args: argparse.Namespace, model_id: str
+    lib_rows: list[dict[str, Any]],
+    paths: list[dict[str, Any]],
+    args: argparse.Namespace,
+    model_id: str,
+    sweep: list[dict[str, Any]] | None = None,
 ) -> str:
     flags = "" if args.checkpoint == "default" else f" --checkpoint {args.checkpoint}"
     flags += "" if args.quantize == "default" else f" --quantize {args.quantize}"
@@ -338,6 +378,20 @@ def render(
             f"{r['p50_us']:.0f} / {r['cpu_p50_us']:.0f} | "
             f"{r['recall@1']:.4f} | {r['file_bytes_per_entry']:.0f} | {r['rss_bytes_per_entry']:.0f} |"
         )
+    if sweep:
+        efs = sorted({r["ef"] for r in sweep})
+        lines += [
+            "",
+            f"ef_search (hnswlib, M={M}, ef_construction={EF_ADD}; the default is {EF_SEARCH}), recall@1 "
+            "vs exact / query P50 wall (µs):",
+            "",
+            "| entries | " + " | ".join(f"ef {ef}" for ef in efs) + " |",
+            "|---|" + "---|" * len(efs),
+        ]
+        for n in sorted({r["n"] for r in sweep}):
+            by_ef = {r["ef"]: r for r in sweep if r["n"] == n}
+            cells = [f"{by_ef[ef]['recall@1']:.4f} / {by_ef[ef]['p50_us']:.0f}" for ef in efs]
+            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "![ANN libraries](img/semantic_ann.png)",
