@@ -61,10 +61,9 @@ class HNSWConfig:
     connectivity: int = 16
     expansion_add: int = 128
     # ef_search 512: the fine-tuned MiniLM packs questions closely (cosines 0.4–1.0). With the six-layer
-    # fine-tune, at 100K entries (M 16, ef_construction 128) ef 256 found the exact nearest for 98.4 % of
-    # 500 held-out queries, 512 for 99.6 %, 1024 for 99.8 % (raising M to 32 or ef_construction to 256 at
-    # ef 256 gave 99.0 / 99.2 %); 512 costs ~0.5 ms more per search than 256, within a ~8 ms lookup
-    # (docs/SEMANTIC.md, semantic_perf).
+    # fine-tune, at 100K entries (M 16, ef_construction 128) ef 256 found the exact nearest for 98.6 % of
+    # 500 held-out queries, 512 for 99.6 %, 1024 for 99.8 %; 512 costs ~0.4 ms more per search than 256,
+    # within a ~9 ms lookup (`benchmarks/semantic_perf.py --ef-sweep`, docs/SEMANTIC.md).
     expansion_search: int = 512
     min_graph_size: int = 1024  # a partition below this is searched exactly
     snapshot_every: int = 50_000  # mutations between automatic snapshots (persisted index only)
