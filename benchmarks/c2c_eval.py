@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cachelm.c2c.data import PROMPT_STYLES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = ("receiver", "sharer", "c2c", "control", "t2t")
@@ -337,14 +339,6 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
             )
         lines.append("Training: " + "; ".join(parts) + ".")
         lines.append(f"Objective: {objective(next(iter(train.values()))['config'])}.")
-    short = results.get("short_run")
-    if short:
-        cells = [
-            f"{m} " + "/".join(f"{100 * short['accuracy'][m][s]['acc']:.1f}" for s in SETS)
-            for m in ("c2c", "control")
-        ]
-        steps = short["train"]["c2c"]["steps"]
-        lines.append(f"A first pair trained for {steps} steps scored (ARC-E/ARC-C/OBQA): {'; '.join(cells)}.")
     if meta:
         lines.append(f"Machine: {meta.get('machine', '?')}.")
         if meta.get("baselines_machine"):
@@ -483,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse-span", choices=("context", "all"), default="context")
     p.add_argument(
         "--prompt-style",
-        choices=("plain", "options"),
+        choices=PROMPT_STYLES,
         default="plain",
         help="options: list the options in the prompt (training and evaluation alike)",
     )

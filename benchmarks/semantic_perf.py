@@ -95,8 +95,22 @@ def p50_us(fn: Any, items: Any) -> tuple[float, float]:
     return statistics.median(wall) / 1000, statistics.median(cpu) / 1000
 
 
-def compare_libraries(base: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> list[dict[str, Any]]:
-    rows = []
+def probe(part: GraphPartition, queries: np.ndarray, exact: np.ndarray) -> tuple[float, float, float]:
+    """(recall@1 against exact search, query P50 wall µs, query P50 CPU µs) of one built graph."""
+    for q in queries[:20]:  # warm caches
+        part.search(q, 1)
+    top1 = np.array([part.search(q, 1)[0][0] - 1 for q in queries])
+    wall, cpu = p50_us(lambda q: part.search(q, 1), queries)
+    return float((top1 == exact).mean()), wall, cpu
+
+
+def compare_libraries(
+    base: np.ndarray, queries: np.ndarray, exact: np.ndarray, efs: list[int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each library's graph at the default settings (build rate, P50, recall@1, bytes per entry), and the
+    hnswlib graph searched again with each ef_search in `efs` — what `HNSWConfig.expansion_search` is
+    chosen from. Returns (library rows, ef rows)."""
+    rows, sweep = [], []
     labels = list(range(1, len(base) + 1))
     config = dict(connectivity=M, expansion_add=EF_ADD, expansion_search=EF_SEARCH, min_graph_size=1)
     for backend in BACKENDS:
@@ -107,11 +121,7 @@ def compare_libraries(base: np.ndarray, queries: np.ndarray, exact: np.ndarray) 
         part.add_many(labels, base)
         build = time.perf_counter() - t
         rss = rss_bytes() - before
-        for q in queries[:20]:  # warm caches
-            part.search(q, 1)
-        top1 = np.array([part.search(q, 1)[0][0] - 1 for q in queries])
-        recall = float((top1 == exact).mean())
-        latency = p50_us(lambda q, p=part: p.search(q, 1), queries)
+        recall, wall, cpu = probe(part, queries, exact)
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "graph"
             part.save(path)
@@ -121,49 +131,29 @@ def compare_libraries(base: np.ndarray, queries: np.ndarray, exact: np.ndarray) 
                 "backend": backend,
                 "n": len(base),
                 "build_per_s": len(base) / build,
-                "p50_us": latency[0],
-                "cpu_p50_us": latency[1],
+                "p50_us": wall,
+                "cpu_p50_us": cpu,
                 "recall@1": recall,
                 "file_bytes_per_entry": size / len(base),
                 "rss_bytes_per_entry": rss / len(base),
             }
         )
         print(
-            f"  {backend:8s} n={len(base)} build {len(base) / build:8.0f}/s p50 {latency[0]:7.1f}us "
+            f"  {backend:8s} n={len(base)} build {len(base) / build:8.0f}/s p50 {wall:7.1f}us "
             f"recall@1 {recall:.4f} {size / len(base):6.0f} B/entry",
             file=sys.stderr,
             flush=True,
         )
+        if backend == "hnswlib":
+            for ef in efs:
+                part.set_expansion_search(ef)
+                recall, wall, _ = probe(part, queries, exact)
+                sweep.append({"n": len(base), "ef": ef, "recall@1": recall, "p50_us": wall})
+                print(
+                    f"  ef_search {ef:5d} recall@1 {recall:.4f} p50 {wall:.0f}us", file=sys.stderr, flush=True
+                )
         del part
-    return rows
-
-
-def ef_sweep(
-    base: np.ndarray, queries: np.ndarray, exact: np.ndarray, efs: list[int]
-) -> list[dict[str, Any]]:
-    """hnswlib at the default M and ef_construction, searched with each ef_search in `efs`: recall@1
-    against exact search and query P50 — what `HNSWConfig.expansion_search` is chosen from."""
-    labels = list(range(1, len(base) + 1))
-    part = GraphPartition(
-        base.shape[1],
-        HNSWConfig(connectivity=M, expansion_add=EF_ADD, expansion_search=efs[0], min_graph_size=1),
-        capacity=len(base),
-    )
-    part.add_many(labels, base)
-    rows = []
-    for ef in efs:
-        part.graph.set_ef(ef)
-        for q in queries[:20]:  # warm caches
-            part.search(q, 1)
-        top1 = np.array([part.search(q, 1)[0][0] - 1 for q in queries])
-        wall, _ = p50_us(lambda q: part.search(q, 1), queries)
-        rows.append({"n": len(base), "ef": ef, "recall@1": float((top1 == exact).mean()), "p50_us": wall})
-        print(
-            f"  ef_search {ef:5d} n={len(base)} recall@1 {rows[-1]['recall@1']:.4f} p50 {wall:.0f}us",
-            file=sys.stderr,
-            flush=True,
-        )
-    return rows
+    return rows, sweep
 
 
 def cachelm_paths(
@@ -300,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         base, num_real = corpus(pool, n, rng)
         exact = np.argmax(queries @ base.T, axis=1)  # (q,) exact top-1
         print(f"n={n} ({num_real} real vectors)", file=sys.stderr, flush=True)
-        lib_rows += compare_libraries(base, queries, exact)
-        if efs:
-            sweep += ef_sweep(base, queries, exact, efs)
+        libs, efs_rows = compare_libraries(base, queries, exact, efs)
+        lib_rows += libs
+        sweep += efs_rows
         row = cachelm_paths(base, queries, query_texts, exact, embedder, args.backend)
         row["real"] = num_real
         paths.append(row)

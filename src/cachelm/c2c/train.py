@@ -197,7 +197,9 @@ def train_fuser(
     skipped: list[dict[str, Any]] = []
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file():
-        state = torch.load(path, map_location=pipeline.device, weights_only=False)
+        # On the CPU: the RNG states must stay CPU byte tensors, and `load_state_dict` below moves the
+        # fuser's and the optimiser's tensors to their parameters' device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if state["config"] != asdict(config) or state["total"] != total:
             raise ConfigError(f"`state_path` {str(path)!r} belongs to a run with different settings")
         fuser.load_state_dict(state["fuser"])
@@ -207,10 +209,9 @@ def train_fuser(
         skipped = list(state.get("skipped", []))
         # The gates' Gumbel noise comes from torch's global generators: restore them so a resumed run
         # draws the same noise as an uninterrupted one.
-        # (`map_location` moved them to the pipeline's device; generator states must be CPU byte tensors.)
-        torch.set_rng_state(state["rng_cpu"].cpu())
+        torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     def save() -> None:
         if path is None:

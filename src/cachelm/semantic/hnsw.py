@@ -121,6 +121,15 @@ class GraphPartition:
         inner.hnsw.efSearch = c.expansion_search
         return faiss.IndexIDMap2(inner)
 
+    def set_expansion_search(self, ef: int) -> None:
+        """Search with beam width `ef` (HNSW's ef_search) from now on."""
+        if self.backend == "usearch":
+            self.graph.expansion_search = ef
+        elif self.backend == "hnswlib":
+            self.graph.set_ef(ef)
+        else:  # faiss: IndexIDMap2 around IndexHNSWFlat
+            self.graph.index.hnsw.efSearch = ef
+
     def __len__(self) -> int:
         return len(self._labels)
 
@@ -197,12 +206,12 @@ class GraphPartition:
             part.graph.load(str(path))
         elif config.backend == "hnswlib":
             part.graph.load_index(str(path), allow_replace_deleted=True)
-            part.graph.set_ef(config.expansion_search)
+            part.set_expansion_search(config.expansion_search)
         else:
             import faiss
 
             part.graph = faiss.read_index(str(path))
-            part.graph.index.hnsw.efSearch = config.expansion_search
+            part.set_expansion_search(config.expansion_search)
             stored = set(faiss.vector_to_array(part.graph.id_map).tolist())
             part._dead = stored - set(labels)
         part._labels = {int(x) for x in labels}

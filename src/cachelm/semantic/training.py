@@ -309,14 +309,12 @@ def cpu_has_bf16() -> bool:
 
 
 def encode(bert: Any, ids: torch.Tensor, lengths: torch.Tensor, *, batch: int = 512) -> torch.Tensor:
-    """`sentence_vectors` of every row, in input order, in batches of similar length; (n, d) float32."""
-    order = torch.argsort(lengths, descending=True)
-    out = torch.empty(len(ids), bert.config.hidden_size, device=ids.device)  # (n, d)
+    """`sentence_vectors` of every row, in input order, in batches of at most `batch` texts of similar
+    length; (n, d) float32."""
+    if len(ids) == 0:
+        return torch.empty(0, bert.config.hidden_size, device=ids.device)
     with torch.inference_mode():
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
-            out[rows] = sentence_vectors(bert, ids[rows], lengths[rows])
-    return out
+        return bucketed_vectors(bert, ids, lengths, -(-len(ids) // batch))
 
 
 @dataclass(frozen=True, kw_only=True)
