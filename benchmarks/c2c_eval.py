@@ -66,6 +66,8 @@ def _fuser_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any]) -> None:
+    import torch
+
     from cachelm.c2c import data as c2c_data
     from cachelm.c2c import pair
     from cachelm.c2c.checkpoint import save_fuser
@@ -89,16 +91,22 @@ def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: d
         save_every=25,  # a run cut short by the device time limit resumes from --state-dir
         mc_weight=args.mc_weight,
         distill_weight=args.distill_weight,
+        seed=args.seed,
     )
-    c2c = pair.new_fuser(receiver, sharer, **_fuser_options(args))
+    c2c = pair.new_fuser(receiver, sharer, seed=args.seed, **_fuser_options(args))
     fused_layers = tuple(r for r, _ in c2c.config.layer_map)
-    control = pair.new_fuser(receiver, receiver, receiver_layers=fused_layers, **_fuser_options(args))
+    control = pair.new_fuser(
+        receiver, receiver, receiver_layers=fused_layers, seed=args.seed, **_fuser_options(args)
+    )
     for name, fuser, sh in (("c2c", c2c, sharer), ("control", control, receiver)):
+        if name not in args.methods:
+            continue
         target = args.out / f"{name}.safetensors"
         if target.is_file():
             log(f"{target} exists, not training {name}")
             continue
         log(f"training {name}: {sum(p.numel() for p in fuser.parameters()) / 1e6:.2f}M params")
+        torch.manual_seed(args.seed)  # the gates' Gumbel noise
         info = train_fuser(
             pair.pipeline(receiver, sh, fuser), examples, cfg, state_path=args.state_dir / name
         )
@@ -161,10 +169,11 @@ def eval_phase(
                 return Path(d) / f"{name}.safetensors"
         raise FileNotFoundError(f"{name}.safetensors not in {args.out} or {args.checkpoint_dir}")
 
-    sets = {s: c2c_data.load_test(args.data, s, args.prompt_style)[: args.limit] for s in SETS}
+    split = "Test" if args.split == "test" else "Dev"
+    sets = {s: c2c_data.load_questions(args.data, s, split, args.prompt_style)[: args.limit] for s in SETS}
     alone_r, alone_s = pair.pipeline(receiver), pair.pipeline(sharer)
     device = alone_r.device
-    acc = results.setdefault("accuracy", {})
+    acc = results.setdefault("accuracy" if args.split == "test" else "dev_accuracy", {})
     lat = results.setdefault("latency", {})
     for method in args.methods:
         if time.perf_counter() - t0 > args.deadline_s:
@@ -200,6 +209,8 @@ def eval_phase(
             }
             log(f"  {s}: acc {res.acc:.4f} norm {res.acc_norm:.4f} ({time.perf_counter() - started:.1f}s)")
             write_results(args, results)
+        if args.split != "test" or args.latency_n == 0:
+            continue
         lq = sets["arc_easy"][: args.latency_n]
         if method == "t2t":
             probe = ev.t2t_answer(alone_s, alone_r, args.answer_tokens, args.hint_tokens)
@@ -486,12 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--distill-weight", type=float, default=0.0, help="KL to the sharer alone's options")
     p.add_argument("--instructions", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0, help="fuser initialisation, batch order, gate noise")
+    p.add_argument(
+        "--split",
+        choices=("test", "dev"),
+        default="test",
+        help="eval phase: dev → results['dev_accuracy'] (choosing among variants), no latency",
+    )
     p.add_argument("--limit", type=int, default=None, help="questions per test set (debugging)")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--gen-batch", type=int, default=128)
     p.add_argument("--hint-tokens", type=int, default=24)
     p.add_argument("--answer-tokens", type=int, default=8)
-    p.add_argument("--latency-n", type=int, default=40)
+    p.add_argument("--latency-n", type=int, default=40, help="0: no latency probe")
     p.add_argument("--deadline-s", type=float, default=float("inf"))
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]

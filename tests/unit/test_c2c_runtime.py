@@ -120,6 +120,27 @@ def test_loss_gradients_reach_the_fuser_only(models: tuple[Any, Any]) -> None:
     fuser.zero_grad()
 
 
+@pytest.mark.parametrize("fuse_span", ["context", "all"])
+def test_responses_and_options_on_one_prefill_match_separate_passes(
+    models: tuple[Any, Any], fuse_span: str
+) -> None:
+    # Training scores a batch's responses and its questions' options on one fused prefill; each must
+    # equal what `loss` and `option_logprobs` compute on their own.
+    receiver, sharer = models
+    kw = {"fuse_span": fuse_span, "token_alignment": "causal" if fuse_span == "all" else "last"}
+    fused = pair.pipeline(receiver, sharer, _fuser(models, **kw))
+    responses = [receiver.tokenizer(" " + o[0], add_special_tokens=False)["input_ids"] for o in OPTIONS]
+    option_rows, option_suffixes = fused.option_suffixes(OPTIONS[1:])
+    rows = [0, 1] + [1 + r for r in option_rows]
+    with torch.no_grad():
+        logp, mask = fused.token_logprobs(PROMPTS, rows, responses + option_suffixes)
+        alone_loss = fused.loss(PROMPTS, responses)
+        alone_options = fused.option_logprobs(PROMPTS[1:], OPTIONS[1:])
+    assert option_rows == [0, 0, 0] and mask[:2].sum() == sum(len(r) for r in responses)
+    assert float(-logp[:2].sum() / mask[:2].sum()) == pytest.approx(float(alone_loss), abs=1e-4)
+    assert torch.allclose(logp[2:].sum(-1), alone_options, atol=1e-4)
+
+
 def test_bad_inputs_are_rejected(models: tuple[Any, Any]) -> None:
     receiver, sharer = models
     with pytest.raises(ConfigError, match="together"):
@@ -131,5 +152,9 @@ def test_bad_inputs_are_rejected(models: tuple[Any, Any]) -> None:
         alone.score(PROMPTS, [["a"]])
     with pytest.raises(ConfigError, match="fewer than 2 tokens"):
         alone.score(["Q"], [["a"]])
+    with pytest.raises(ConfigError, match="`rows` must index"):
+        alone.token_logprobs(PROMPTS, [0, 2], [[5], [6]])
+    with pytest.raises(ConfigError, match="`suffixes`"):
+        alone.token_logprobs(PROMPTS, [0], [[]])
     with pytest.raises(ConfigError, match="`max_new_tokens`"):
         alone.generate(PROMPTS, 0)

@@ -113,7 +113,10 @@ def _obqa(path: Path, prompt_style: str) -> list[MCQuestion]:
     ]
 
 
-def _split_file(data: Path, name: str, split: Literal["Train", "Test"]) -> Path:
+Split = Literal["Train", "Dev", "Test"]
+
+
+def _split_file(data: Path, name: str, split: Split) -> Path:
     if name == "arc_easy":
         return data / "arc" / "ARC-Easy" / f"ARC-Easy-{split}.jsonl"
     if name == "arc_challenge":
@@ -124,10 +127,12 @@ def _split_file(data: Path, name: str, split: Literal["Train", "Test"]) -> Path:
 
 
 def load_questions(
-    data: str | Path, name: str, split: Literal["Train", "Test"], prompt_style: str = "plain"
+    data: str | Path, name: str, split: Split, prompt_style: str = "plain"
 ) -> list[MCQuestion]:
     """The questions of one split of one multiple-choice set, prompted in `prompt_style`."""
     _check_style(prompt_style)
+    if split not in get_args(Split):
+        raise ConfigError(f"`split` must be one of {list(get_args(Split))}, got {split!r}")
     path = _split_file(Path(data), name, split)
     return _obqa(path, prompt_style) if name == "openbookqa" else _arc(path, prompt_style)
 

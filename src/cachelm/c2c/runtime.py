@@ -357,21 +357,53 @@ class C2CPipeline:
         logits = out.logits[:, :-1]  # (P, L-1, V): position t predicts token t+1
         return logits, ids[:, 1:], smask[:, 1:]
 
+    def option_suffixes(self, options: Sequence[Sequence[str]]) -> tuple[list[int], list[list[int]]]:
+        """Every (prompt index, option token ids) pair in order, each option read as " " + option."""
+        if any(len(o) == 0 for o in options):
+            raise ConfigError("`options` must give one non-empty list of options per prompt")
+        rows, suffixes = [], []
+        for q, opts in enumerate(options):
+            for opt in opts:
+                toks = self.receiver_tokenizer(" " + opt, add_special_tokens=False)["input_ids"]
+                if not toks:
+                    raise ConfigError(f"`options` item {opt!r} tokenises to nothing")
+                rows.append(q)
+                suffixes.append(list(toks))
+        return rows, suffixes
+
+    def token_logprobs(
+        self, prompts: Sequence[str], rows: Sequence[int], suffixes: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each token of each suffix after its prompt, on one fused prefill.
+
+        Suffix `k` continues `prompts[rows[k]]`; a prompt may have several suffixes (the options of a
+        question, or a training response and the options), and its context is prefilled and fused once.
+        Returns (log-probs (P, L) float32, mask (P, L)), zero where the mask is 0; the fuser's gradients
+        are kept when it is in training mode.
+        """
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"`prompts` must be a non-empty list of str, got {prompts!r:.80}")
+        if len(rows) != len(suffixes) or not suffixes or any(len(s) == 0 for s in suffixes):
+            raise ConfigError("`suffixes` must be a non-empty list of non-empty token lists, one per row")
+        if any(not 0 <= q < len(prompts) for q in rows):
+            raise ConfigError(f"`rows` must index `prompts` (0 … {len(prompts) - 1}), got {list(rows)!r:.80}")
+        if self.fuse_all:
+            logits, targets, tmask = self._continuation_logits([prompts[q] for q in rows], suffixes)
+        else:
+            batch = self.prepare(prompts)
+            cache = self.prefill(batch)
+            picked_rows = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+            logits, targets, tmask = self._suffix_logits(batch, cache, picked_rows, suffixes)
+        logits = logits.float()
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return picked * tmask, tmask
+
     def loss(self, prompts: Sequence[str], responses: Sequence[Sequence[int]]) -> torch.Tensor:
         """Mean next-token cross-entropy over the receiver's response tokens (token ids per prompt)."""
         if len(prompts) != len(responses) or any(len(r) == 0 for r in responses):
             raise ConfigError("`responses` must give one non-empty token list per prompt")
-        if self.fuse_all:
-            logits, targets, tmask = self._continuation_logits(prompts, responses)
-        else:
-            batch = self.prepare(prompts)
-            cache = self.prefill(batch)
-            rows = torch.arange(len(prompts), device=self.device)
-            logits, targets, tmask = self._suffix_logits(batch, cache, rows, responses)
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view_as(targets)
-        return (nll * tmask).sum() / tmask.sum()
+        logp, mask = self.token_logprobs(prompts, range(len(prompts)), responses)
+        return -logp.sum() / mask.sum()
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -391,26 +423,10 @@ class C2CPipeline:
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> torch.Tensor:
         """`score` as one float32 tensor (P,) over every (prompt, option) pair in order, keeping the
         fuser's gradients when it is in training mode (the option-level training objective uses it)."""
-        if len(prompts) != len(options) or any(len(o) == 0 for o in options):
+        if len(prompts) != len(options):
             raise ConfigError("`options` must give one non-empty list of options per prompt")
-        rows_list, suffixes = [], []
-        for q, opts in enumerate(options):
-            for opt in opts:
-                toks = self.receiver_tokenizer(" " + opt, add_special_tokens=False)["input_ids"]
-                if not toks:
-                    raise ConfigError(f"`options` item {opt!r} tokenises to nothing")
-                rows_list.append(q)
-                suffixes.append(toks)
-        if self.fuse_all:
-            logits, targets, tmask = self._continuation_logits([prompts[q] for q in rows_list], suffixes)
-        else:
-            batch = self.prepare(prompts)
-            cache = self.prefill(batch)
-            rows = torch.tensor(rows_list, dtype=torch.long, device=self.device)
-            logits, targets, tmask = self._suffix_logits(batch, cache, rows, suffixes)
-        logits = logits.float()
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return (picked * tmask).sum(-1)  # (P,)
+        rows, suffixes = self.option_suffixes(options)
+        return self.token_logprobs(prompts, rows, suffixes)[0].sum(-1)
 
     # ---- generation --------------------------------------------------------------------------------
 

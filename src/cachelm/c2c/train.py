@@ -133,9 +133,13 @@ class OptionObjective:
                 self._teacher_cache[(e.prompt, e.options)] = probs.to(self.pipeline.device)
         return [self._teacher_cache[(e.prompt, e.options)] for e in examples]
 
-    def __call__(self, examples: Sequence[TrainExample]) -> torch.Tensor:
-        """The option terms averaged over `examples` (each must have options and an answer)."""
-        flat = self.pipeline.option_logprobs([e.prompt for e in examples], [e.options for e in examples])
+    def __call__(self, examples: Sequence[TrainExample], flat: torch.Tensor | None = None) -> torch.Tensor:
+        """The option terms averaged over `examples` (each must have options and an answer).
+
+        `flat`: the fused receiver's option log-probabilities, every option of every example in order, when
+        the caller already has them (training scores them on the same prefill as the responses)."""
+        if flat is None:
+            flat = self.pipeline.option_logprobs([e.prompt for e in examples], [e.options for e in examples])
         targets = self.teacher(examples) if self.distill_weight > 0 else [None] * len(examples)
         total = flat.new_zeros(())
         k = 0
@@ -243,11 +247,17 @@ def train_fuser(
     while step < total:
         idx = [keep[i] for i in batches[step]]
         fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
-        loss = pipeline.loss([data[i].prompt for i in idx], [responses[i] for i in idx])
-        if options is not None:
-            mc = [data[i] for i in idx if data[i].options and data[i].answer is not None]
-            if mc:
-                loss = loss + options(mc)
+        # The responses and the options of the batch's multiple-choice examples read one fused prefill.
+        rows, suffixes = list(range(len(idx))), [responses[i] for i in idx]
+        mc_pos = [k for k, i in enumerate(idx) if data[i].options and data[i].answer is not None]
+        if options is not None and mc_pos:
+            option_rows, option_suffixes = pipeline.option_suffixes([data[idx[k]].options for k in mc_pos])
+            rows += [mc_pos[r] for r in option_rows]
+            suffixes += option_suffixes
+        logp, mask = pipeline.token_logprobs([data[i].prompt for i in idx], rows, suffixes)
+        loss = -logp[: len(idx)].sum() / mask[: len(idx)].sum()
+        if options is not None and mc_pos:
+            loss = loss + options([data[idx[k]] for k in mc_pos], logp[len(idx) :].sum(-1))
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         norm = float("nan")

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# C2C recipe variants, side by side on one GPU, chosen on the dev sets (never on test).
+#
+# Each variant trains its C2C fuser and its fair control (same recipe, the receiver as its own sharer) in
+# parallel processes; all of them evaluate on the ARC-Easy / ARC-Challenge / OpenBookQA *dev* splits and
+# the test splits; the variant with the largest C2C − control on ARC-Easy dev is the chosen one, and its
+# two checkpoints go to $OUT with every variant's results. Re-running continues where a run stopped
+# (training resumes from its state every 25 steps; finished fusers and evaluations are kept), so the
+# work can span several calls on a warm GPU machine:
+#
+#   bash benchmarks/c2c_variants.sh SECONDS     # stop launching/evaluating after SECONDS
+#
+# Needs: transformers (pinned) on PYTHONPATH, the GGUF models under /root/models (../shared/gpu/README.md)
+# and the data under /root/c2cdata. The first run keeps dequantised copies under /root/models/hf.
+set -u
+budget=${1:?usage: c2c_variants.sh SECONDS}
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+export PYTHONPATH=/tmp/tf:src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+hf=/root/models/hf
+runs=/root/c2c-variants
+out=${OUT:-/tmp/out}
+mkdir -p "$runs" "$out"
+eval_py="${PYTHON:-python3} benchmarks/c2c_eval.py"
+extra=${C2C_EXTRA:-}  # e.g. "--device cpu --steps 2 --limit 4 --batch-size 4" for a smoke run
+common="--receiver $hf/receiver --sharer $hf/sharer --data /root/c2cdata --checkpoint-dir /nonexistent
+        --device cuda --batch-size 32 --mc-weight 1"
+# name → recipe (everything else as in `common`); "base" is the committed pair (seed 0, 420 steps).
+declare -A recipe=(
+  [base]="--steps 420 --distill-weight 1"
+  [seed1]="--steps 420 --distill-weight 1 --seed 1"
+  [long]="--steps 840 --distill-weight 1"
+  [distill3]="--steps 420 --distill-weight 3"
+  [mconly]="--steps 520 --distill-weight 1 --instructions 0"
+)
+names=${C2C_VARIANTS:-"base seed1 long distill3 mconly"}
+
+if [ ! -f $hf/sharer/config.json ]; then
+  $eval_py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf --sharer /root/models/gemma-3-270m-q4_k_m.gguf \
+    --data /root/c2cdata --checkpoint-dir /nonexistent --device cuda --save-hf $hf --phases eval \
+    --methods receiver --limit 1 --latency-n 0 --out /tmp/c2c-load $extra > $runs/load.log 2>&1 || { tail -20 $runs/load.log; exit 1; }
+fi
+mkdir -p $runs/base
+[ -f $runs/base/c2c.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-from-gemma3.safetensors $runs/base/c2c.safetensors
+[ -f $runs/base/control.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-control-self.safetensors $runs/base/control.safetensors
+
+# Train: one process per (variant, fuser); each writes its own results file, merged at evaluation.
+for v in $names; do
+  for m in c2c control; do
+    [ -f $runs/$v/$m.safetensors ] && continue
+    ( timeout $(( $(left) - 20 )) $eval_py $common ${recipe[$v]} $extra --methods $m --phases train \
+        --out $runs/$v/train-$m --state-dir $runs/state/$v > $runs/$v.$m.train.log 2>&1
+      [ -f $runs/$v/train-$m/$m.safetensors ] && cp $runs/$v/train-$m/$m.safetensors $runs/$v/ ) &
+  done
+done
+while [ -n "$(jobs -r)" ]; do
+  sleep 30
+  echo "[$(date +%T)] $(for f in $runs/*.train.log; do printf '%s: %s  ' "$(basename $f .train.log)" \
+    "$(tr '\r' '\n' < $f | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1)"; done)"
+done
+
+# Evaluate every fully trained variant on dev, then test (no latency; the chosen pair's is measured later).
+for v in $names; do
+  [ -f $runs/$v/c2c.safetensors ] && [ -f $runs/$v/control.safetensors ] || continue
+  ( for split in dev test; do
+      [ "$(left)" -gt 60 ] || exit 0
+      timeout $(( $(left) - 30 )) $eval_py $common ${recipe[$v]} $extra --methods c2c,control --phases eval \
+        --split $split --latency-n 0 --out $runs/$v > $runs/$v.eval-$split.log 2>&1
+    done ) &
+done
+wait
+
+${PYTHON:-python3} - "$runs" "$out" $names <<'EOF'
+import json, shutil, sys, tarfile
+from pathlib import Path
+runs, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+gaps = {}
+for v in names:
+    f = runs / v / "results.json"
+    if not f.is_file():
+        continue
+    r = json.loads(f.read_text())
+    for m in ("c2c", "control"):  # the training summaries, from each fuser's own process
+        t = runs / v / f"train-{m}" / "results.json"
+        if t.is_file():
+            r.setdefault("train", {}).update(json.loads(t.read_text()).get("train", {}))
+    f.write_text(json.dumps(r, indent=1))
+    dev = r.get("dev_accuracy", {})
+    if "arc_easy" in dev.get("c2c", {}) and "arc_easy" in dev.get("control", {}):
+        gaps[v] = 100 * (dev["c2c"]["arc_easy"]["acc"] - dev["control"]["arc_easy"]["acc"])
+    print(v, json.dumps({k: {m: round(100 * x[m]["arc_easy"]["acc"], 1) for m in x if "arc_easy" in x[m]}
+                         for k, x in r.items() if k in ("dev_accuracy", "accuracy")}))
+print("ARC-Easy dev C2C − control:", {v: round(g, 2) for v, g in gaps.items()})
+with tarfile.open(out / "variants.tar.gz", "w:gz") as tar:
+    for p in sorted(runs.glob("*/results.json")) + sorted(runs.glob("*.log")):
+        tar.add(p, arcname=str(p.relative_to(runs)))
+if gaps:
+    best = max(gaps, key=lambda v: gaps[v])
+    print("chosen on ARC-Easy dev:", best)
+    (out / "chosen.txt").write_text(best + "\n")
+    if best != "base":
+        for m in ("c2c", "control"):
+            shutil.copy(runs / best / f"{m}.safetensors", out / f"{best}-{m}.safetensors")
+EOF
