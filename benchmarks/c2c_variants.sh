@@ -10,6 +10,9 @@
 #
 #   bash benchmarks/c2c_variants.sh SECONDS     # stop launching/evaluating after SECONDS
 #
+# Training stops C2C_EVAL_RESERVE seconds (default 150) before the end, leaving time to evaluate what
+# finished; C2C_VARIANTS picks the variants (default: all below).
+#
 # Needs: transformers (pinned) on PYTHONPATH, the GGUF models under /root/models (../shared/gpu/README.md)
 # and the data under /root/c2cdata. The first run keeps dequantised copies under /root/models/hf.
 set -u
@@ -30,10 +33,12 @@ declare -A recipe=(
   [base]="--steps 420 --distill-weight 1"
   [seed1]="--steps 420 --distill-weight 1 --seed 1"
   [long]="--steps 840 --distill-weight 1"
+  [mconly3]="--steps 520 --distill-weight 3 --instructions 0"
   [distill3]="--steps 420 --distill-weight 3"
   [mconly]="--steps 520 --distill-weight 1 --instructions 0"
 )
-names=${C2C_VARIANTS:-"base seed1 long distill3 mconly"}
+names=${C2C_VARIANTS:-"base seed1 long distill3 mconly mconly3"}
+reserve=${C2C_EVAL_RESERVE:-150}
 
 if [ ! -f $hf/sharer/config.json ]; then
   $eval_py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf --sharer /root/models/gemma-3-270m-q4_k_m.gguf \
@@ -48,7 +53,7 @@ mkdir -p $runs/base
 for v in $names; do
   for m in c2c control; do
     [ -f $runs/$v/$m.safetensors ] && continue
-    ( timeout $(( $(left) - 20 )) $eval_py $common ${recipe[$v]} $extra --methods $m --phases train \
+    ( timeout $(( $(left) - reserve )) $eval_py $common ${recipe[$v]} $extra --methods $m --phases train \
         --out $runs/$v/train-$m --state-dir $runs/state/$v > $runs/$v.$m.train.log 2>&1
       [ -f $runs/$v/train-$m/$m.safetensors ] && cp $runs/$v/train-$m/$m.safetensors $runs/$v/ ) &
   done
