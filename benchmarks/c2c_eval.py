@@ -511,6 +511,19 @@ def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> st
         "recipe is chosen by C2C − control on the ARC-Easy *dev* split (570 questions); the test columns "
         "are reported, never used to choose."
     )
+    for name, run in recipes.items():
+        train = run.get("train", {})
+        if all(m in train for m in ("c2c", "control")):
+            lines.append(
+                f"Training of {name}: "
+                + "; ".join(
+                    f"{m} {train[m]['steps']} steps in {train[m]['seconds']:.0f} s, loss "
+                    f"{train[m]['first_loss']:.3f} → {train[m]['final_loss']:.3f}"
+                    for m in ("c2c", "control")
+                )
+                + (f" ({run['note']})" if run.get("note") else "")
+                + "."
+            )
     return "\n".join(lines)
 
 

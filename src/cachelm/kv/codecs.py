@@ -284,7 +284,7 @@ def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(json.dumps([name, list(t.shape), dtype_name(t.dtype)]).encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the array's buffer: no copy of the bytes
+            h.update(t.view(torch.uint8).numpy().data)  # a view of the bytes, not a copy
     return h.hexdigest()
 
 
