@@ -369,6 +369,16 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         ]
     if "recipes" in results:
         lines += ["", "Recipe variants, chosen on dev:", "", recipes_report(results, answers or {})]
+        for name, run in results["recipes"].items():
+            if name != results.get("chosen_recipe") and answers and "sharer" in acc and "accuracy" in run:
+                lines += [
+                    "",
+                    f"Does {name}'s C2C use the sharer?",
+                    "",
+                    sharer_reliance(
+                        run["accuracy"]["c2c"], run["accuracy"]["control"], acc["sharer"], answers
+                    ),
+                ]
     for key, (tag, intro) in VARIANTS.items():
         if key not in results:
             continue
