@@ -11,7 +11,8 @@
 #   bash benchmarks/c2c_variants.sh SECONDS     # stop launching/evaluating after SECONDS
 #
 # Training stops C2C_EVAL_RESERVE seconds (default 150) before the end, leaving time to evaluate what
-# finished; C2C_VARIANTS picks the variants (default: all below).
+# finished; C2C_VARIANTS picks the variants (default: all below); C2C_BASE is the folder holding the
+# committed pair (default checkpoints/c2c; a carried copy when the tree travels without checkpoints).
 #
 # Needs: transformers (pinned) on PYTHONPATH, the GGUF models under /root/models (../shared/gpu/README.md)
 # and the data under /root/c2cdata. The first run keeps dequantised copies under /root/models/hf.
@@ -33,9 +34,9 @@ declare -A recipe=(
   [base]="--steps 420 --distill-weight 1"
   [seed1]="--steps 420 --distill-weight 1 --seed 1"
   [long]="--steps 840 --distill-weight 1"
-  [mconly3]="--steps 520 --distill-weight 3 --instructions 0"
   [distill3]="--steps 420 --distill-weight 3"
   [mconly]="--steps 520 --distill-weight 1 --instructions 0"
+  [mconly3]="--steps 520 --distill-weight 3 --instructions 0"
 )
 names=${C2C_VARIANTS:-"base seed1 long distill3 mconly mconly3"}
 reserve=${C2C_EVAL_RESERVE:-150}
