@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from cachelm.kv.codecs import (
     Int4Codec,
     Int8Codec,
     RawCodec,
+    checksum,
     codec_for,
     from_bytes,
     make_codec,
@@ -102,3 +106,16 @@ def test_bad_arguments() -> None:
         make_codec("int3")
     with pytest.raises(ConfigError, match="`key_group`"):
         Int8Codec(key_group=0)
+
+
+def test_checksum_is_the_stored_format() -> None:
+    # Blocks already on disk or in Redis carry this digest: SHA-256 over each tensor's name, shape and
+    # dtype (JSON) and then its bytes, in name order. A change here would turn every stored block corrupt.
+    tensors = {"v": torch.arange(6, dtype=torch.int8).view(2, 3), "k": torch.ones(2, dtype=torch.bfloat16)}
+    expected = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        expected.update(json.dumps([name, list(t.shape), str(t.dtype).removeprefix("torch.")]).encode())
+        expected.update(t.view(torch.uint8).numpy().tobytes())
+    assert checksum(tensors) == expected.hexdigest()
+    assert checksum({"e": torch.empty(0, 4)}) == hashlib.sha256(b'["e", [0, 4], "float32"]').hexdigest()
