@@ -169,7 +169,7 @@ def eval_phase(
                 return Path(d) / f"{name}.safetensors"
         raise FileNotFoundError(f"{name}.safetensors not in {args.out} or {args.checkpoint_dir}")
 
-    split = "Test" if args.split == "test" else "Dev"
+    split = "Test" if args.split == "test" else "Dev"  # the split's name in the data files
     sets = {s: c2c_data.load_questions(args.data, s, split, args.prompt_style)[: args.limit] for s in SETS}
     alone_r, alone_s = pair.pipeline(receiver), pair.pipeline(sharer)
     device = alone_r.device
@@ -478,6 +478,22 @@ def variant_report(run: dict[str, Any], answers: dict[str, list[int]], tag: str,
     return "\n".join(lines)
 
 
+def _gap_cell(acc: dict[str, Any], s: str, answers: dict[str, list[int]], bold: bool = False) -> str:
+    """ "C2C / control / Δ" on set `s` in points (Δ in bold if asked), with the 95% paired bootstrap
+    interval when `answers` has the set; a dash when either was not measured."""
+    if s not in acc.get("c2c", {}) or s not in acc.get("control", {}):
+        return "—"
+    c, k = (100 * acc[m][s]["acc"] for m in ("c2c", "control"))
+    gap = f"**{c - k:+.1f}**" if bold else f"{c - k:+.1f}"
+    cell = f"{c:.1f} / {k:.1f} / {gap}"
+    if s in answers:
+        _, lo, hi = paired_bootstrap(
+            acc["c2c"][s]["predictions"], acc["control"][s]["predictions"], answers[s]
+        )
+        cell += f" [{lo:+.1f}, {hi:+.1f}]"
+    return cell
+
+
 def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
     """Recipe variants trained side by side (benchmarks/c2c_variants.sh) and the one chosen on dev.
 
@@ -494,24 +510,9 @@ def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> st
         "|---|---|" + "---|" * len(SETS),
     ]
     for name, run in recipes.items():
-        dev = run.get("dev_accuracy", {})
-        cells = ["—"]
-        if "arc_easy" in dev.get("c2c", {}) and "arc_easy" in dev.get("control", {}):
-            c, k = (100 * dev[m]["arc_easy"]["acc"] for m in ("c2c", "control"))
-            cells = [f"{c:.1f} / {k:.1f} / **{c - k:+.1f}**"]
-        for s in SETS:
-            acc = run.get("accuracy", {})
-            if s not in acc.get("c2c", {}) or s not in acc.get("control", {}):
-                cells.append("—")
-                continue
-            c, k = (100 * acc[m][s]["acc"] for m in ("c2c", "control"))
-            cell = f"{c:.1f} / {k:.1f} / {c - k:+.1f}"
-            if s in answers:
-                _, lo, hi = paired_bootstrap(
-                    acc["c2c"][s]["predictions"], acc["control"][s]["predictions"], answers[s]
-                )
-                cell += f" [{lo:+.1f}, {hi:+.1f}]"
-            cells.append(cell)
+        dev, test = run.get("dev_accuracy", {}), run.get("accuracy", {})
+        cells = [_gap_cell(dev, "arc_easy", {}, bold=True)]
+        cells += [_gap_cell(test, s, answers) for s in SETS]
         label = f"**{name}** (chosen)" if name == chosen else name
         lines.append(f"| {label}: {run['recipe']} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -249,15 +249,20 @@ def train_fuser(
         fuser.temperature = temperature(step, total, config.tau_start, config.tau_end)
         # The responses and the options of the batch's multiple-choice examples read one fused prefill.
         rows, suffixes = list(range(len(idx))), [responses[i] for i in idx]
-        mc_pos = [k for k, i in enumerate(idx) if data[i].options and data[i].answer is not None]
-        if options is not None and mc_pos:
-            option_rows, option_suffixes = pipeline.option_suffixes([data[idx[k]].options for k in mc_pos])
+        mc_pos = (
+            [k for k, i in enumerate(idx) if data[i].options and data[i].answer is not None]
+            if options is not None
+            else []
+        )
+        mc = [data[idx[k]] for k in mc_pos]
+        if mc:
+            option_rows, option_suffixes = pipeline.option_suffixes([e.options for e in mc])
             rows += [mc_pos[r] for r in option_rows]
             suffixes += option_suffixes
         logp, mask = pipeline.token_logprobs([data[i].prompt for i in idx], rows, suffixes)
         loss = -logp[: len(idx)].sum() / mask[: len(idx)].sum()
-        if options is not None and mc_pos:
-            loss = loss + options([data[idx[k]] for k in mc_pos], logp[len(idx) :].sum(-1))
+        if options is not None and mc:
+            loss = loss + options(mc, logp[len(idx) :].sum(-1))
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         norm = float("nan")
