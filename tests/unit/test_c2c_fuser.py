@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -185,13 +186,19 @@ def test_resumed_training_ends_where_an_uninterrupted_run_ends(
             progress=False,
             on_step=stop_at_4,
         )
+    # The summary's time adds the saved steps' time: mark it with an hour the run could not have taken.
+    saved = torch.load(state, map_location="cpu", weights_only=False)
+    saved["seconds"] = 3600.0
+    torch.save(saved, state)
     torch.manual_seed(1)
     resumed = pair.new_fuser(receiver, sharer, hidden_dim=8).to(device)
     torch.manual_seed(123)  # whatever the global RNG holds now, the saved state is restored
+    began = time.perf_counter()
     info = train_fuser(
         pair.pipeline(receiver, sharer, resumed), EXAMPLES, cfg, state_path=state, progress=False
     )
-    assert info["steps"] == 6
+    assert info["steps"] == 6 and info["resumed_at_step"] == 3
+    assert 3600.0 < info["seconds"] <= 3600.0 + time.perf_counter() - began
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         if device == "cpu":
             assert torch.allclose(a, b, atol=1e-6), name
@@ -313,3 +320,29 @@ def test_training_with_option_terms_lowers_the_loss(models: tuple[Any, Any]) -> 
         progress=False,
     )
     assert info["final_loss"] < info["first_loss"] and info["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_attention_gives_finite_gradients_for_left_padded_rows(device: str) -> None:
+    """A left-padded query row attends to nothing (log-sum-exp −inf). Under `attention_for_training` the
+    attention's gradients stay finite there — on CUDA too, where cuDNN's SDPA backward returns NaN for
+    such rows at some widths (pytorch/pytorch#196678: width % 128 == 64, an explicit mask)."""
+    from cachelm.c2c.train import attention_for_training
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    width, pad, dim = 192, 5, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 2, width, dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3)
+    )
+    mask = torch.ones(width, width, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :pad] = False  # row 1 is left-padded: its first `pad` queries attend to nothing
+    with attention_for_training(torch.device(device)):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(device))
+    # The loss reads real positions only, as training's does.
+    real = torch.ones(2, 1, width, 1, device=device, dtype=dtype)
+    real[1, :, :pad] = 0
+    (out * real).float().square().sum().backward()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert t.grad is not None and bool(torch.isfinite(t.grad).all()), name
+    assert float(q.grad[0].abs().sum()) > 0  # gradients reached the queries

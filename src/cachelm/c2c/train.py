@@ -8,10 +8,11 @@ restart with the same arguments continues from there with the same batch order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,26 @@ import torch
 from cachelm.c2c.data import TrainExample
 from cachelm.c2c.runtime import C2CPipeline
 from cachelm.errors import ConfigError, TrainingError
+
+
+@contextlib.contextmanager
+def attention_for_training(device: torch.device) -> Iterator[None]:
+    """Scaled-dot-product attention without the cuDNN backend while gradients flow through the receiver.
+
+    cuDNN's SDPA backward (PyTorch 2.11–2.13 on H100/H200, the default backend there) returns NaN query
+    gradients when an explicit mask is passed and a query row's log-sum-exp falls below about −88.7
+    (pytorch/pytorch#196678). A left-padded row attends to nothing, so its log-sum-exp is −inf: batched
+    training with padding meets the bug, as the all-position fuser did (non-finite steps on an H100). The
+    flash, memory-efficient and math kernels compute the same attention without it. Elsewhere (CPU) the
+    backends are left as they are.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +186,10 @@ def train_fuser(
 ) -> dict[str, Any]:
     """Train `pipeline.fuser` in place on `examples`; return a summary (steps, losses, seconds).
 
+    With `state_path`, the state is saved every `config.save_every` steps and a run finds it and goes
+    on from there; the summary's `seconds` then adds the time of the saved steps (work after the last
+    save is lost and not counted) and `resumed_at_step` says where it went on.
+
     Only the fuser's parameters are optimised; the receiver and sharer must not require gradients.
 
     A step whose loss or gradient norm is not finite is skipped (no update; AMP's loss scaler does the
@@ -199,6 +224,8 @@ def train_fuser(
     )
     step, losses = 0, []
     skipped: list[dict[str, Any]] = []
+    # Training time of the steps a resumed run inherits, so the summary's `seconds` is the whole run's.
+    earlier_seconds, resumed_at = 0.0, None
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file():
         # On the CPU: the RNG states must stay CPU byte tensors, and `load_state_dict` below moves the
@@ -211,6 +238,7 @@ def train_fuser(
         scheduler.load_state_dict(state["scheduler"])
         step, losses = int(state["step"]), list(state["losses"])
         skipped = list(state.get("skipped", []))
+        earlier_seconds, resumed_at = float(state.get("seconds", 0.0)), step
         # The gates' Gumbel noise comes from torch's global generators: restore them so a resumed run
         # draws the same noise as an uninterrupted one.
         torch.set_rng_state(state["rng_cpu"])
@@ -229,6 +257,7 @@ def train_fuser(
                 "step": step,
                 "losses": losses,
                 "skipped": skipped,
+                "seconds": earlier_seconds + time.perf_counter() - started,
                 "fuser": fuser.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -259,10 +288,12 @@ def train_fuser(
             option_rows, option_suffixes = pipeline.option_suffixes([e.options for e in mc])
             rows += [mc_pos[r] for r in option_rows]
             suffixes += option_suffixes
-        logp, mask = pipeline.token_logprobs([data[i].prompt for i in idx], rows, suffixes)
-        loss = -logp[: len(idx)].sum() / mask[: len(idx)].sum()
-        if options is not None and mc:
-            loss = loss + options(mc, logp[len(idx) :].sum(-1))
+        # The backward pass reuses the kernels the forward pass chose: only the forward needs the guard.
+        with attention_for_training(pipeline.device):
+            logp, mask = pipeline.token_logprobs([data[i].prompt for i in idx], rows, suffixes)
+            loss = -logp[: len(idx)].sum() / mask[: len(idx)].sum()
+            if options is not None and mc:
+                loss = loss + options(mc, logp[len(idx) :].sum(-1))
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
         norm = float("nan")
@@ -298,7 +329,8 @@ def train_fuser(
         "examples": len(keep),
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
-        "seconds": time.perf_counter() - started,
+        "seconds": earlier_seconds + time.perf_counter() - started,
+        "resumed_at_step": resumed_at,
         "open_gates": int((fuser.gate_logits > 0).sum()),
         "skipped_steps": len(skipped),
         "first_skipped": skipped[0] if skipped else None,
