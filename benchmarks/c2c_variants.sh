@@ -12,7 +12,8 @@
 #
 # Training stops C2C_EVAL_RESERVE seconds (default 150) before the end, leaving time to evaluate what
 # finished; C2C_VARIANTS picks the variants (default: all below); C2C_BASE is the folder holding the
-# committed pair (default checkpoints/c2c; a carried copy when the tree travels without checkpoints).
+# committed pair (default checkpoints/c2c; a carried copy when the tree travels without checkpoints);
+# C2C_PARALLEL (default 3) caps how many variants run at once.
 #
 # Needs: transformers (pinned) on PYTHONPATH, the GGUF models under /root/models (../shared/gpu/README.md)
 # and the data under /root/c2cdata. The first run keeps dequantised copies under /root/models/hf.
@@ -33,12 +34,15 @@ common="--receiver $hf/receiver --sharer $hf/sharer --data /root/c2cdata --check
 declare -A recipe=(
   [base]="--steps 420 --distill-weight 1"
   [seed1]="--steps 420 --distill-weight 1 --seed 1"
+  [seed2]="--steps 420 --distill-weight 1 --seed 2"
+  [seed3]="--steps 420 --distill-weight 1 --seed 3"
   [long]="--steps 840 --distill-weight 1"
   [distill3]="--steps 420 --distill-weight 3"
   [mconly]="--steps 520 --distill-weight 1 --instructions 0"
   [mconly3]="--steps 520 --distill-weight 3 --instructions 0"
+  [allmc]="--steps 420 --distill-weight 1 --fuse-span all"
 )
-names=${C2C_VARIANTS:-"base seed1 long distill3 mconly mconly3"}
+names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc"}
 reserve=${C2C_EVAL_RESERVE:-150}
 
 if [ ! -f $hf/sharer/config.json ]; then
@@ -50,31 +54,38 @@ mkdir -p $runs/base
 [ -f $runs/base/c2c.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-from-gemma3.safetensors $runs/base/c2c.safetensors
 [ -f $runs/base/control.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-control-self.safetensors $runs/base/control.safetensors
 
-# Train: one process per (variant, fuser); each writes its own results file, merged at evaluation.
-for v in $names; do
+# Each variant is one pipeline: its two fusers train in parallel processes (each writes its own results
+# file, merged at the end), then the pair evaluates on dev, then test (no latency; the chosen pair's is
+# measured later), while other variants may still be training.
+variant() {
+  local v=$1 m split
   for m in c2c control; do
     [ -f $runs/$v/$m.safetensors ] && continue
     ( timeout $(( $(left) - reserve )) $eval_py $common ${recipe[$v]} $extra --methods $m --phases train \
         --out $runs/$v/train-$m --state-dir $runs/state/$v > $runs/$v.$m.train.log 2>&1
       [ -f $runs/$v/train-$m/$m.safetensors ] && cp $runs/$v/train-$m/$m.safetensors $runs/$v/ ) &
   done
-done
-while [ -n "$(jobs -r)" ]; do
-  sleep 30
+  wait
+  [ -f $runs/$v/c2c.safetensors ] && [ -f $runs/$v/control.safetensors ] || return 0
+  for split in dev test; do
+    [ -f $runs/$v/$split.done ] && continue
+    [ "$(left)" -gt 60 ] || return 0
+    timeout $(( $(left) - 30 )) $eval_py $common ${recipe[$v]} $extra --methods c2c,control --phases eval \
+      --split $split --latency-n 0 --out $runs/$v > $runs/$v.eval-$split.log 2>&1 && touch $runs/$v/$split.done
+  done
+}
+progress() {  # wait up to 30 s (less when every job has ended), then print each training's progress
+  for _ in 1 2 3 4 5 6; do sleep 5; [ -n "$(jobs -r)" ] || return 0; done
   echo "[$(date +%T)] $(for f in $runs/*.train.log; do printf '%s: %s  ' "$(basename $f .train.log)" \
     "$(tr '\r' '\n' < $f | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1)"; done)"
-done
-
-# Evaluate every fully trained variant on dev, then test (no latency; the chosen pair's is measured later).
+}
+# At most C2C_PARALLEL variants (two training processes each) at a time: 8 processes outgrew the H100's
+# 80 GB (out of memory at a 4.6 GiB option-scoring step), 6 fit.
 for v in $names; do
-  [ -f $runs/$v/c2c.safetensors ] && [ -f $runs/$v/control.safetensors ] || continue
-  ( for split in dev test; do
-      [ "$(left)" -gt 60 ] || exit 0
-      timeout $(( $(left) - 30 )) $eval_py $common ${recipe[$v]} $extra --methods c2c,control --phases eval \
-        --split $split --latency-n 0 --out $runs/$v > $runs/$v.eval-$split.log 2>&1
-    done ) &
+  while [ "$(jobs -rp | wc -l)" -ge "${C2C_PARALLEL:-3}" ]; do progress; done
+  variant $v &
 done
-wait
+while [ -n "$(jobs -r)" ]; do progress; done
 
 ${PYTHON:-python3} - "$runs" "$out" $names <<'EOF'
 import json, shutil, sys, tarfile
