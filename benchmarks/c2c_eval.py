@@ -131,6 +131,7 @@ def time_train_step(receiver: Any, sharer: Any, examples: list[Any], args: argpa
     import torch
 
     from cachelm.c2c import pair
+    from cachelm.c2c.train import attention_for_training
 
     fuser = pair.new_fuser(receiver, sharer, **_fuser_options(args))
     pipe = pair.pipeline(receiver, sharer, fuser)
@@ -145,7 +146,8 @@ def time_train_step(receiver: Any, sharer: Any, examples: list[Any], args: argpa
             if pipe.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-        loss = pipe.loss([e.prompt for e in batch], responses)
+        with attention_for_training(pipe.device):  # the kernels training uses
+            loss = pipe.loss([e.prompt for e in batch], responses)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -236,13 +238,18 @@ def paired_bootstrap(
     a: list[int], b: list[int], answers: list[int], n: int = 2000
 ) -> tuple[float, float, float]:
     """Accuracy difference a − b (points) with a 95% paired bootstrap interval over questions."""
+    diff = [int(x == y) - int(z == y) for x, z, y in zip(a, b, answers, strict=True)]
+    return bootstrap_mean(diff, n)
+
+
+def bootstrap_mean(values: list[float], n: int = 2000) -> tuple[float, float, float]:
+    """Mean of per-question values in points, with a 95% bootstrap interval over questions."""
     import random
 
-    diff = [int(x == y) - int(z == y) for x, z, y in zip(a, b, answers, strict=True)]
     rng = random.Random(0)
-    k = len(diff)
-    stats = sorted(sum(diff[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return 100 * sum(diff) / k, 100 * stats[int(0.025 * n)], 100 * stats[int(0.975 * n) - 1]
+    k = len(values)
+    stats = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return 100 * sum(values) / k, 100 * stats[int(0.025 * n)], 100 * stats[int(0.975 * n) - 1]
 
 
 def targets(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
@@ -494,6 +501,46 @@ def _gap_cell(acc: dict[str, Any], s: str, answers: dict[str, list[int]], bold: 
     return cell
 
 
+def _mean_gap(accs: list[dict[str, Any]], s: str, answers: dict[str, list[int]]) -> str:
+    """Mean C2C − control on set `s` in points over the runs that measured both, with a 95% bootstrap
+    interval over questions of the per-question mean (when `answers` has the set): the gap these recipes
+    share, with less of any one run's luck. A dash when no run measured it."""
+    runs = [a for a in accs if s in a.get("c2c", {}) and s in a.get("control", {})]
+    if not runs:
+        return "—"
+    gaps = [100 * (a["c2c"][s]["acc"] - a["control"][s]["acc"]) for a in runs]
+    cell = f"{sum(gaps) / len(gaps):+.1f} (n = {len(gaps)})"
+    if s in answers:
+        per_question = [
+            sum(
+                int(a["c2c"][s]["predictions"][q] == y) - int(a["control"][s]["predictions"][q] == y)
+                for a in runs
+            )
+            / len(runs)
+            for q, y in enumerate(answers[s])
+        ]
+        _, lo, hi = bootstrap_mean(per_question)
+        cell += f" [{lo:+.1f}, {hi:+.1f}]"
+    return cell
+
+
+def _train_cell(method: str, train: dict[str, Any]) -> str:
+    """`c2c 420 steps, 215 s, loss 9.3 → 6.8`, and how a resumed run's time was counted.
+
+    `resumed_at_step`: train_fuser's own record (its seconds include the saved steps' time);
+    `seconds_from_step`: a run from before it did so, whose seconds cover only the steps after the resume.
+    """
+    where = ""
+    if train.get("resumed_at_step") is not None:
+        where = f" (resumed at step {train['resumed_at_step']})"
+    elif train.get("seconds_from_step") is not None:
+        where = f" for steps {train['seconds_from_step']}–{train['steps']} (resumed; earlier time not kept)"
+    return (
+        f"{method} {train['steps']} steps, {train['seconds']:.0f} s{where}, loss "
+        f"{train['first_loss']:.3f} → {train['final_loss']:.3f}"
+    )
+
+
 def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> str:
     """Recipe variants trained side by side (benchmarks/c2c_variants.sh) and the one chosen on dev.
 
@@ -515,6 +562,12 @@ def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> st
         cells += [_gap_cell(test, s, answers) for s in SETS]
         label = f"**{name}** (chosen)" if name == chosen else name
         lines.append(f"| {label}: {run['recipe']} | " + " | ".join(cells) + " |")
+    mean = [
+        _mean_gap([run.get(split, {}) for run in recipes.values()], s, keys)
+        # `answers` holds the test sets' answers: the dev cell has no interval, as above.
+        for split, s, keys in [("dev_accuracy", "arc_easy", {})] + [("accuracy", s, answers) for s in SETS]
+    ]
+    lines.append(f"| mean Δ over the {len(recipes)} recipes | " + " | ".join(mean) + " |")
     lines.append("")
     lines.append(
         "Each recipe trains its C2C fuser and its fair control with the same settings; every recipe uses "
@@ -527,11 +580,7 @@ def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> st
         if all(m in train for m in ("c2c", "control")):
             lines.append(
                 f"Training of {name}: "
-                + "; ".join(
-                    f"{m} {train[m]['steps']} steps in {train[m]['seconds']:.0f} s, loss "
-                    f"{train[m]['first_loss']:.3f} → {train[m]['final_loss']:.3f}"
-                    for m in ("c2c", "control")
-                )
+                + "; ".join(_train_cell(m, train[m]) for m in ("c2c", "control"))
                 + (f" ({run['note']})" if run.get("note") else "")
                 + "."
             )

@@ -1,0 +1,87 @@
+"""The statistics behind the C2C report (`benchmarks/c2c_eval.py`): paired gaps, their intervals, the
+mean over recipes, and the recipe table's choice and training lines."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("c2c_eval", ROOT / "benchmarks" / "c2c_eval.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ANSWERS = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+
+
+def _run(c2c: list[int], control: list[int]) -> dict[str, Any]:
+    def acc(pred: list[int]) -> dict[str, Any]:
+        return {
+            "acc": sum(p == y for p, y in zip(pred, ANSWERS, strict=True)) / len(ANSWERS),
+            "predictions": pred,
+        }
+
+    return {"c2c": {"arc_easy": acc(c2c)}, "control": {"arc_easy": acc(control)}}
+
+
+def test_paired_bootstrap_gives_the_gap_and_an_interval_around_it(report: ModuleType) -> None:
+    c2c = [*ANSWERS[:7], 9, 9, 9]  # 7 right
+    control = ANSWERS[:5] + [9] * 5  # 5 right, each also right for C2C
+    gap, lo, hi = report.paired_bootstrap(c2c, control, ANSWERS)
+    assert gap == pytest.approx(20.0)
+    assert 0.0 <= lo <= gap <= hi <= 100.0  # per question the difference is 0 or +1, never −1
+    assert hi > lo
+    assert report.paired_bootstrap(c2c, c2c, ANSWERS) == (0.0, 0.0, 0.0)
+
+
+def test_mean_gap_averages_recipes_per_question(report: ModuleType) -> None:
+    right, wrong = list(ANSWERS), [9] * 10
+    one = _run(right[:6] + wrong[6:], right[:4] + wrong[4:])  # +20 points
+    two = _run(right[:4] + wrong[4:], right[:4] + wrong[4:])  # 0 points
+    cell = report._mean_gap([one, two, {}], "arc_easy", {"arc_easy": ANSWERS})
+    assert cell.startswith("+10.0 (n = 2) [")  # the run without the set is left out
+    lo, hi = (float(x) for x in cell.split("[")[1].rstrip("]").split(", "))
+    assert 0.0 <= lo < 10.0 < hi <= 50.0  # per question the mean is 0 or +0.5
+    assert report._mean_gap([one], "arc_easy", {}) == "+20.0 (n = 1)"  # no answers: no interval
+    assert report._mean_gap([{}], "arc_easy", {"arc_easy": ANSWERS}) == "—"
+
+
+def test_recipe_table_marks_the_dev_choice_and_how_a_resumed_run_was_timed(report: ModuleType) -> None:
+    right, wrong = list(ANSWERS), [9] * 10
+    train = {"steps": 420, "seconds": 215.0, "first_loss": 9.0, "final_loss": 7.0}
+    results = {
+        "chosen_recipe": "a",
+        "recipes": {
+            "a": {
+                "recipe": "first",
+                "dev_accuracy": _run(right[:6] + wrong[6:], right[:5] + wrong[5:]),
+                "accuracy": _run(right[:6] + wrong[6:], right[:6] + wrong[6:]),
+                "train": {"c2c": dict(train), "control": dict(train, resumed_at_step=300)},
+            },
+            "b": {
+                "recipe": "second",
+                "dev_accuracy": _run(right[:5] + wrong[5:], right[:5] + wrong[5:]),
+                "accuracy": _run(right[:8] + wrong[8:], right[:6] + wrong[6:]),
+                "train": {"c2c": dict(train, seconds_from_step=400), "control": dict(train)},
+            },
+        },
+    }
+    table = report.recipes_report(results, {"arc_easy": ANSWERS})
+    rows = {line.split(":")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| **a** (chosen)" in rows and "**+10.0**" in rows["| **a** (chosen)"]
+    assert "| b" in rows and "50.0 / 50.0 / **+0.0**" in rows["| b"]
+    mean_row = next(line for line in table.splitlines() if line.startswith("| mean Δ over the 2 recipes"))
+    assert "+5.0 (n = 2)" in mean_row and "+10.0 (n = 2) [" in mean_row  # dev, then ARC-Easy test
+    assert "control 420 steps, 215 s (resumed at step 300)" in table
+    assert "c2c 420 steps, 215 s for steps 400–420 (resumed; earlier time not kept)" in table
