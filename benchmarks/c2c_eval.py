@@ -8,7 +8,8 @@ about a minute on the GPU machine). Phases, each skippable and each leaving its 
   eval    receiver, sharer, c2c, control, t2t on ARC-Easy, ARC-Challenge, OpenBookQA test sets
           (option log-likelihood, Wilson 95% CI) + latency per question → results.json (rewritten
           after every method, so a timeout keeps what finished)
-  report  results.json → docs/BENCHMARKS.md (section "c2c") and docs/C2C.md (section "c2c-results")
+  report  results.json → docs/BENCHMARKS.md (section "c2c") and docs/C2C.md (section "c2c-results");
+          --section names another pair of sections (e.g. c2c-reverse for Gemma-3 ← SmolLM2)
 
 Reproduce (GPU machine, models staged as in ../shared/gpu/README.md):
   python benchmarks/c2c_eval.py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf \\
@@ -30,13 +31,30 @@ from cachelm.c2c.data import PROMPT_STYLES
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = ("receiver", "sharer", "c2c", "control", "t2t")
-LABELS = {
-    "receiver": "receiver alone (SmolLM2-135M)",
-    "sharer": "sharer alone (Gemma-3-270M)",
-    "t2t": "text-to-text (sharer hint → receiver)",
-    "control": "fair control (receiver ← itself)",
-    "c2c": "C2C (receiver ← Gemma-3 cache)",
-}
+# Packaged model → (full name, short name), for the report's labels.
+MODEL_NAMES = {"smollm2": ("SmolLM2-135M", "SmolLM2"), "gemma3": ("Gemma-3-270M", "Gemma-3")}
+
+
+def model_key(path_or_name: str) -> str | None:
+    """The packaged model a model argument names (its name, its GGUF file or a folder named after it)."""
+    text = Path(path_or_name).name.lower().replace("-", "").replace("_", "")
+    return next((key for key in MODEL_NAMES if key in text), None)
+
+
+def labels(meta: dict[str, Any]) -> dict[str, str]:
+    """Row labels for the methods; the first pair (SmolLM2 ← Gemma-3) when `meta` names no models."""
+    receiver, sharer = meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3")
+    r_full = MODEL_NAMES.get(receiver, (receiver, receiver))[0]
+    s_full, s_short = MODEL_NAMES.get(sharer, (sharer, sharer))
+    return {
+        "receiver": f"receiver alone ({r_full})",
+        "sharer": f"sharer alone ({s_full})",
+        "t2t": "text-to-text (sharer hint → receiver)",
+        "control": "fair control (receiver ← itself)",
+        "c2c": f"C2C (receiver ← {s_short} cache)",
+    }
+
+
 SETS = ("arc_easy", "arc_challenge", "openbookqa")
 SET_LABELS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA"}
 
@@ -324,7 +342,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         cells = [_acc_cell(acc.get(m, {}).get(s)) for s in SETS]
         lm = lat.get(m)
         times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
-        rows.append(f"| {LABELS[m]} | " + " | ".join(cells + times) + " |")
+        rows.append(f"| {labels(results.get('meta', {}))[m]} | " + " | ".join(cells + times) + " |")
     meta = results.get("meta", {})
     train = results.get("train", {})
     lines = [head + "\n".join(rows), ""]
@@ -389,7 +407,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
     for key, (tag, intro) in VARIANTS.items():
         if key not in results:
             continue
-        lines += ["", variant_report(results[key], answers or {}, tag, intro)]
+        lines += ["", variant_report(results[key], answers or {}, tag, intro, labels(meta))]
         if answers and "sharer" in acc:
             run = results[key]["accuracy"]
             lines += ["", sharer_reliance(run["c2c"], run["control"], acc["sharer"], answers)]
@@ -447,7 +465,9 @@ VARIANTS = {
 }
 
 
-def variant_report(run: dict[str, Any], answers: dict[str, list[int]], tag: str, intro: str) -> str:
+def variant_report(
+    run: dict[str, Any], answers: dict[str, list[int]], tag: str, intro: str, names: dict[str, str]
+) -> str:
     """A trained variant's C2C and fair control (accuracy, latency, C2C − control, training)."""
     acc, lat, train = run["accuracy"], run.get("latency", {}), run.get("train", {})
     lines = [
@@ -462,7 +482,7 @@ def variant_report(run: dict[str, Any], answers: dict[str, list[int]], tag: str,
         cells = [_acc_cell(acc[m][s]) for s in SETS]
         lm = lat.get(m)
         times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
-        lines.append(f"| {LABELS[m]} ({tag}) | " + " | ".join(cells + times) + " |")
+        lines.append(f"| {names[m]} ({tag}) | " + " | ".join(cells + times) + " |")
     diffs = []
     for s in SETS:
         if s in answers:
@@ -600,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="train,eval,report")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", type=Path, default=None, help="report phase: results.json to read")
+    p.add_argument(
+        "--section",
+        default="c2c",
+        help="report phase: section name in docs/BENCHMARKS.md (and NAME-results in docs/C2C.md); "
+        "e.g. c2c-reverse for the Gemma-3 ← SmolLM2 direction",
+    )
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
     p.add_argument("--train-budget-s", type=float, default=None, help="cap steps to fit both fusers in this")
@@ -653,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "hint_tokens": args.hint_tokens,
             "prompt_style": args.prompt_style,
+            "receiver_model": model_key(args.receiver) or Path(args.receiver).name,
+            "sharer_model": model_key(args.sharer) or Path(args.sharer).name,
         }
         log("loading models")
         receiver = pair.load(args.receiver, device=args.device, dtype=dtype)
@@ -684,8 +712,10 @@ def main(argv: list[str] | None = None) -> int:
             answers = {s: [q.answer for q in load_test(args.data, s)] for s in SETS}
         md = report(json.loads(Path(src).read_text()), answers)
         print(md)
-        write_section("c2c", md)
-        write_section("c2c-results", md, path=Path(__file__).resolve().parent.parent / "docs" / "C2C.md")
+        write_section(args.section, md)
+        write_section(
+            f"{args.section}-results", md, path=Path(__file__).resolve().parent.parent / "docs" / "C2C.md"
+        )
     return 0
 
 

@@ -85,3 +85,24 @@ def test_recipe_table_marks_the_dev_choice_and_how_a_resumed_run_was_timed(repor
     assert "+5.0 (n = 2)" in mean_row and "+10.0 (n = 2) [" in mean_row  # dev, then ARC-Easy test
     assert "control 420 steps, 215 s (resumed at step 300)" in table
     assert "c2c 420 steps, 215 s for steps 400–420 (resumed; earlier time not kept)" in table
+
+
+def test_labels_name_the_pair_in_either_direction(report: ModuleType) -> None:
+    assert report.model_key("/root/models/smollm2-135m-instruct-q4_1.gguf") == "smollm2"
+    assert report.model_key("gemma3") == report.model_key("/m/gemma-3-270m-q4_k_m.gguf") == "gemma3"
+    assert report.model_key("/root/models/hf/receiver") is None
+    first = report.labels({})  # results written before the names were recorded: the first pair
+    assert (
+        first["receiver"] == "receiver alone (SmolLM2-135M)"
+        and first["c2c"] == "C2C (receiver ← Gemma-3 cache)"
+    )
+    reverse = report.labels({"receiver_model": "gemma3", "sharer_model": "smollm2"})
+    assert reverse["receiver"] == "receiver alone (Gemma-3-270M)"
+    assert (
+        reverse["sharer"] == "sharer alone (SmolLM2-135M)"
+        and reverse["c2c"] == "C2C (receiver ← SmolLM2 cache)"
+    )
+    assert (
+        report.labels({"receiver_model": "other", "sharer_model": "x"})["receiver"]
+        == "receiver alone (other)"
+    )
