@@ -129,3 +129,49 @@ def test_loss_trains_the_fuser_only_and_matches_scoring(models: tuple[Any, Any])
     with torch.no_grad():
         nll = float(fused.loss([PROMPTS[1]], [response])) * len(response)
     assert -nll == pytest.approx(fused.score([PROMPTS[1]], [["grams"]])[0][0], abs=1e-4)
+
+
+@pytest.mark.parametrize("receiver_first", [True, False], ids=["llama-receiver", "gemma3-receiver"])
+def test_padding_rows_attend_to_themselves_and_real_rows_are_unchanged(
+    models: tuple[Any, Any], receiver_first: bool
+) -> None:
+    """A left-padded row of a whole-text forward would attend to nothing (NaN gradients on some CUDA
+    kernels); `_full_text_masks` lets it attend to itself. Every mask row then sees something, the real
+    queries' rows are the model's own, and a padded batch gives each prompt's logits alone — for a Llama
+    receiver and for a Gemma-3 receiver, whose sliding-window layers get their own mask."""
+    from transformers import DynamicCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    from cachelm.c2c.runtime import _full_text_masks
+
+    receiver, sharer = models if receiver_first else models[::-1]
+    fuser = pair.new_fuser(receiver, sharer, hidden_dim=16, token_alignment="causal", fuse_span="all")
+    randomize(fuser)
+    fused = pair.pipeline(receiver, sharer, fuser.eval())
+    batch = fused.prepare_full(PROMPTS, [[], []])
+    assert bool((batch.receiver_mask == 0).any())  # the shorter prompt is padded
+
+    built = _full_text_masks(receiver.model, batch, DynamicCache())
+    own = create_masks_for_generate(
+        config=receiver.model.config,
+        inputs_embeds=receiver.model.get_input_embeddings()(batch.receiver_ids),
+        attention_mask=batch.receiver_mask,
+        past_key_values=DynamicCache(),
+        position_ids=batch.receiver_positions,
+    )
+    masks = built if isinstance(built, dict) else {"full_attention": built}
+    owns = own if isinstance(own, dict) else {"full_attention": own}
+    assert set(masks) == set(owns) and (len(masks) > 1) == (not receiver_first)  # Gemma-3: two kinds
+    real = batch.receiver_mask.bool()[:, None, :]  # (B, 1, T) the real queries
+    for kind, mask in masks.items():
+        assert mask.dtype == torch.bool and bool(mask.any(-1).all()), kind  # no empty row
+        empty = ~owns[kind].any(-1)
+        assert bool(empty.any()) and not bool((empty & real).any()), kind  # padding rows, only, were empty
+        assert torch.equal(mask[real], owns[kind][real]), kind  # real rows untouched
+
+    with torch.no_grad():
+        logits, _ = fused._forward_all(batch)
+        for b, prompt in enumerate(PROMPTS):
+            alone, _ = fused._forward_all(fused.prepare_full([prompt], [[]]))
+            n = alone.shape[1]
+            assert torch.allclose(logits[b, -n:], alone[0], atol=1e-4), b

@@ -63,6 +63,49 @@ def _pad_left(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def _self_attending_padding(mask: Any) -> Any:
+    """`mask` (a boolean (B, 1, Q, K) SDPA mask) with every row that attends to nothing given its own
+    column; anything else (None, a float or 2D mask) as it is."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return mask
+    empty = ~mask.any(-1)  # (B, 1, Q)
+    if not bool(empty.any()):
+        return mask
+    q, k = mask.shape[-2:]
+    own = torch.zeros_like(mask)
+    rows = torch.arange(q, device=mask.device)
+    own[..., rows, k - q + rows] = True  # query i's own key column
+    return mask | (own & empty[..., None])
+
+
+def _full_text_masks(model: Any, batch: ContextBatch, cache: DynamicCache) -> Any:
+    """The receiver's attention masks for a left-padded whole-text forward, with no row attending to nothing.
+
+    A left-padding position sees no real token and no other padding, so its SDPA row is empty. Kernels
+    disagree on such rows: cuDNN's backward returns NaN gradients for them (pytorch/pytorch#196678),
+    older memory-efficient kernels NaN outputs, and autograd carries a NaN from any row into every
+    gradient. Each padding position attends to itself here instead; no real position attends to padding,
+    so real positions are unchanged. The masks come from the model's own builder (one per layer kind, e.g.
+    Gemma-3's sliding layers); a model whose builder gives no boolean mask gets its 2D mask unchanged.
+    """
+    from transformers.masking_utils import create_masks_for_generate
+
+    built = create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=model.get_input_embeddings()(batch.receiver_ids),  # its shape and dtype are read
+        attention_mask=batch.receiver_mask,
+        past_key_values=cache,
+        position_ids=batch.receiver_positions,
+    )
+    if isinstance(built, dict):
+        fixed = {kind: _self_attending_padding(m) for kind, m in built.items()}
+        # A model with one kind of layer (Llama) takes the mask itself; hybrid ones (Gemma-3) the mapping.
+        return fixed if len(fixed) > 1 else next(iter(fixed.values()))
+    if built is None or (isinstance(built, torch.Tensor) and built.dim() == 2):
+        return batch.receiver_mask
+    return _self_attending_padding(built)
+
+
 def _layers(cache: DynamicCache) -> list[Any]:
     """The cache's per-layer objects (each with `.keys` / `.values`, (B, H, T, D))."""
     return list(cache.layers)
@@ -305,7 +348,7 @@ class C2CPipeline:
         cache = _FusingCache(self.fuser, self._aligned_sharer(batch), batch.receiver_mask)
         out = self.receiver(
             input_ids=batch.receiver_ids,
-            attention_mask=batch.receiver_mask,
+            attention_mask=_full_text_masks(self.receiver, batch, cache),
             position_ids=batch.receiver_positions,
             past_key_values=cache,
             use_cache=True,
