@@ -256,8 +256,12 @@ def paired_bootstrap(
     a: list[int], b: list[int], answers: list[int], n: int = 2000
 ) -> tuple[float, float, float]:
     """Accuracy difference a − b (points) with a 95% paired bootstrap interval over questions."""
-    diff = [int(x == y) - int(z == y) for x, z, y in zip(a, b, answers, strict=True)]
-    return bootstrap_mean(diff, n)
+    return bootstrap_mean(_right_minus(a, b, answers), n)
+
+
+def _right_minus(a: list[int], b: list[int], answers: list[int]) -> list[float]:
+    """Per question: 1 where only `a` is right, −1 where only `b` is, else 0."""
+    return [int(x == y) - int(z == y) for x, z, y in zip(a, b, answers, strict=True)]
 
 
 def bootstrap_mean(values: list[float], n: int = 2000) -> tuple[float, float, float]:
@@ -335,6 +339,8 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
     acc, lat = results.get("accuracy", {}), results.get("latency", {})
     head = "| method | " + " | ".join(f"{SET_LABELS[s]} acc % [95% CI]" for s in SETS)
     head += " | TTFT ms | total ms |\n|---|" + "---|" * (len(SETS) + 2) + "\n"
+    meta = results.get("meta", {})
+    names = labels(meta)
     rows = []
     for m in ("receiver", "sharer", "t2t", "control", "c2c"):
         if m not in acc and m not in lat:
@@ -342,8 +348,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         cells = [_acc_cell(acc.get(m, {}).get(s)) for s in SETS]
         lm = lat.get(m)
         times = [f"{1000 * lm['ttft_mean_s']:.0f}", f"{1000 * lm['total_mean_s']:.0f}"] if lm else ["—", "—"]
-        rows.append(f"| {labels(results.get('meta', {}))[m]} | " + " | ".join(cells + times) + " |")
-    meta = results.get("meta", {})
+        rows.append(f"| {names[m]} | " + " | ".join(cells + times) + " |")
     train = results.get("train", {})
     lines = [head + "\n".join(rows), ""]
     sizes = ", ".join(f"{SET_LABELS[s]} n={acc.get('receiver', {}).get(s, {}).get('n', '?')}" for s in SETS)
@@ -407,7 +412,7 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
     for key, (tag, intro) in VARIANTS.items():
         if key not in results:
             continue
-        lines += ["", variant_report(results[key], answers or {}, tag, intro, labels(meta))]
+        lines += ["", variant_report(results[key], answers or {}, tag, intro, names)]
         if answers and "sharer" in acc:
             run = results[key]["accuracy"]
             lines += ["", sharer_reliance(run["c2c"], run["control"], acc["sharer"], answers)]
@@ -531,15 +536,10 @@ def _mean_gap(accs: list[dict[str, Any]], s: str, answers: dict[str, list[int]])
     gaps = [100 * (a["c2c"][s]["acc"] - a["control"][s]["acc"]) for a in runs]
     cell = f"{sum(gaps) / len(gaps):+.1f} (n = {len(gaps)})"
     if s in answers:
-        per_question = [
-            sum(
-                int(a["c2c"][s]["predictions"][q] == y) - int(a["control"][s]["predictions"][q] == y)
-                for a in runs
-            )
-            / len(runs)
-            for q, y in enumerate(answers[s])
+        diffs = [
+            _right_minus(a["c2c"][s]["predictions"], a["control"][s]["predictions"], answers[s]) for a in runs
         ]
-        _, lo, hi = bootstrap_mean(per_question)
+        _, lo, hi = bootstrap_mean([sum(q) / len(runs) for q in zip(*diffs, strict=True)])
         cell += f" [{lo:+.1f}, {hi:+.1f}]"
     return cell
 

@@ -90,9 +90,11 @@ def _full_text_masks(model: Any, batch: ContextBatch, cache: DynamicCache) -> An
     """
     from transformers.masking_utils import create_masks_for_generate
 
+    b, t = batch.receiver_ids.shape
     built = create_masks_for_generate(
         config=model.config,
-        inputs_embeds=model.get_input_embeddings()(batch.receiver_ids),  # its shape and dtype are read
+        # The builder reads only the batch size, length, dtype and device of the embeddings.
+        inputs_embeds=batch.receiver_ids.new_empty((b, t, 0), dtype=model.dtype),
         attention_mask=batch.receiver_mask,
         past_key_values=cache,
         position_ids=batch.receiver_positions,
