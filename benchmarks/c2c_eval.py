@@ -8,6 +8,7 @@ about a minute on the GPU machine). Phases, each skippable and each leaving its 
   eval    receiver, sharer, c2c, control, t2t on ARC-Easy, ARC-Challenge, OpenBookQA test sets
           (option log-likelihood, Wilson 95% CI) + latency per question → results.json (rewritten
           after every method, so a timeout keeps what finished)
+  merge   c2c_variants.sh's recipe runs (--variants DIR) → results["recipes"] of --results, chosen on dev
   report  results.json → docs/BENCHMARKS.md (section "c2c") and docs/C2C.md (section "c2c-results");
           --section names another pair of sections (e.g. c2c-reverse for Gemma-3 ← SmolLM2)
 
@@ -607,6 +608,40 @@ def recipes_report(results: dict[str, Any], answers: dict[str, list[int]]) -> st
     return "\n".join(lines)
 
 
+def merge_recipes(results: dict[str, Any], variants: Path) -> list[str]:
+    """Fold the runs of benchmarks/c2c_variants.sh (its `variants.tar.gz`, extracted into `variants`:
+    one folder per recipe with results.json and recipe.txt) into `results["recipes"]`, and choose again:
+    the largest C2C − control on ARC-Easy dev. A recipe already present keeps its description, note and
+    any training field the new run lacks; the new run's numbers replace the old. Returns the names merged.
+    """
+    recipes = results.setdefault("recipes", {})
+    merged = []
+    for run_file in sorted(variants.glob("*/results.json")):
+        name, run = run_file.parent.name, json.loads(run_file.read_text())
+        if "dev_accuracy" not in run or "accuracy" not in run:
+            continue  # trained but not evaluated on both splits
+        flags = run_file.parent / "recipe.txt"
+        old = recipes.get(name, {})
+        entry = {
+            "recipe": old.get("recipe") or (flags.read_text().strip() if flags.is_file() else name),
+            "dev_accuracy": run["dev_accuracy"],
+            "accuracy": run["accuracy"],
+            "train": {m: {**old.get("train", {}).get(m, {}), **t} for m, t in run.get("train", {}).items()},
+        }
+        if old.get("note"):
+            entry["note"] = old["note"]
+        recipes[name] = entry
+        merged.append(name)
+
+    def dev_gap(name: str) -> float:
+        dev = recipes[name]["dev_accuracy"]
+        return float(dev["c2c"]["arc_easy"]["acc"] - dev["control"]["arc_easy"]["acc"])
+
+    if recipes:
+        results["chosen_recipe"] = max(recipes, key=dev_gap)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--receiver", default="smollm2")
@@ -619,7 +654,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--phases", default="train,eval,report")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--results", type=Path, default=None, help="report phase: results.json to read")
+    p.add_argument("--results", type=Path, default=None, help="merge/report phases: results.json to read")
+    p.add_argument(
+        "--variants",
+        type=Path,
+        default=None,
+        help="merge phase: c2c_variants.sh's variants.tar.gz, extracted (one folder per recipe)",
+    )
     p.add_argument(
         "--section",
         default="c2c",
@@ -701,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
             eval_phase(args, receiver, sharer, results, t0)
         write_results(args, results)
         log(f"done ({time.perf_counter() - t0:.0f}s)")
+    if "merge" in phases:
+        if args.variants is None or args.results is None:
+            raise SystemExit("--phases merge needs --variants DIR and --results FILE")
+        results = json.loads(args.results.read_text())
+        log(f"merged recipes {merge_recipes(results, args.variants)}; chosen: {results['chosen_recipe']}")
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
     if "report" in phases:
         from _report import write_section
 

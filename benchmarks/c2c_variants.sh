@@ -59,6 +59,7 @@ mkdir -p $runs/base
 # measured later), while other variants may still be training.
 variant() {
   local v=$1 m split
+  mkdir -p $runs/$v && echo "${recipe[$v]}" > $runs/$v/recipe.txt  # for c2c_eval.py --phases merge
   for m in c2c control; do
     [ -f $runs/$v/$m.safetensors ] && continue
     ( timeout $(( $(left) - reserve )) $eval_py $common ${recipe[$v]} $extra --methods $m --phases train \
@@ -110,7 +111,7 @@ for v in names:
                          for k, x in r.items() if k in ("dev_accuracy", "accuracy")}))
 print("ARC-Easy dev C2C − control:", {v: round(g, 2) for v, g in gaps.items()})
 with tarfile.open(out / "variants.tar.gz", "w:gz") as tar:
-    for p in sorted(runs.glob("*/results.json")) + sorted(runs.glob("*.log")):
+    for p in sorted(runs.glob("*/results.json")) + sorted(runs.glob("*/recipe.txt")) + sorted(runs.glob("*.log")):
         tar.add(p, arcname=str(p.relative_to(runs)))
 if gaps:
     best = max(gaps, key=lambda v: gaps[v])

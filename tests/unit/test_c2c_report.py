@@ -106,3 +106,40 @@ def test_labels_name_the_pair_in_either_direction(report: ModuleType) -> None:
         report.labels({"receiver_model": "other", "sharer_model": "x"})["receiver"]
         == "receiver alone (other)"
     )
+
+
+def test_merge_folds_variant_runs_in_and_chooses_on_dev(report: ModuleType, tmp_path: Path) -> None:
+    import json
+
+    right, wrong = list(ANSWERS), [9] * 10
+    train = {"steps": 420, "seconds": 215.0, "first_loss": 9.0, "final_loss": 7.0}
+    runs = {
+        "base": _run(right[:6] + wrong[6:], right[:5] + wrong[5:]),  # dev +10
+        "wide": _run(right[:8] + wrong[8:], right[:5] + wrong[5:]),  # dev +30
+    }
+    for name, dev in runs.items():
+        (tmp_path / name).mkdir()
+        run = {"dev_accuracy": dev, "accuracy": dev, "train": {"c2c": dict(train, seconds=300.0)}}
+        (tmp_path / name / "results.json").write_text(json.dumps(run))
+    (tmp_path / "wide" / "recipe.txt").write_text("--steps 420 --hidden 256\n")
+    (tmp_path / "unfinished").mkdir()  # trained, not evaluated: left out
+    (tmp_path / "unfinished" / "results.json").write_text(json.dumps({"train": {}}))
+    results = {
+        "recipes": {
+            "base": {
+                "recipe": "the committed pair",
+                "note": "kept",
+                "dev_accuracy": {},
+                "accuracy": {},
+                "train": {"c2c": dict(train, seconds_from_step=400)},
+            }
+        },
+        "chosen_recipe": "base",
+    }
+    assert report.merge_recipes(results, tmp_path) == ["base", "wide"]
+    base, wide = results["recipes"]["base"], results["recipes"]["wide"]
+    assert base["recipe"] == "the committed pair" and base["note"] == "kept"
+    assert base["train"]["c2c"]["seconds"] == 300.0 and base["train"]["c2c"]["seconds_from_step"] == 400
+    assert base["dev_accuracy"] == runs["base"]
+    assert wide["recipe"] == "--steps 420 --hidden 256" and "note" not in wide
+    assert results["chosen_recipe"] == "wide"
