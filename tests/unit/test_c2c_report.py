@@ -83,7 +83,14 @@ def test_recipe_table_marks_the_dev_choice_and_how_a_resumed_run_was_timed(repor
     assert "| b" in rows and "50.0 / 50.0 / **+0.0**" in rows["| b"]
     mean_row = next(line for line in table.splitlines() if line.startswith("| mean Δ over the 2 recipes"))
     assert "+5.0 (n = 2)" in mean_row and "+10.0 (n = 2) [" in mean_row  # dev, then ARC-Easy test
+    assert "seeds" not in table  # neither "base" nor a "seedN" rerun: no seed row
     assert "control 420 steps, 215 s (resumed at step 300)" in table
+    a, b = results["recipes"]["a"], results["recipes"]["b"]
+    results["recipes"] = {"base": a, "seed2": b, "c": a}
+    seed_row = next(
+        line for line in report.recipes_report(results, {"arc_easy": ANSWERS}).splitlines() if "seeds" in line
+    )
+    assert seed_row.startswith("| mean Δ over the committed recipe's 2 seeds (base, seed2) | +5.0 (n = 2) |")
     assert "c2c 420 steps, 215 s for steps 400–420 (resumed; earlier time not kept)" in table
 
 
@@ -141,5 +148,15 @@ def test_merge_folds_variant_runs_in_and_chooses_on_dev(report: ModuleType, tmp_
     assert base["recipe"] == "the committed pair" and base["note"] == "kept"
     assert base["train"]["c2c"]["seconds"] == 300.0 and base["train"]["c2c"]["seconds_from_step"] == 400
     assert base["dev_accuracy"] == runs["base"]
-    assert wide["recipe"] == "--steps 420 --hidden 256" and "note" not in wide
+    assert wide["recipe"] == "420 steps, fuser width 256" and "note" not in wide
     assert results["chosen_recipe"] == "wide"
+
+
+def test_recipe_flags_are_described_in_words(report: ModuleType) -> None:
+    assert (
+        report.describe_recipe("--steps 420 --distill-weight 1 --fuse-span all --seed 2\n")
+        == "420 steps, KL weight 1, every position fused, seed 2"
+    )
+    assert report.describe_recipe("--instructions 0 --new-flag 3 --flag") == (
+        "0 instructions, --new-flag 3, --flag"
+    )
