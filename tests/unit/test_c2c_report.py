@@ -1,5 +1,6 @@
-"""The statistics behind the C2C report (`benchmarks/c2c_eval.py`): paired gaps, their intervals, the
-mean over recipes, and the recipe table's choice and training lines."""
+"""The statistics behind the C2C reports (`benchmarks/c2c_eval.py`, `benchmarks/c2c_ceiling.py`): paired
+gaps, their intervals, the mean over recipes, the recipe table's choice and training lines, and the
+score mixes of the ceiling."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("c2c_eval", ROOT / "benchmarks" / "c2c_eval.py")
+def _benchmark(name: str) -> ModuleType:
+    """Import `benchmarks/<name>.py` (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def report() -> ModuleType:
+    return _benchmark("c2c_eval")
 
 
 ANSWERS = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
@@ -160,3 +166,28 @@ def test_recipe_flags_are_described_in_words(report: ModuleType) -> None:
     assert report.describe_recipe("--instructions 0 --new-flag 3 --flag") == (
         "0 instructions, --new-flag 3, --flag"
     )
+
+
+@pytest.fixture(scope="module")
+def ceiling() -> ModuleType:
+    return _benchmark("c2c_ceiling")
+
+
+def test_score_mix_picks_the_dev_weight_and_applies_it_to_test(ceiling: ModuleType) -> None:
+    # Question 1: `a` prefers option 0 by 1.0, `b` prefers option 1 by 4.0; the right answer is 1.
+    a, b = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 4.0], [0.0, 1.0]]
+    assert ceiling.mix(a, b, 0.0) == [0, 1]
+    assert ceiling.mix(a, b, 0.5) == [1, 1]  # 1.0 + 0 < 0 + 0.5·4
+    assert ceiling.best_weight(a, b, [1, 1]) == 0.3  # the smallest grid weight past the tie (w = 0.25)
+    assert ceiling.best_weight(a, b, [0, 1]) == 0.0  # mixing only hurts: w stays 0
+
+    scores = {"receiver": a, "sharer": b, "control": a, "c2c": b}
+    data = {
+        "device": "cpu",
+        "seconds": 1.0,
+        "scores": {"Dev": scores, "Test": scores},
+        "answers": {"Dev": [1, 1], "Test": [1, 1]},
+    }
+    rows = {line.split(" | ")[0]: line for line in ceiling.report(data).splitlines() if line.startswith("| ")}
+    assert rows["| control + w·sharer"].startswith("| control + w·sharer | 0.30 | 100.0 | 100.0 | +50.0 [")
+    assert rows["| control"] == "| control | — | 50.0 | 50.0 | — |"
