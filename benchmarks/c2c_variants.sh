@@ -45,6 +45,16 @@ declare -A recipe=(
 names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc"}
 reserve=${C2C_EVAL_RESERVE:-150}
 
+# The pinned transformers, or nothing: the GPU machine's own 5.17 loads Gemma-3 from GGUF into a broken
+# model, and the dequantised copies saved below would carry that into every later run without an error.
+pinned=$(grep -o 'transformers==[0-9.]*' pyproject.toml | head -n 1 | cut -d= -f3)
+have=$(${PYTHON:-python3} -c "import transformers; print(transformers.__version__)" 2>/dev/null)
+if [ "$have" != "$pinned" ]; then
+  echo "transformers $pinned (pyproject.toml) is needed first on PYTHONPATH, found '${have:-none}':" \
+    "install the carried wheel into /tmp/tf (see benchmarks/gpu_stage.sh)" >&2
+  exit 1
+fi
+
 if [ ! -f $hf/sharer/config.json ]; then
   $eval_py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf --sharer /root/models/gemma-3-270m-q4_k_m.gguf \
     --data /root/c2cdata --checkpoint-dir /nonexistent --device cuda --save-hf $hf --phases eval \
