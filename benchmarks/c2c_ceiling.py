@@ -91,6 +91,57 @@ def best_weight(a: list[list[float]], b: list[list[float]], answers: list[int]) 
     return max(GRID, key=lambda w: (accuracy(mix(a, b, w), answers), -w))
 
 
+def _features(a: list[list[float]], b: list[list[float]]) -> tuple[Any, Any]:
+    """Per option: both models' log-probabilities over the question's options, alone and times each
+    model's confidence (its top option's probability), so the fit can trust the sharer more where the
+    receiver is unsure. Returns features (Q, K, 6) padded to K options and the mask of real options."""
+    import torch
+
+    k = max(len(r) for r in a)
+    feats = torch.zeros(len(a), k, 6)
+    mask = torch.zeros(len(a), k, dtype=torch.bool)
+    for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
+        la = torch.log_softmax(torch.tensor(ra, dtype=torch.float64), 0).float()
+        lb = torch.log_softmax(torch.tensor(rb, dtype=torch.float64), 0).float()
+        ca, cb = la.exp().max(), lb.exp().max()
+        feats[i, : len(ra)] = torch.stack([la, lb, la * ca, lb * ca, la * cb, lb * cb], dim=1)
+        mask[i, : len(ra)] = True
+    return feats, mask
+
+
+def stack(
+    dev_a: list[list[float]],
+    dev_b: list[list[float]],
+    dev_y: list[int],
+    test_a: list[list[float]],
+    test_b: list[list[float]],
+) -> tuple[list[int], list[int]]:
+    """A confidence-weighted late fusion fitted on dev: a conditional logit over each question's options
+    on `_features` (6 weights, L2 0.01, L-BFGS). Predictions on dev (in-sample) and on test."""
+    import torch
+
+    x, mask = _features(dev_a, dev_b)
+    y = torch.tensor(dev_y)
+    theta = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = (x @ theta).masked_fill(~mask, float("-inf"))
+        loss = torch.nn.functional.cross_entropy(logits, y) + 0.01 * theta.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(a: list[list[float]], b: list[list[float]]) -> list[int]:
+        xs, m = _features(a, b)
+        with torch.no_grad():
+            return (xs @ theta).masked_fill(~m, float("-inf")).argmax(1).tolist()
+
+    return predict(dev_a, dev_b), predict(test_a, test_b)
+
+
 def report(data: dict[str, Any]) -> str:
     from c2c_eval import paired_bootstrap
 
@@ -118,6 +169,8 @@ def report(data: dict[str, Any]) -> str:
                 f"{w:.2f}",
             )
         )
+    dev_pred, test_pred = stack(dev["control"], dev["sharer"], dev_y, test["control"], test["sharer"])
+    rows.append(("control ⊕ sharer, confidence-weighted (fitted on dev)", dev_pred, test_pred, "6 weights"))
     for name, dev_pred, test_pred, w in rows:
         d, lo, hi = paired_bootstrap(test_pred, control_test, test_y)
         gap = "—" if name == "control" else f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
@@ -129,7 +182,10 @@ def report(data: dict[str, Any]) -> str:
         "`control + w·sharer` reads the sharer's score of every option at answer time (two models, every "
         "option through both); context-only C2C passes only the sharer's cache of the question. Its gain "
         "over the control is a yardstick for what the sharer can add on top of task training, not a bound: "
-        "a fuser may combine the two models' knowledge otherwise than by adding scores.",
+        "a fuser may combine the two models' knowledge otherwise than by adding scores. The "
+        "confidence-weighted row lets the weights depend on how sure each model is (a conditional logit "
+        "over the options on both models' log-probabilities, alone and times each model's top "
+        "probability, fitted on dev: its dev accuracy is in-sample).",
         "Command: `python benchmarks/c2c_ceiling.py --data ../shared/data` (scores saved to "
         "`benchmarks/c2c_ceiling.json`; `--phases report` re-renders from them).",
     ]

@@ -191,3 +191,16 @@ def test_score_mix_picks_the_dev_weight_and_applies_it_to_test(ceiling: ModuleTy
     rows = {line.split(" | ")[0]: line for line in ceiling.report(data).splitlines() if line.startswith("| ")}
     assert rows["| control + w·sharer"].startswith("| control + w·sharer | 0.30 | 100.0 | 100.0 | +50.0 [")
     assert rows["| control"] == "| control | — | 50.0 | 50.0 | — |"
+
+
+def test_confidence_weighted_fusion_learns_to_trust_the_sharer_where_the_receiver_is_unsure(
+    ceiling: ModuleType,
+) -> None:
+    # Option 0 is always right. `a` is sure and right on even questions, unsure and wrong on odd ones;
+    # `b` is right on odd questions and strongly wrong on even ones. Each alone is right half the time.
+    a = [[4.0, 0.0, 0.0] if i % 2 == 0 else [0.0, 0.2, 0.0] for i in range(40)]
+    b = [[0.0, 6.0, 0.0] if i % 2 == 0 else [1.5, 0.0, 0.0] for i in range(40)]
+    y = [0] * 40
+    assert ceiling.accuracy(ceiling._pick(a), y) == ceiling.accuracy(ceiling._pick(b), y) == 50.0
+    dev_pred, test_pred = ceiling.stack(a, b, y, a[:10], b[:10])
+    assert ceiling.accuracy(dev_pred, y) == 100.0 and test_pred == [0] * 10
