@@ -134,12 +134,11 @@ def stack(
 
     opt.step(closure)
 
-    def predict(a: list[list[float]], b: list[list[float]]) -> list[int]:
-        xs, m = _features(a, b)
+    def predict(xs: torch.Tensor, m: torch.Tensor) -> list[int]:
         with torch.no_grad():
             return (xs @ theta).masked_fill(~m, float("-inf")).argmax(1).tolist()
 
-    return predict(dev_a, dev_b), predict(test_a, test_b)
+    return predict(x, mask), predict(*_features(test_a, test_b))
 
 
 def report(data: dict[str, Any]) -> str:

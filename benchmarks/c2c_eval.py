@@ -77,12 +77,9 @@ def _save_hf(loaded: Any, target: Path) -> None:
 
 
 def _fuser_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The fuser's shape and alignment, the same for the C2C fuser and its fair control."""
-    return {
-        "hidden_dim": args.hidden,
-        "fuse_span": args.fuse_span,
-        "token_alignment": "causal" if args.fuse_span == "all" else "last",
-    }
+    """The fuser's shape and span (its token alignment follows from the span), the same for the C2C
+    fuser and its fair control."""
+    return {"hidden_dim": args.hidden, "fuse_span": args.fuse_span}
 
 
 def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any]) -> None:
@@ -623,15 +620,18 @@ def describe_recipe(flags: str) -> str:
         "--seed": "seed {}",
         "--hidden": "fuser width {}",
         "--lr": "lr {}",
-        "--fuse-span": "{} positions fused",
         "--instructions": "{} instructions",
+        "--fuse-span all": "every position fused",
+        "--fuse-span context": "context fused",
     }
     tokens, parts = flags.split(), []
     while tokens:
         flag = tokens.pop(0)
         value = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
-        if flag in words and value is not None:
-            parts.append(words[flag].format(value).replace("all positions", "every position"))
+        if f"{flag} {value}" in words:  # a flag whose value changes the words
+            parts.append(words[f"{flag} {value}"])
+        elif flag in words and value is not None:
+            parts.append(words[flag].format(value))
         else:
             parts.append(flag if value is None else f"{flag} {value}")
     return ", ".join(parts)

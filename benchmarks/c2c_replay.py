@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     receiver = pair.load(args.receiver, device=args.device, dtype=getattr(torch, args.dtype))
     sharer = receiver if args.sharer is None else pair.load(args.sharer, device=args.device)
-    alignment = "causal" if args.fuse_span == "all" else "last"
-    options: dict[str, Any] = {"seed": args.seed, "fuse_span": args.fuse_span, "token_alignment": alignment}
+    options: dict[str, Any] = {"seed": args.seed, "fuse_span": args.fuse_span}
     if args.sharer is None:  # the control fuses the layers the real pair fuses
         layers = make_layer_map("terminal", receiver.shape.num_layers, args.sharer_layers)
         options["receiver_layers"] = tuple(r for r, _ in layers)

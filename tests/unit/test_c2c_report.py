@@ -4,28 +4,18 @@ score mixes of the ceiling."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _benchmark(name: str) -> ModuleType:
-    """Import `benchmarks/<name>.py` (the benchmarks folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def report() -> ModuleType:
-    return _benchmark("c2c_eval")
+    return load_benchmark("c2c_eval")
 
 
 ANSWERS = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
@@ -170,7 +160,7 @@ def test_recipe_flags_are_described_in_words(report: ModuleType) -> None:
 
 @pytest.fixture(scope="module")
 def ceiling() -> ModuleType:
-    return _benchmark("c2c_ceiling")
+    return load_benchmark("c2c_ceiling")
 
 
 def test_score_mix_picks_the_dev_weight_and_applies_it_to_test(ceiling: ModuleType) -> None:

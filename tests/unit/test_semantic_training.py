@@ -7,14 +7,12 @@ writer, the trainer and `benchmarks/semantic_finetune_full.py` (run here on the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 import zlib
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -48,8 +46,8 @@ from cachelm.semantic.training import (
     warmup_linear,
     write_bundle,
 )
+from tests.scripts import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB, CLS, SEP = 60, 1, 2
 CPU = torch.device("cpu")
 
@@ -297,16 +295,8 @@ def test_calibration_file_round_trip(tmp_path: Path) -> None:
         calibrated_threshold("m", path)
 
 
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_full_finetune_script_end_to_end_on_cpu(bundle_dir: Path, tmp_path: Path) -> None:
-    script = load_script("semantic_finetune_full")
+    script = load_benchmark("semantic_finetune_full")
     out = tmp_path / "out"
     args = ["train", "--bundle", str(bundle_dir), "--out", str(out), "--device", "cpu"]
     assert script.main([*args, "--set", "epochs=1,batch=8,max_len=8", "--budget-s", "0"]) == 0

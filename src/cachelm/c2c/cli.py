@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
         mlp_layers=args.mlp_layers,
         layer_map=args.layer_map,
         receiver_layers=layers,
-        token_alignment=args.token_alignment or ("causal" if args.fuse_span == "all" else "last"),
+        token_alignment=args.token_alignment,
         sharer_positions=args.sharer_positions,
         fuse_span=args.fuse_span,
     )

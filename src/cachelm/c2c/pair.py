@@ -76,12 +76,15 @@ def new_fuser(
     mlp_layers: int = 2,
     layer_map: LayerMapKind = "terminal",
     receiver_layers: tuple[int, ...] | None = None,
-    token_alignment: TokenAlignment = "last",
+    token_alignment: TokenAlignment | None = None,
     sharer_positions: SharerPositions = "receiver",
     fuse_span: FuseSpan = "context",
     seed: int = 0,
 ) -> C2CFuser:
     """A freshly initialised fuser for the pair.
+
+    `token_alignment` defaults to the rule `fuse_span` calls for: "last" for context fusion, "causal"
+    when every position is fused (the only rule that never reads ahead there).
 
     `receiver_layers` restricts fusion to those receiver layers, each paired with the sharer layer at the
     same index; the fair control uses it to fuse exactly the layers the real pair fuses.
@@ -98,7 +101,7 @@ def new_fuser(
         layer_map=pairs,
         hidden_dim=hidden_dim,
         mlp_layers=mlp_layers,
-        token_alignment=token_alignment,
+        token_alignment=token_alignment or ("causal" if fuse_span == "all" else "last"),
         sharer_positions=sharer_positions,
         fuse_span=fuse_span,
     )
