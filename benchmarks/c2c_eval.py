@@ -8,6 +8,8 @@ about a minute on the GPU machine). Phases, each skippable and each leaving its 
   eval    receiver, sharer, c2c, control, t2t on ARC-Easy, ARC-Challenge, OpenBookQA test sets
           (option log-likelihood, Wilson 95% CI) + latency per question → results.json (rewritten
           after every method, so a timeout keeps what finished)
+  fold    the training summaries of fusers trained in their own processes (OUT/train-c2c, OUT/train-control,
+          as c2c_variants.sh and c2c_reverse.sh run them) → OUT/results.json
   merge   c2c_variants.sh's recipe runs (--variants DIR) → results["recipes"] of --results, chosen on dev
   report  results.json → docs/BENCHMARKS.md (section "c2c") and docs/C2C.md (section "c2c-results");
           --section names another pair of sections (e.g. c2c-reverse for Gemma-3 ← SmolLM2)
@@ -77,9 +79,15 @@ def _save_hf(loaded: Any, target: Path) -> None:
 
 
 def _fuser_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The fuser's shape and span (its token alignment follows from the span), the same for the C2C
-    fuser and its fair control."""
-    return {"hidden_dim": args.hidden, "fuse_span": args.fuse_span}
+    """The fuser's shape, span and alignment, the same for the C2C fuser and its fair control (the token
+    alignment follows from the span unless --token-alignment names one)."""
+    return {
+        "hidden_dim": args.hidden,
+        "fuse_span": args.fuse_span,
+        "layer_map": args.layer_map,
+        "token_alignment": args.token_alignment,
+        "sharer_positions": args.sharer_positions,
+    }
 
 
 def train_phase(args: argparse.Namespace, receiver: Any, sharer: Any, results: dict[str, Any]) -> None:
@@ -228,8 +236,8 @@ def eval_phase(
             }
             log(f"  {s}: acc {res.acc:.4f} norm {res.acc_norm:.4f} ({time.perf_counter() - started:.1f}s)")
             write_results(args, results)
-        if args.split != "test" or args.latency_n == 0:
-            continue
+        if args.split != "test" or args.latency_n == 0 or method in lat:
+            continue  # a resumed run keeps the latency it measured
         lq = sets["arc_easy"][: args.latency_n]
         if method == "t2t":
             probe = ev.t2t_answer(alone_s, alone_r, args.answer_tokens, args.hint_tokens)
@@ -623,6 +631,11 @@ def describe_recipe(flags: str) -> str:
         "--instructions": "{} instructions",
         "--fuse-span all": "every position fused",
         "--fuse-span context": "context fused",
+        "--layer-map uniform": "every receiver layer fused (uniform layer map)",
+        "--token-alignment mean": "mean token alignment",
+        "--token-alignment last": "last-character token alignment",
+        "--token-alignment causal": "causal token alignment",
+        "--sharer-positions own": "sharer keeps its own positions",
     }
     tokens, parts = flags.split(), []
     while tokens:
@@ -635,6 +648,19 @@ def describe_recipe(flags: str) -> str:
         else:
             parts.append(flag if value is None else f"{flag} {value}")
     return ", ".join(parts)
+
+
+def fold_training(run: Path) -> dict[str, Any]:
+    """Copy the training summary of each fuser trained in its own process (`run/train-c2c`,
+    `run/train-control`) into `run/results.json` (created when missing); returns the merged results."""
+    path = run / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    for m in ("c2c", "control"):
+        part = run / f"train-{m}" / "results.json"
+        if part.is_file():
+            results.setdefault("train", {}).update(json.loads(part.read_text()).get("train", {}))
+    path.write_text(json.dumps(results, indent=1))
+    return results
 
 
 def merge_recipes(results: dict[str, Any], variants: Path) -> list[str]:
@@ -703,6 +729,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--fuse-span", choices=("context", "all"), default="context")
+    p.add_argument("--layer-map", choices=("terminal", "uniform"), default="terminal")
+    p.add_argument(
+        "--token-alignment",
+        choices=("last", "mean", "causal"),
+        default=None,
+        help="default: the rule --fuse-span calls for (last for context, causal for all)",
+    )
+    p.add_argument(
+        "--sharer-positions",
+        choices=("receiver", "own"),
+        default="receiver",
+        help="own: the sharer keeps its positions 0..S-1 instead of the receiver tokens'",
+    )
     p.add_argument(
         "--prompt-style",
         choices=PROMPT_STYLES,
@@ -760,9 +799,12 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["receiver_fingerprint"] = receiver.fingerprint
         results["meta"]["sharer_fingerprint"] = sharer.fingerprint
         if args.save_hf is not None:
-            for name, loaded in (("receiver", receiver), ("sharer", sharer)):
-                if not (args.save_hf / name / "config.json").is_file():
-                    _save_hf(loaded, args.save_hf / name)
+            # Named after the model (SAVE_HF/smollm2, SAVE_HF/gemma3), so either direction can load them and
+            # the results name the models; before session 9 they were named after their role.
+            for role, src, loaded in (("receiver", args.receiver, receiver), ("sharer", args.sharer, sharer)):
+                target = args.save_hf / (model_key(src) or role)
+                if not (target / "config.json").is_file():
+                    _save_hf(loaded, target)
             log("saved dequantised copies")
         if "train" in phases:
             train_phase(args, receiver, sharer, results)
@@ -771,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
             eval_phase(args, receiver, sharer, results, t0)
         write_results(args, results)
         log(f"done ({time.perf_counter() - t0:.0f}s)")
+    if "fold" in phases:
+        folded = fold_training(args.out)
+        log(f"{args.out / 'results.json'}: training of {sorted(folded.get('train', {}))}")
     if "merge" in phases:
         if args.variants is None or args.results is None:
             raise SystemExit("--phases merge needs --variants DIR and --results FILE")

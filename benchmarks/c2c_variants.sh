@@ -21,14 +21,10 @@ set -u
 budget=${1:?usage: c2c_variants.sh SECONDS}
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
-export PYTHONPATH=/tmp/tf:src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-hf=/root/models/hf
 runs=/root/c2c-variants
-out=${OUT:-/tmp/out}
-mkdir -p "$runs" "$out"
-eval_py="${PYTHON:-python3} benchmarks/c2c_eval.py"
-extra=${C2C_EXTRA:-}  # e.g. "--device cpu --steps 2 --limit 4 --batch-size 4" for a smoke run
-common="--receiver $hf/receiver --sharer $hf/sharer --data /root/c2cdata --checkpoint-dir /nonexistent
+mkdir -p "$runs"
+source benchmarks/_c2c_gpu.sh  # environment, transformers guard, dequantised copies under $hf
+common="--receiver $hf/smollm2 --sharer $hf/gemma3 --data /root/c2cdata --checkpoint-dir /nonexistent
         --device cuda --batch-size 32 --mc-weight 1"
 # name → recipe (everything else as in `common`); "base" is the committed pair (seed 0, 420 steps).
 declare -A recipe=(
@@ -41,25 +37,12 @@ declare -A recipe=(
   [mconly]="--steps 520 --distill-weight 1 --instructions 0"
   [mconly3]="--steps 520 --distill-weight 3 --instructions 0"
   [allmc]="--steps 420 --distill-weight 1 --fuse-span all"
+  [mean]="--steps 420 --distill-weight 1 --token-alignment mean"
+  [ownpos]="--steps 420 --distill-weight 1 --sharer-positions own"
 )
-names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc"}
+names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc mean ownpos"}
 reserve=${C2C_EVAL_RESERVE:-150}
 
-# The pinned transformers, or nothing: the GPU machine's own 5.17 loads Gemma-3 from GGUF into a broken
-# model, and the dequantised copies saved below would carry that into every later run without an error.
-pinned=$(grep -o 'transformers==[0-9.]*' pyproject.toml | head -n 1 | cut -d= -f3)
-have=$(${PYTHON:-python3} -c "import transformers; print(transformers.__version__)" 2>/dev/null)
-if [ "$have" != "$pinned" ]; then
-  echo "transformers $pinned (pyproject.toml) is needed first on PYTHONPATH, found '${have:-none}':" \
-    "install the carried wheel into /tmp/tf (see benchmarks/gpu_stage.sh)" >&2
-  exit 1
-fi
-
-if [ ! -f $hf/sharer/config.json ]; then
-  $eval_py --receiver /root/models/smollm2-135m-instruct-q4_1.gguf --sharer /root/models/gemma-3-270m-q4_k_m.gguf \
-    --data /root/c2cdata --checkpoint-dir /nonexistent --device cuda --save-hf $hf --phases eval \
-    --methods receiver --limit 1 --latency-n 0 --out /tmp/c2c-load $extra > $runs/load.log 2>&1 || { tail -20 $runs/load.log; exit 1; }
-fi
 mkdir -p $runs/base
 [ -f $runs/base/c2c.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-from-gemma3.safetensors $runs/base/c2c.safetensors
 [ -f $runs/base/control.safetensors ] || cp ${C2C_BASE:-checkpoints/c2c}/smollm2-control-self.safetensors $runs/base/control.safetensors
@@ -99,6 +82,7 @@ for v in $names; do
 done
 while [ -n "$(jobs -r)" ]; do progress; done
 
+for v in $names; do [ -d $runs/$v ] && $eval_py --phases fold --out $runs/$v > /dev/null; done
 ${PYTHON:-python3} - "$runs" "$out" $names <<'EOF'
 import json, shutil, sys, tarfile
 from pathlib import Path
@@ -109,11 +93,6 @@ for v in names:
     if not f.is_file():
         continue
     r = json.loads(f.read_text())
-    for m in ("c2c", "control"):  # the training summaries, from each fuser's own process
-        t = runs / v / f"train-{m}" / "results.json"
-        if t.is_file():
-            r.setdefault("train", {}).update(json.loads(t.read_text()).get("train", {}))
-    f.write_text(json.dumps(r, indent=1))
     dev = r.get("dev_accuracy", {})
     if "arc_easy" in dev.get("c2c", {}) and "arc_easy" in dev.get("control", {}):
         gaps[v] = 100 * (dev["c2c"]["arc_easy"]["acc"] - dev["control"]["arc_easy"]["acc"])

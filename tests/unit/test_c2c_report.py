@@ -156,6 +156,31 @@ def test_recipe_flags_are_described_in_words(report: ModuleType) -> None:
     assert report.describe_recipe("--instructions 0 --new-flag 3 --flag") == (
         "0 instructions, --new-flag 3, --flag"
     )
+    assert report.describe_recipe("--token-alignment mean --sharer-positions own") == (
+        "mean token alignment, sharer keeps its own positions"
+    )
+
+
+def test_fold_training_gathers_each_fusers_summary_without_losing_the_evaluation(
+    report: ModuleType, tmp_path: Path
+) -> None:
+    import json
+
+    for m, seconds in (("c2c", 300.0), ("control", 120.0)):
+        (tmp_path / f"train-{m}").mkdir()
+        summary = {"train": {m: {"steps": 420, "seconds": seconds}}, "meta": {"command": m}}
+        (tmp_path / f"train-{m}" / "results.json").write_text(json.dumps(summary))
+    (tmp_path / "results.json").write_text(json.dumps({"accuracy": {"c2c": {"arc_easy": {"acc": 0.6}}}}))
+    folded = report.fold_training(tmp_path)
+    assert folded["train"] == {
+        "c2c": {"steps": 420, "seconds": 300.0},
+        "control": {"steps": 420, "seconds": 120.0},
+    }
+    assert folded["accuracy"]["c2c"]["arc_easy"]["acc"] == 0.6  # the evaluation is kept
+    assert json.loads((tmp_path / "results.json").read_text()) == folded
+    # A run that only trained (no evaluation yet) gets its results file from the summaries alone.
+    (tmp_path / "results.json").unlink()
+    assert set(report.fold_training(tmp_path)) == {"train"}
 
 
 @pytest.fixture(scope="module")
