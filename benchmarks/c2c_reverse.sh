@@ -36,7 +36,11 @@ while [ -n "$(jobs -r)" ]; do
     printf '%s: %s  ' $m "$(tr '\r' '\n' < $rev/$m.train.log | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1)"; done)"
 done
 if [ -f $rev/c2c.safetensors ] && [ -f $rev/control.safetensors ] && [ "$(left)" -gt 40 ]; then
+  # A copy of the results every 15 s: a call cut off by its device time still brings back what finished.
+  ( while sleep 15; do cp $rev/results.json $out/reverse-results.json 2>/dev/null; done ) &
+  copier=$!
   timeout $(( $(left) - 20 )) $eval_py $args --phases eval --out $rev > $rev/eval.log 2>&1
+  kill $copier
   tail -n 25 $rev/eval.log
   cp $rev/c2c.safetensors $out/gemma3-from-smollm2.safetensors
   cp $rev/control.safetensors $out/gemma3-control-self.safetensors
