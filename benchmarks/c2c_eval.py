@@ -3,6 +3,8 @@
 One process does everything that needs the models, so they are loaded once (GGUF dequantisation costs
 about a minute on the GPU machine). Phases, each skippable and each leaving its files under `--out`:
 
+  save-hf only load --receiver and keep a dequantised copy under --save-hf (the GPU scripts run one such
+          process per model, side by side, instead of dequantising both in one)
   train   fuser for (receiver ← sharer) → c2c.safetensors; the same fuser with the receiver as its own
           sharer, same data, same steps, same fused layers → control.safetensors
   eval    receiver, sharer, c2c, control, t2t on ARC-Easy, ARC-Challenge, OpenBookQA test sets
@@ -65,6 +67,21 @@ SET_LABELS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openboo
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def save_copy(model: str, save_hf: Path, device: str) -> Path:
+    """Load `model` (a GGUF file or a packaged name) and keep a dequantised copy in SAVE_HF/<model key>
+    (kept if already there); returns that folder."""
+    import torch
+
+    from cachelm.c2c import pair
+
+    target = save_hf / (model_key(model) or Path(model).stem)
+    if not (target / "config.json").is_file():
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        _save_hf(pair.load(model, device=device, dtype=dtype), target)
+        log(f"saved {target}")
+    return target
 
 
 def _save_hf(loaded: Any, target: Path) -> None:
@@ -771,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     phases = set(args.phases.split(","))
     t0 = time.perf_counter()
+    if "save-hf" in phases:
+        if args.save_hf is None:
+            raise SystemExit("--phases save-hf needs --save-hf DIR")
+        save_copy(args.receiver, args.save_hf, args.device)
     if phases & {"train", "eval"}:
         import torch
 

@@ -219,3 +219,18 @@ def test_confidence_weighted_fusion_learns_to_trust_the_sharer_where_the_receive
     assert ceiling.accuracy(ceiling._pick(a), y) == ceiling.accuracy(ceiling._pick(b), y) == 50.0
     dev_pred, test_pred = ceiling.stack(a, b, y, a[:10], b[:10])
     assert ceiling.accuracy(dev_pred, y) == 100.0 and test_pred == [0] * 10
+
+
+def test_save_copy_keeps_a_reloadable_copy_named_after_the_model(report: ModuleType, tmp_path: Path) -> None:
+    from cachelm.c2c import pair
+    from tests.unit.test_c2c_support import sharer_model, sharer_tokenizer
+
+    source = tmp_path / "gemma-3-tiny"  # the folder's name tells which packaged model it stands for
+    sharer_model().save_pretrained(source)
+    sharer_tokenizer().save_pretrained(source)
+    copy = report.save_copy(str(source), tmp_path / "hf", "cpu")
+    assert copy == tmp_path / "hf" / "gemma3"
+    assert pair.load(copy).fingerprint == pair.load(source).fingerprint
+    stamp = (copy / "config.json").stat().st_mtime_ns
+    assert report.save_copy(str(source), tmp_path / "hf", "cpu") == copy  # kept, not written again
+    assert (copy / "config.json").stat().st_mtime_ns == stamp
