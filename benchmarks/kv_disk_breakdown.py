@@ -1,0 +1,228 @@
+"""Where a disk-tier KV hit spends its time, stage by stage, beside the whole `KVPrefixCache.load`.
+
+BENCHMARKS.md `kv-gpu` shows the disk hit far above its limit (file reads, then the host→GPU copy). This
+script splits one hit into the stages the disk tier runs one after another for each block — read the file,
+parse the safetensors bytes (a copy), check the SHA-256, decode into the output — and times each stage
+alone over all the blocks of one stored prefix, then the same read + parse + checksum spread over a thread
+pool (what the sequential code leaves unused), then the whole `load` as kv_gpu_bench.py measures it (the
+disk tier alone, so no promotion).
+
+    .venv/bin/python benchmarks/kv_disk_breakdown.py                       # CPU, this machine
+    PYTHONPATH=/tmp/tf:src python3 benchmarks/kv_disk_breakdown.py --device cuda --out $OUT   # GPU machine
+    .venv/bin/python benchmarks/kv_disk_breakdown.py --render FILE         # the docs section from its JSON
+
+Layout: Llama-3-8B's KV (32 layers, 8 KV heads, head dim 128, bf16), blocks of 256 tokens, random values,
+raw codec. The files are read through the page cache (they were just written), as in kv_gpu_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STAGES = ("read", "parse", "checksum", "decode")
+LABELS = {
+    "read": "read files",
+    "parse": "parse (safetensors load)",
+    "checksum": "SHA-256 check",
+    "decode": "decode into the output",
+    "sum": "sum of the stages",
+    "pooled": "read + parse + checksum, thread pool",
+    "load": "`KVPrefixCache.load`",
+}
+
+
+def _timed(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
+    """Median seconds of `reps` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(tokens: int, device: torch.device, folder: Path, reps: int, threads: int) -> dict[str, Any]:
+    """Stage times (seconds, all blocks of a `tokens`-token prefix) and the whole load's."""
+    from safetensors.torch import load as parse_safetensors
+
+    from cachelm.keys import ModelFingerprint
+    from cachelm.kv.codecs import checksum, codec_for, from_bytes
+    from cachelm.kv.layout import KVLayout
+    from cachelm.kv.prefix_cache import KVPrefixCache
+    from cachelm.kv.tiers import DiskTier
+
+    layout = KVLayout(
+        num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, sliding_windows=(None,) * 32
+    )
+    block = 256
+    tier = DiskTier(folder / f"disk-{tokens}", capacity_bytes=4 * tokens * layout.bytes_per_token)
+    pc = KVPrefixCache(
+        layout=layout, model=ModelFingerprint(model_id="random-8b"), tiers=[tier], block_size=block
+    )
+    prompt = list(range(tokens + 1))
+    pc.store(prompt, torch.randn(layout.block_shape(tokens)).to(layout.dtype), tenant_salt=b"bench")
+    files = sorted(tier.directory.glob("*/*.safetensors"))
+    out = torch.empty(layout.block_shape(tokens), dtype=layout.dtype, device=device)
+    match = pc.match(prompt, tenant_salt=b"bench")
+    assert match.num_tokens == tokens and len(files) == tokens // block, "the prefix was not stored whole"
+
+    datas = [p.read_bytes() for p in files]
+    parsed = [parse_safetensors(d) for d in datas]
+    blocks = [from_bytes(d) for d in datas]
+
+    def decode() -> None:
+        for i, b in enumerate(blocks):
+            codec_for(b).decode(b, out=out[i * block : (i + 1) * block])
+
+    def read_parse_check(path: Path) -> None:
+        checksum(parse_safetensors(path.read_bytes()))
+
+    with ThreadPoolExecutor(threads) as pool:
+        seconds = {
+            "read": _timed(lambda: [p.read_bytes() for p in files], reps, device),
+            "parse": _timed(lambda: [parse_safetensors(d) for d in datas], reps, device),
+            "checksum": _timed(lambda: [checksum(t) for t in parsed], reps, device),
+            "decode": _timed(decode, reps, device),
+            "pooled": _timed(lambda: list(pool.map(read_parse_check, files)), reps, device),
+            "load": _timed(lambda: pc.load(match, out=out), reps, device),
+        }
+    seconds["sum"] = sum(seconds[s] for s in STAGES)
+    return {"tokens": tokens, "blocks": len(files), "bytes": sum(len(d) for d in datas), "seconds": seconds}
+
+
+def render(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    keys = [*STAGES, "sum", "pooled", "load"]
+    head = "| prefix | stored | " + " | ".join(LABELS[k] for k in keys) + " |"
+    lines = [
+        "## KV disk tier — where a hit's time goes",
+        "",
+        f"Machine: {results['machine']}; output on `{results['device']}`; "
+        f"{results['threads']} threads in the pool.",
+        f"Command: `{results['command']}`",
+        "",
+        "Llama-3-8B's KV layout (32 layers, 8 KV heads, head dim 128, bf16), blocks of 256 tokens, raw "
+        "codec, files in the page cache. Each stage is timed alone over every block of the prefix (median of "
+        f"{results['reps']}, ms, with GB/s of stored bytes); `load` is the whole hit as the disk tier serves "
+        "it today (the stages one block after another, under the tier's lock).",
+        "",
+        head,
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for row in rows:
+        cells = [
+            f"{1000 * row['seconds'][k]:.0f} ms ({row['bytes'] / row['seconds'][k] / 1e9:.2f} GB/s)"
+            for k in keys
+        ]
+        lines.append(f"| {row['tokens']} | {row['bytes'] / 1e9:.2f} GB | " + " | ".join(cells) + " |")
+    last = rows[-1]["seconds"]
+    pooled_ratio = last["pooled"] / (last["read"] + last["parse"] + last["checksum"])
+    share = ", ".join(f"{LABELS[s]} {100 * last[s] / last['sum']:.0f} %" for s in STAGES)
+    lines += [
+        "",
+        f"At {rows[-1]['tokens']} tokens the stages split as: {share}. The thread pool does the first three "
+        f"stages in {pooled_ratio:.2f}× their sequential time.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for stage in STAGES:
+        ms = [1000 * r["seconds"][stage] for r in rows]
+        ax.bar([i - 0.2 for i in x], ms, 0.4, bottom=bottom, label=LABELS[stage])
+        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
+    ax.bar(
+        [i + 0.2 for i in x],
+        [1000 * r["seconds"]["load"] for r in rows],
+        0.4,
+        color="black",
+        label="whole load",
+    )
+    ax.set_xticks(list(x), [f"{r['tokens']} tokens" for r in rows])
+    ax.set_ylabel("ms")
+    ax.set_title(f"Disk-tier hit, stage by stage ({results['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="2048,8192", help="prefix lengths, multiples of 256")
+    p.add_argument("--device", default="cpu", help="where the loaded KV goes (cpu or cuda)")
+    p.add_argument(
+        "--dir", type=Path, default=None, help="folder for the disk tier (default: a temporary one)"
+    )
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="where the JSON and the PNG go")
+    p.add_argument("--render", type=Path, default=None, help="only rewrite the docs section from this JSON")
+    args = p.parse_args(argv)
+    from _report import DOCS_IMG, machine_description, write_section
+
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+    else:
+        lengths = [int(t) for t in args.tokens.split(",") if t]
+        if not lengths or any(t <= 0 or t % 256 for t in lengths) or args.reps < 1 or args.threads < 1:
+            p.error("--tokens must be positive multiples of 256; --reps and --threads ≥ 1")
+        device = torch.device(args.device)
+        gpu = f"{torch.cuda.get_device_name(0)}; " if device.type == "cuda" else ""
+        results = {
+            "machine": gpu + machine_description(),
+            "device": args.device,
+            "threads": args.threads,
+            "reps": args.reps,
+            "command": " ".join(
+                ["python benchmarks/kv_disk_breakdown.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "rows": [],
+        }
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            for tokens in lengths:
+                row = measure(tokens, device, Path(tmp), args.reps, args.threads)
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"kv_disk_breakdown_{args.device.split(':')[0]}.json").write_text(
+            json.dumps(results, indent=1)
+        )
+    md = render(results)
+    print(md)
+    plot(results, DOCS_IMG / f"kv_disk_breakdown_{results['device'].split(':')[0]}.png")
+    write_section(f"kv-disk-breakdown-{results['device'].split(':')[0]}", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
