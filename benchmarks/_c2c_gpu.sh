@@ -2,13 +2,14 @@
 # guard and the dequantised model copies they share. Defines `hf` (the folder holding both models as HF
 # folders: $hf/smollm2 and $hf/gemma3, whichever direction a script trains), `eval_py` (the benchmark's
 # command), `out` ($OUT or /tmp/out) and `extra` (C2C_EXTRA, e.g. "--device cpu --steps 2 --limit 4
-# --batch-size 4" for a smoke run).
+# --batch-size 4" for a smoke run), and `train_step LOG`, the last "step/steps [time]" of a training log.
 export PYTHONPATH=/tmp/tf:src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 hf=/root/models/hf
 out=${OUT:-/tmp/out}
 eval_py="${PYTHON:-python3} benchmarks/c2c_eval.py"
 extra=${C2C_EXTRA:-}
 mkdir -p "$out"
+train_step() { tr '\r' '\n' < "$1" | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1; }
 
 # The pinned transformers, or nothing: the GPU machine's own 5.17 loads Gemma-3 from GGUF into a broken
 # model, and the dequantised copies saved below would carry that into every later run without an error.

@@ -69,17 +69,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def save_copy(model: str, save_hf: Path, device: str) -> Path:
-    """Load `model` (a GGUF file or a packaged name) and keep a dequantised copy in SAVE_HF/<model key>
-    (kept if already there); returns that folder."""
-    import torch
-
-    from cachelm.c2c import pair
-
+def save_copy(model: str, save_hf: Path, device: str, loaded: Any = None) -> Path:
+    """Keep a dequantised copy of `model` (a GGUF file or a packaged name) in SAVE_HF/<model key>, named
+    after the model so either direction can load it; `loaded` is the model when already loaded (else it is
+    loaded here). A copy already there is kept. Returns its folder."""
     target = save_hf / (model_key(model) or Path(model).stem)
     if not (target / "config.json").is_file():
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        _save_hf(pair.load(model, device=device, dtype=dtype), target)
+        if loaded is None:
+            import torch
+
+            from cachelm.c2c import pair
+
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            loaded = pair.load(model, device=device, dtype=dtype)
+        _save_hf(loaded, target)
         log(f"saved {target}")
     return target
 
@@ -672,11 +675,12 @@ def fold_training(run: Path) -> dict[str, Any]:
     `run/train-control`) into `run/results.json` (created when missing); returns the merged results."""
     path = run / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    for m in ("c2c", "control"):
-        part = run / f"train-{m}" / "results.json"
-        if part.is_file():
-            results.setdefault("train", {}).update(json.loads(part.read_text()).get("train", {}))
-    path.write_text(json.dumps(results, indent=1))
+    parts = [run / f"train-{m}" / "results.json" for m in ("c2c", "control")]
+    parts = [part for part in parts if part.is_file()]
+    for part in parts:
+        results.setdefault("train", {}).update(json.loads(part.read_text()).get("train", {}))
+    if parts:  # nothing trained here (e.g. the committed pair, copied in): nothing to write
+        path.write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -819,14 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sharer loaded ({time.perf_counter() - t0:.0f}s)")
         results["meta"]["receiver_fingerprint"] = receiver.fingerprint
         results["meta"]["sharer_fingerprint"] = sharer.fingerprint
-        if args.save_hf is not None:
-            # Named after the model (SAVE_HF/smollm2, SAVE_HF/gemma3), so either direction can load them and
-            # the results name the models; before session 9 they were named after their role.
-            for role, src, loaded in (("receiver", args.receiver, receiver), ("sharer", args.sharer, sharer)):
-                target = args.save_hf / (model_key(src) or role)
-                if not (target / "config.json").is_file():
-                    _save_hf(loaded, target)
-            log("saved dequantised copies")
+        if args.save_hf is not None:  # before session 9 the copies were named after their role
+            for src, loaded in ((args.receiver, receiver), (args.sharer, sharer)):
+                save_copy(src, args.save_hf, args.device, loaded)
         if "train" in phases:
             train_phase(args, receiver, sharer, results)
             write_results(args, results)

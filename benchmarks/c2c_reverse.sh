@@ -32,8 +32,7 @@ for m in c2c control; do
 done
 while [ -n "$(jobs -r)" ]; do
   sleep 30
-  echo "[$(date +%T)] $(for m in c2c control; do
-    printf '%s: %s  ' $m "$(tr '\r' '\n' < $rev/$m.train.log | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1)"; done)"
+  echo "[$(date +%T)] $(for m in c2c control; do printf '%s: %s  ' $m "$(train_step $rev/$m.train.log)"; done)"
 done
 if [ -f $rev/c2c.safetensors ] && [ -f $rev/control.safetensors ] && [ "$(left)" -gt 40 ]; then
   # A copy of the results every 15 s: a call cut off by its device time still brings back what finished.

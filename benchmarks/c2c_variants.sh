@@ -71,7 +71,7 @@ variant() {
 progress() {  # wait up to 30 s (less when every job has ended), then print each training's progress
   for _ in 1 2 3 4 5 6; do sleep 5; [ -n "$(jobs -r)" ] || return 0; done
   echo "[$(date +%T)] $(for v in $names; do for m in c2c control; do f=$runs/$v.$m.train.log
-    [ -f $f ] && printf '%s: %s  ' "$v.$m" "$(tr '\r' '\n' < $f | grep -o '[0-9]*/[0-9]* \[[^]]*\]' | tail -1)"
+    [ -f $f ] && printf '%s: %s  ' "$v.$m" "$(train_step $f)"
   done; done)"
 }
 # At most C2C_PARALLEL variants (two training processes each) at a time: 8 processes outgrew the H100's
