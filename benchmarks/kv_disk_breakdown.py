@@ -1,11 +1,12 @@
 """Where a disk-tier KV hit spends its time, stage by stage, beside the whole `KVPrefixCache.load`.
 
-BENCHMARKS.md `kv-gpu` shows the disk hit far above its limit (file reads, then the host→GPU copy). This
-script splits one hit into the stages the disk tier runs one after another for each block — read the file,
-parse the safetensors bytes (a copy), check the SHA-256, decode into the output — and times each stage
-alone over all the blocks of one stored prefix, then the same read + parse + checksum spread over a thread
-pool (what the sequential code leaves unused), then the whole `load` as kv_gpu_bench.py measures it (the
-disk tier alone, so no promotion).
+BENCHMARKS.md `kv-gpu` showed the disk hit far above its limit (file reads, then the host→GPU copy). This
+script splits one hit into the stages the disk tier used to run one after another for each block — read
+the file, parse the safetensors bytes (a copy), check the SHA-256, decode into the output — and times each
+stage alone over all the blocks of one stored prefix. Beside them, in the same run, three whole loads:
+that old design re-enacted (one block after another, with the copy), and today's `KVPrefixCache.load`
+(the tensors are views of the bytes read, no copy; blocks read and checked ahead on a thread pool) with
+one reader thread and with `--threads`. The disk tier alone, so no promotion, as in kv_gpu_bench.py.
 
     .venv/bin/python benchmarks/kv_disk_breakdown.py                       # CPU, this machine
     PYTHONPATH=/tmp/tf:src python3 benchmarks/kv_disk_breakdown.py --device cuda --out $OUT   # GPU machine
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STAGES = ("read", "parse", "checksum", "decode")
+LOADS = ("before", "load_1", "load")
 LABELS = {
     "read": "read files",
-    "parse": "parse (safetensors load)",
+    "parse": "parse (safetensors load, a copy)",
     "checksum": "SHA-256 check",
     "decode": "decode into the output",
     "sum": "sum of the stages",
-    "pooled": "read + parse + checksum, thread pool",
-    "load": "`KVPrefixCache.load`",
+    "before": "old load: stages one block after another",
+    "load_1": "`load`, 1 reader thread",
+    "load": "`load`, reader pool",
 }
 
 
@@ -75,8 +78,15 @@ def measure(tokens: int, device: torch.device, folder: Path, reps: int, threads:
     )
     block = 256
     tier = DiskTier(folder / f"disk-{tokens}", capacity_bytes=4 * tokens * layout.bytes_per_token)
-    pc = KVPrefixCache(
-        layout=layout, model=ModelFingerprint(model_id="random-8b"), tiers=[tier], block_size=block
+    pc, pc_1 = (
+        KVPrefixCache(
+            layout=layout,
+            model=ModelFingerprint(model_id="random-8b"),
+            tiers=[tier],
+            block_size=block,
+            read_threads=n,
+        )
+        for n in (threads, 1)
     )
     prompt = list(range(tokens + 1))
     pc.store(prompt, torch.randn(layout.block_shape(tokens)).to(layout.dtype), tenant_salt=b"bench")
@@ -93,25 +103,30 @@ def measure(tokens: int, device: torch.device, folder: Path, reps: int, threads:
         for i, b in enumerate(blocks):
             codec_for(b).decode(b, out=out[i * block : (i + 1) * block])
 
-    def read_parse_check(path: Path) -> None:
-        checksum(parse_safetensors(path.read_bytes()))
+    def before() -> None:  # the disk tier's read path up to 2026-12-07, one block after another
+        for i, path in enumerate(files):
+            tensors = parse_safetensors(path.read_bytes())
+            checksum(tensors)
+            b = blocks[i]
+            codec_for(b).decode(replace(b, tensors=tensors), out=out[i * block : (i + 1) * block])
 
-    with ThreadPoolExecutor(threads) as pool:
-        seconds = {
-            "read": _timed(lambda: [p.read_bytes() for p in files], reps, device),
-            "parse": _timed(lambda: [parse_safetensors(d) for d in datas], reps, device),
-            "checksum": _timed(lambda: [checksum(t) for t in parsed], reps, device),
-            "decode": _timed(decode, reps, device),
-            "pooled": _timed(lambda: list(pool.map(read_parse_check, files)), reps, device),
-            "load": _timed(lambda: pc.load(match, out=out), reps, device),
-        }
+    seconds = {
+        "read": _timed(lambda: [p.read_bytes() for p in files], reps, device),
+        "parse": _timed(lambda: [parse_safetensors(d) for d in datas], reps, device),
+        "checksum": _timed(lambda: [checksum(t) for t in parsed], reps, device),
+        "decode": _timed(decode, reps, device),
+        "before": _timed(before, reps, device),
+        "load_1": _timed(lambda: pc_1.load(match, out=out), reps, device),
+        "load": _timed(lambda: pc.load(match, out=out), reps, device),
+    }
+    pc.close()
     seconds["sum"] = sum(seconds[s] for s in STAGES)
     return {"tokens": tokens, "blocks": len(files), "bytes": sum(len(d) for d in datas), "seconds": seconds}
 
 
 def render(results: dict[str, Any]) -> str:
     rows = results["rows"]
-    keys = [*STAGES, "sum", "pooled", "load"]
+    keys = [*STAGES, "sum", *LOADS]
     head = "| prefix | stored | " + " | ".join(LABELS[k] for k in keys) + " |"
     lines = [
         "## KV disk tier — where a hit's time goes",
@@ -122,8 +137,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Llama-3-8B's KV layout (32 layers, 8 KV heads, head dim 128, bf16), blocks of 256 tokens, raw "
         "codec, files in the page cache. Each stage is timed alone over every block of the prefix (median of "
-        f"{results['reps']}, ms, with GB/s of stored bytes); `load` is the whole hit as the disk tier serves "
-        "it today (the stages one block after another, under the tier's lock).",
+        f"{results['reps']}, ms, with GB/s of stored bytes). The old load runs the four stages one block "
+        "after another, as the disk tier did until 2026-12-07; `load` is the whole hit as it serves it now "
+        "(no parse copy: the tensors are views of the bytes read; blocks read and checked ahead on a "
+        "pool of reader threads).",
         "",
         head,
         "|---|---|" + "---|" * len(keys),
@@ -135,12 +152,12 @@ def render(results: dict[str, Any]) -> str:
         ]
         lines.append(f"| {row['tokens']} | {row['bytes'] / 1e9:.2f} GB | " + " | ".join(cells) + " |")
     last = rows[-1]["seconds"]
-    pooled_ratio = last["pooled"] / (last["read"] + last["parse"] + last["checksum"])
     share = ", ".join(f"{LABELS[s]} {100 * last[s] / last['sum']:.0f} %" for s in STAGES)
     lines += [
         "",
-        f"At {rows[-1]['tokens']} tokens the stages split as: {share}. The thread pool does the first three "
-        f"stages in {pooled_ratio:.2f}× their sequential time.",
+        f"At {rows[-1]['tokens']} tokens the stages split as: {share}. Today's load takes "
+        f"{last['load'] / last['before']:.2f}× the old load's time with {results['threads']} reader threads "
+        f"and {last['load_1'] / last['before']:.2f}× with one (the copy saved alone).",
     ]
     return "\n".join(lines)
 
@@ -159,13 +176,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ms = [1000 * r["seconds"][stage] for r in rows]
         ax.bar([i - 0.2 for i in x], ms, 0.4, bottom=bottom, label=LABELS[stage])
         bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
-    ax.bar(
-        [i + 0.2 for i in x],
-        [1000 * r["seconds"]["load"] for r in rows],
-        0.4,
-        color="black",
-        label="whole load",
-    )
+    for offset, key, color in (
+        (0.07, "before", "grey"),
+        (0.2, "load_1", "tab:olive"),
+        (0.33, "load", "black"),
+    ):
+        ax.bar(
+            [i + offset for i in x],
+            [1000 * r["seconds"][key] for r in rows],
+            0.13,
+            color=color,
+            label=LABELS[key].replace("`", ""),
+        )
     ax.set_xticks(list(x), [f"{r['tokens']} tokens" for r in rows])
     ax.set_ylabel("ms")
     ax.set_title(f"Disk-tier hit, stage by stage ({results['device']})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +121,45 @@ def test_checksum_is_the_stored_format() -> None:
         expected.update(t.view(torch.uint8).numpy().tobytes())
     assert checksum(tensors) == expected.hexdigest()
     assert checksum({"e": torch.empty(0, 4)}) == hashlib.sha256(b'["e", [0, 4], "float32"]').hexdigest()
+
+
+def test_parsed_tensors_are_views_of_the_bytes_read() -> None:
+    data = bytearray(to_bytes(Int4Codec().encode(_block(32))))
+    back = from_bytes(data)
+    start, end = _address(data), _address(data) + len(data)
+    viewed = [t for t in back.tensors.values() if start <= t.data_ptr() < end]
+    assert viewed, "no tensor shares the buffer"
+    data_end = max(t.data_ptr() + t.numel() * t.element_size() for t in viewed)
+    assert data_end <= end
+
+
+def _address(buf: bytearray) -> int:
+    return torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+
+
+def _with_header(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """`data` (to_bytes output) with its JSON header edited, the tensor bytes unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h["kv"].update(dtype="F64"),  # a dtype no codec stores
+        lambda h: h["kv"].update(shape=[1, 2]),  # shape does not fill the bytes
+        lambda h: h["kv"].update(data_offsets=[0, 1 << 40]),  # beyond the file
+        lambda h: h["kv"].update(data_offsets=[8, 0]),  # reversed
+        lambda h: h["kv"].update(shape=[-1, -2048]),  # negative sizes
+        lambda h: h.pop("__metadata__"),  # no codec, dtype, token count or checksum
+    ],
+)
+def test_malformed_headers_raise_integrity_error(edit: Callable[[dict[str, Any]], None]) -> None:
+    data = to_bytes(RawCodec().encode(_block(16)))
+    assert from_bytes(_with_header(data, lambda h: None)).num_tokens == 16  # the edit alone breaks it
+    with pytest.raises(IntegrityError, match="malformed"):
+        from_bytes(_with_header(data, edit))

@@ -16,7 +16,7 @@ def test_breakdown_times_every_stage_over_the_stored_blocks_and_renders_them(tmp
     row = bench.measure(512, torch.device("cpu"), tmp_path, reps=1, threads=2)
     raw = 512 * 32 * 2 * 8 * 128 * 2  # tokens × layers × K/V × heads × head dim × bf16 bytes
     assert row["blocks"] == 2 and raw < row["bytes"] < raw * 1.01  # the files: the raw KV plus headers
-    assert set(row["seconds"]) == {"read", "parse", "checksum", "decode", "pooled", "load", "sum"}
+    assert set(row["seconds"]) == {"read", "parse", "checksum", "decode", "before", "load_1", "load", "sum"}
     assert all(s > 0 for s in row["seconds"].values())
     assert row["seconds"]["sum"] == pytest.approx(sum(row["seconds"][s] for s in bench.STAGES))
     results = {"machine": "test", "device": "cpu", "threads": 2, "reps": 1, "command": "c", "rows": [row]}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import redis
 import torch
 
-from cachelm.keys import ModelFingerprint, tenant_salt
-from cachelm.kv.codecs import Int8Codec, RawCodec
+from cachelm.errors import ConfigError
+from cachelm.keys import BlockHash, ModelFingerprint, tenant_salt
+from cachelm.kv.codecs import EncodedBlock, Int8Codec, RawCodec
 from cachelm.kv.layout import KVLayout
 from cachelm.kv.prefix_cache import KVPrefixCache
 from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
@@ -134,3 +136,47 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="`start`"):
         pc.store(list(range(8)), _kv(8), tenant_salt=SALT, start=4)
     assert RawCodec().name == "raw"
+
+
+class _MeetingDiskTier(DiskTier):
+    """A disk tier whose reads wait (at most 10 s) until `parties` reads are in flight at once."""
+
+    def __init__(self, path: Path, parties: int) -> None:
+        super().__init__(path, capacity_bytes=1 << 20)
+        self.meeting = threading.Barrier(parties, timeout=10)
+
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
+        self.meeting.wait()
+        return super()._read(block_hash)
+
+
+def test_disk_blocks_are_read_in_parallel_and_load_the_same_prefix(tmp_path: Path) -> None:
+    ids, kv = list(range(4 * BS + 1)), _kv(4 * BS + 1)
+    disk = _MeetingDiskTier(tmp_path, parties=4)
+    pc = KVPrefixCache(layout=LAYOUT, model=MODEL, tiers=[disk], block_size=BS, read_threads=4)
+    pc.store(ids, kv, tenant_salt=SALT)
+    pc.flush()
+    match = pc.match(ids, tenant_salt=SALT)
+    # all four blocks must be in flight together, or the barrier breaks and the load raises
+    assert torch.equal(pc.load(match, device="cpu"), kv[: 4 * BS])
+    assert pc.stats.tier_hits == {"disk": 4}
+    pc.close()
+
+
+def test_parallel_load_stops_at_the_first_unreadable_block(tmp_path: Path) -> None:
+    ids, kv = list(range(6 * BS + 1)), _kv(6 * BS + 1)
+    disk = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    pc = KVPrefixCache(layout=LAYOUT, model=MODEL, tiers=[disk], block_size=BS, read_threads=3)
+    pc.store(ids, kv, tenant_salt=SALT)
+    pc.flush()
+    match = pc.match(ids, tenant_salt=SALT)
+    disk._path(match.hashes[2]).unlink()  # block 2 vanishes behind the tier's back
+    assert torch.equal(pc.load(match, device="cpu"), kv[: 2 * BS])  # blocks 3..5 are not used
+    assert match.hashes[2] not in disk and pc.match(ids, tenant_salt=SALT).num_tokens == 2 * BS
+    pc.close()
+
+
+def test_read_threads_must_be_positive() -> None:
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ConfigError, match="`read_threads`"):
+            KVPrefixCache(layout=LAYOUT, model=MODEL, tiers=[MemoryTier(capacity_bytes=10)], read_threads=bad)

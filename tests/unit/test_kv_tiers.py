@@ -9,7 +9,7 @@ import pytest
 import redis
 import torch
 
-from cachelm.errors import BackendError, ConfigError
+from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
 from cachelm.kv.codecs import EncodedBlock, RawCodec
 from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
@@ -178,7 +178,7 @@ def test_redis_corrupt_value_is_a_counted_miss(redis_url: str, namespace: str) -
 def test_redis_down_raises_backend_error(redis_url: str, namespace: str) -> None:
     tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
     tier.client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
-    tier._sizes[_h(1)] = 10
+    tier._adopt(_h(1), 10)  # indexed, as if another process had stored it
     with pytest.raises(BackendError, match="redis tier get failed"):
         tier.get(_h(1))
 
@@ -190,3 +190,31 @@ def test_bad_arguments(tmp_path: Path) -> None:
         MemoryTier(capacity_bytes=10, device="mps")
     with pytest.raises(ConfigError, match="`namespace`"):
         RedisTier("redis://127.0.0.1:6379", namespace="a*b", capacity_bytes=10)
+
+
+class _ReplacingDiskTier(DiskTier):
+    """A disk tier where another writer replaces the block while `get` is reading it (once)."""
+
+    def __init__(self, path: Path, *, corrupt: bool) -> None:
+        super().__init__(path, capacity_bytes=1 << 20)
+        self.corrupt_first, self.replaced = corrupt, False
+
+    def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
+        if self.replaced:
+            return super()._read(block_hash)
+        self.replaced = True
+        self.remove(block_hash)  # runs now: the read holds no lock
+        self.put(block_hash, _block(2))
+        if self.corrupt_first:
+            raise IntegrityError("the old copy was damaged")
+        return None
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_block_replaced_during_a_read_is_kept(tmp_path: Path, corrupt: bool) -> None:
+    tier = _ReplacingDiskTier(tmp_path, corrupt=corrupt)
+    tier.put(_h(1), _block(1))
+    assert tier.get(_h(1)) is None  # the read lost its race: a miss ...
+    assert _h(1) in tier and tier.corrupt == 0  # ... but the new copy is neither forgotten nor deleted
+    got = tier.get(_h(1))
+    assert got is not None and torch.equal(got.tensors["kv"], _block(2).tensors["kv"])

@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -302,18 +302,54 @@ def to_bytes(encoded: EncodedBlock) -> bytes:
     return bytes(save(tensors, metadata=metadata))
 
 
-def from_bytes(data: bytes) -> EncodedBlock:
-    """Parse `to_bytes` output; IntegrityError when it is truncated, malformed or fails its checksum."""
-    from safetensors.torch import load
+# safetensors dtype codes of the tensors the codecs store (raw model dtypes, int8 and packed int4 codes)
+_STORED_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
 
+
+def from_bytes(data: bytes | bytearray) -> EncodedBlock:
+    """Parse `to_bytes` output; IntegrityError when it is truncated, malformed or fails its checksum.
+
+    The tensors are views of `data` (no copy) when it is a bytearray, which the caller then hands over;
+    immutable bytes are copied once into a bytearray first.
+    """
+    buf = data if isinstance(data, bytearray) else bytearray(data)
     try:
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        tensors = load(data)
+        header_len = int.from_bytes(buf[:8], "little")
+        header = json.loads(bytes(buf[8 : 8 + header_len]))
+        metadata = header.pop("__metadata__", {})
+        tensors = {name: _view(buf, 8 + header_len, entry) for name, entry in header.items()}
         codec, dtype = metadata["codec"], parse_dtype(metadata["dtype"])
         num_tokens, expected = int(metadata["num_tokens"]), metadata["sha256"]
-    except Exception as exc:  # safetensors raises its own SafetensorError besides Value/Key/TypeError
+    except Exception as exc:  # json, key, type and value errors of a damaged header alike
         raise IntegrityError(f"stored KV block is malformed: {exc}") from exc
     if checksum(tensors) != expected:
         raise IntegrityError("stored KV block failed its checksum")
     return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors)
+
+
+def _view(buf: bytearray, data_start: int, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of a safetensors header entry, as a view of `buf` (a copy where its offset is not
+    aligned to its dtype); ValueError when it does not fit."""
+    dtype = _STORED_DTYPES[entry["dtype"]]
+    shape = [int(n) for n in entry["shape"]]
+    begin, end = (int(n) for n in entry["data_offsets"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for n in shape:
+        numel *= n
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or data_start + end > len(buf):
+        raise ValueError(f"tensor bounds {begin}..{end} outside the {len(buf)}-byte block")
+    if end - begin != numel * itemsize:
+        raise ValueError(f"tensor of shape {shape} does not fill its {end - begin} bytes")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+    if (data_start + begin) % itemsize:
+        flat = flat.clone()
+    return flat.view(dtype).view(shape)

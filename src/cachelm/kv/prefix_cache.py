@@ -4,7 +4,8 @@
           ─► match: walk the chain while some tier (or the demotion queue) holds the block,
              capped one token short of the prompt (the last token's logits must be computed)
           ─► load: decode every block straight into one (P, L, 2, H, D) buffer on the model's device,
-             promoting blocks found below the top tier to the top tier
+             promoting blocks found below the top tier to the top tier; blocks on disk or in Redis
+             are read (and checksummed) a few at a time on a thread pool, ahead of the decoding
     store: new full blocks go to the top tier; what a tier evicts is demoted to the next tier by a
            write-behind worker thread (the serving thread never waits on disk or Redis for a store)
 
@@ -14,9 +15,11 @@ A failing tier (BackendError) is a miss plus a counter (``stats.backend_errors``
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -70,9 +73,14 @@ class KVPrefixCache:
         tiers: Sequence[Tier],
         block_size: int = 64,
         write_through: bool = False,
+        read_threads: int | None = None,
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ConfigError(f"`block_size` must be an int > 0, got {block_size!r}")
+        if read_threads is None:
+            read_threads = min(8, os.cpu_count() or 1)
+        if isinstance(read_threads, bool) or not isinstance(read_threads, int) or read_threads <= 0:
+            raise ConfigError(f"`read_threads` must be an int > 0, got {read_threads!r}")
         if not tiers:
             raise ConfigError("`tiers` must name at least one tier")
         self.layout = layout
@@ -80,6 +88,8 @@ class KVPrefixCache:
         self.tiers = list(tiers)
         self.block_size = block_size
         self.write_through = write_through  # also copy every new block to every lower tier (persistence)
+        self.read_threads = read_threads  # blocks of disk and Redis tiers read at once by `load`
+        self._readers: ThreadPoolExecutor | None = None  # started by the first such read
         for tier in self.tiers[:-1]:
             tier.keep_evicted = True  # evicted data is demoted, so the tier must hand it over
         self.stats = KVStats()
@@ -151,8 +161,7 @@ class KVPrefixCache:
             )
         loaded = 0
         promote: list[int] = []
-        for i, tier_index in enumerate(match.tiers):
-            block = self._read(match.hashes[i], tier_index)
+        for i, (tier_index, block) in enumerate(zip(match.tiers, self._blocks(match), strict=False)):
             if block is None:
                 break
             codec_for(block).decode(block, out=out[i * bs : (i + 1) * bs])
@@ -164,13 +173,38 @@ class KVPrefixCache:
             self._promote(match.hashes[i], out[i * bs : (i + 1) * bs])
         return out[: loaded * bs]
 
-    def _read(self, block_hash: BlockHash, tier_index: int) -> EncodedBlock | None:
+    def _blocks(self, match: PrefixMatch) -> Iterator[EncodedBlock | None]:
+        """The matched blocks in order (None where one cannot be read). Blocks of tiers outside memory are
+        read up to 2 × `read_threads` blocks ahead of the one yielded, on the reader pool."""
+        ahead: dict[int, Future[EncodedBlock | None]] = {}
+        submitted = 0
+        try:
+            for i, tier_index in enumerate(match.tiers):
+                while submitted < min(match.num_blocks, i + 2 * self.read_threads):
+                    j = submitted
+                    submitted += 1
+                    if match.tiers[j] >= 0 and not self.tiers[match.tiers[j]].in_memory:
+                        ahead[j] = self._reader_pool().submit(self.tiers[match.tiers[j]].get, match.hashes[j])
+                yield self._read(match.hashes[i], tier_index, ahead.pop(i, None))
+        finally:  # the caller stopped early (a block could not be read): drop the reads not yet started
+            for future in ahead.values():
+                future.cancel()
+
+    def _reader_pool(self) -> ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kv-read")
+        return self._readers
+
+    def _read(
+        self, block_hash: BlockHash, tier_index: int, pending: Future[EncodedBlock | None] | None = None
+    ) -> EncodedBlock | None:
+        """One block from its tier, or the result of its read already `pending` on the reader pool."""
         if tier_index == -1:
             with self._inflight_lock:
                 return self._inflight.get(block_hash)
         tier = self.tiers[tier_index]
         try:
-            block = tier.get(block_hash)
+            block = tier.get(block_hash) if pending is None else pending.result()
         except BackendError:
             self.stats.backend_errors += 1
             return None
@@ -266,5 +300,7 @@ class KVPrefixCache:
         self.flush()
         self._queue.put(None)
         self._worker.join(timeout=10)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()

@@ -17,6 +17,7 @@ O(1) move-to-end and pop-oldest, with sizes counted in bytes of the encoded bloc
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -38,6 +39,7 @@ class Tier(ABC):
     """Byte-budgeted LRU bookkeeping shared by every tier; subclasses store the bytes."""
 
     name: str = "tier"
+    in_memory = False  # True where a read is a lookup (no file, no network): never worth a thread
 
     def __init__(self, *, capacity_bytes: int, codec: Codec | None = None) -> None:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
@@ -48,6 +50,8 @@ class Tier(ABC):
         self.used_bytes = 0
         self.corrupt = 0
         self._sizes: OrderedDict[BlockHash, int] = OrderedDict()  # least recently used first
+        self._stamps: dict[BlockHash, int] = {}  # which write a block is, so a read can tell it was replaced
+        self._writes = itertools.count()
         self._lock = threading.RLock()
 
     # ---- the storage a subclass provides -------------------------------------------------------------
@@ -74,16 +78,27 @@ class Tier(ABC):
             return iter(list(self._sizes))
 
     def get(self, block_hash: BlockHash) -> EncodedBlock | None:
-        """The block, or None on a miss (a corrupt block is deleted and counted)."""
+        """The block, or None on a miss (a corrupt block is deleted and counted).
+
+        The read itself runs outside the tier's lock, so several threads read blocks of one tier at once
+        (files, Redis round trips). A block replaced or removed meanwhile is left as the writer left it.
+        """
         with self._lock:
-            if block_hash not in self._sizes:
+            stamp = self._stamps.get(block_hash)
+            if stamp is None:
                 return None
-            try:
-                block = self._read(block_hash)
-            except IntegrityError:
-                self.corrupt += 1
-                block = None
+        corrupt = False
+        try:
+            block = self._read(block_hash)
+        except IntegrityError:
+            block, corrupt = None, True
+        with self._lock:
+            if self._stamps.get(block_hash) != stamp:  # stored again or removed while it was read
+                return block
             if block is None:  # vanished or corrupt: forget it
+                if corrupt:
+                    self.corrupt += 1
+                    self._delete(block_hash)
                 self._forget(block_hash)
                 return None
             self._sizes.move_to_end(block_hash)
@@ -107,8 +122,7 @@ class Tier(ABC):
             while self._sizes and self.used_bytes + block.nbytes > self.capacity_bytes:
                 evicted.append(self._evict_oldest())
             size = self._write(block_hash, block)
-            self._sizes[block_hash] = size
-            self.used_bytes += size
+            self._adopt(block_hash, size)
             return evicted
 
     def remove(self, block_hash: BlockHash) -> None:
@@ -138,14 +152,19 @@ class Tier(ABC):
         self._forget(block_hash)
         return block_hash, data
 
+    def _adopt(self, block_hash: BlockHash, size: int) -> None:
+        self._sizes[block_hash] = size
+        self._stamps[block_hash] = next(self._writes)
+        self.used_bytes += size
+
     def _forget(self, block_hash: BlockHash) -> None:
+        self._stamps.pop(block_hash, None)
         self.used_bytes -= self._sizes.pop(block_hash, 0)
 
     def _index(self, entries: Iterable[tuple[BlockHash, int]]) -> None:
         """Adopt blocks already stored (restart), oldest first, evicting beyond the budget."""
         for block_hash, size in entries:
-            self._sizes[block_hash] = size
-            self.used_bytes += size
+            self._adopt(block_hash, size)
         while self._sizes and self.used_bytes > self.capacity_bytes:
             self._evict_oldest()
 
@@ -156,6 +175,8 @@ class MemoryTier(Tier):
     Pinned host memory is what makes a CPU→GPU hit run at full PCIe/NVLink bandwidth with a non-blocking
     copy; pinning is skipped (silently, it is an optimisation) when CUDA is absent.
     """
+
+    in_memory = True
 
     def __init__(
         self,
@@ -230,17 +251,15 @@ class DiskTier(Tier):
     def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
         path = self._path(block_hash)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:  # into a bytearray: the block's tensors become views of it
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                del data[f.readinto(data) :]  # a file cut short meanwhile fails its checks below
             os.utime(path)  # refresh the LRU order a restart will rebuild
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise BackendError(f"disk tier read failed: {exc}") from exc
-        try:
-            return from_bytes(data)
-        except IntegrityError:
-            path.unlink(missing_ok=True)
-            raise
+        return from_bytes(data)
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
         path = self._path(block_hash)
@@ -346,11 +365,7 @@ class RedisTier(Tier):
         data = self._call("get", self.client.get, self._key(block_hash))
         if data is None:
             return None
-        try:
-            return from_bytes(data)
-        except IntegrityError:
-            self._call("delete", self.client.delete, self._key(block_hash))
-            raise
+        return from_bytes(data)
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
         data = to_bytes(block)
