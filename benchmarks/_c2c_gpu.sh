@@ -23,7 +23,8 @@ fi
 
 # Dequantising the GGUF files takes about 26 s (SmolLM2) and 65 s (Gemma-3) on the GPU machine: once per
 # machine, both models side by side, kept as HF copies for every later process. (Session 9, both models in
-# one process: about 135 s from the call's start to the first training step. Side by side: not yet timed.)
+# one process: about 135 s from the call's start to the first training step. Side by side, session 10:
+# about 80 s from the call's start until the training processes start, 95 s to their first step.)
 if [ ! -f $hf/gemma3/config.json ] || [ ! -f $hf/smollm2/config.json ]; then
   mkdir -p /root/c2c-logs
   for gguf in smollm2-135m-instruct-q4_1.gguf gemma-3-270m-q4_k_m.gguf; do

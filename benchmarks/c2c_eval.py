@@ -96,6 +96,9 @@ def _save_hf(loaded: Any, target: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(target)
     loaded.tokenizer.save_pretrained(target)
+    from cachelm.c2c import pair
+
+    pair.save_source_record(loaded, target)  # checkpoints trained on the copy keep the GGUF's hash
 
 
 def _fuser_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -417,7 +420,11 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         for what, cmd in meta.get("runs", {"run": meta.get("command", "?")}).items():
             lines.append(f"- {what}: `{cmd}`")
     if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
-        lines += ["", "Targets (issue 5):", "", targets(results, answers)]
+        pair = (meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3"))
+        stated = ""
+        if pair != ("smollm2", "gemma3"):
+            stated = ", stated for SmolLM2 ← Gemma-3, applied to this pair"
+        lines += ["", f"Targets (issue 5{stated}):", "", targets(results, answers)]
         lines += [
             "",
             "Does C2C use the sharer? (`sharer_reliance`, from the per-question predictions above)",
@@ -851,9 +858,16 @@ def main(argv: list[str] | None = None) -> int:
             from cachelm.c2c.data import load_test
 
             answers = {s: [q.answer for q in load_test(args.data, s)] for s in SETS}
-        md = report(json.loads(Path(src).read_text()), answers)
+        results = json.loads(Path(src).read_text())
+        md = report(results, answers)
         print(md)
-        write_section(args.section, md)
+        meta = results.get("meta", {})
+        receiver, sharer = (
+            MODEL_NAMES.get(m, (m, m))[0]
+            for m in (meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3"))
+        )
+        title = f"## C2C: {receiver} (receiver) ← {sharer} (sharer), full test sets"
+        write_section(args.section, f"{title}\n\n{md}")
         write_section(
             f"{args.section}-results", md, path=Path(__file__).resolve().parent.parent / "docs" / "C2C.md"
         )

@@ -1,8 +1,10 @@
-"""The committed fuser belongs to the packaged pair (skipped where the packaged models are not pulled)."""
+"""The committed fusers belong to the packaged pair, in both directions (skipped where the packaged models are
+not pulled)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,9 +13,9 @@ from cachelm.errors import CheckpointError, ConfigError
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints" / "c2c"
 
 
-@pytest.mark.slow
-@pytest.mark.realmodel
-def test_committed_fuser_loads_into_the_packaged_pair_and_answers() -> None:
+@pytest.fixture(scope="module")
+def packaged_pair() -> tuple[Any, Any]:
+    """SmolLM2 and Gemma-3 from the packaged GGUFs, loaded once for both directions."""
     from cachelm.c2c import pair
     from cachelm.engine.loader import packaged_model_path
 
@@ -22,7 +24,15 @@ def test_committed_fuser_loads_into_the_packaged_pair_and_answers() -> None:
         packaged_model_path("gemma3")
     except ConfigError as exc:
         pytest.skip(f"packaged models not pulled: {exc}")
-    receiver, sharer = pair.load("smollm2"), pair.load("gemma3")
+    return pair.load("smollm2"), pair.load("gemma3")
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_committed_fuser_loads_into_the_packaged_pair_and_answers(packaged_pair: tuple[Any, Any]) -> None:
+    from cachelm.c2c import pair
+
+    receiver, sharer = packaged_pair
     path = CHECKPOINTS / "smollm2-from-gemma3.safetensors"
     assert path.stat().st_size <= 16_000_000
     fuser = pair.load_checkpoint(path, receiver, sharer)
@@ -33,4 +43,23 @@ def test_committed_fuser_loads_into_the_packaged_pair_and_answers() -> None:
     assert [r for r, _ in control.config.layer_map] == [r for r, _ in fuser.config.layer_map]
     prompt = "Question: Which gas do plants absorb from the air for photosynthesis?\nAnswer:"
     scores = pair.pipeline(receiver, sharer, fuser).score([prompt], [["carbon dioxide", "helium", "neon"]])[0]
+    assert max(range(3), key=scores.__getitem__) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_reverse_fusers_load_into_gemma3_reading_smollm2(packaged_pair: tuple[Any, Any]) -> None:
+    from cachelm.c2c import pair
+
+    smollm2, gemma3 = packaged_pair
+    path = CHECKPOINTS / "gemma3-from-smollm2.safetensors"
+    assert path.stat().st_size <= 16_000_000
+    fuser = pair.load_checkpoint(path, gemma3, smollm2)
+    assert fuser.num_bytes() <= 16_000_000
+    with pytest.raises(CheckpointError, match="receiver"):
+        pair.load_checkpoint(path, smollm2, gemma3)  # the forward pair's roles
+    control = pair.load_checkpoint(CHECKPOINTS / "gemma3-control-self.safetensors", gemma3, gemma3)
+    assert control.num_bytes() <= 16_000_000
+    prompt = "Question: Which gas do plants absorb from the air for photosynthesis?\nAnswer:"
+    scores = pair.pipeline(gemma3, smollm2, fuser).score([prompt], [["carbon dioxide", "helium", "neon"]])[0]
     assert max(range(3), key=scores.__getitem__) == 0

@@ -234,3 +234,19 @@ def test_save_copy_keeps_a_reloadable_copy_named_after_the_model(report: ModuleT
     stamp = (copy / "config.json").stat().st_mtime_ns
     assert report.save_copy(str(source), tmp_path / "hf", "cpu") == copy  # kept, not written again
     assert (copy / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_copy_of_a_file_loaded_model_keeps_the_file_hash(report: ModuleType, tmp_path: Path) -> None:
+    from cachelm.c2c import pair
+    from tests.unit.test_c2c_support import sharer_model, sharer_tokenizer
+
+    weights = tmp_path / "gemma-3-tiny.gguf"  # stands for the GGUF file the model was loaded from
+    weights.write_bytes(b"quantised weights")
+    loaded = pair.from_objects(str(weights), sharer_model(), sharer_tokenizer(), source_file=weights)
+    assert len(loaded.file_sha256) == 64
+    copy = report.save_copy(str(weights), tmp_path / "hf", "cpu", loaded=loaded)
+    assert pair.load(copy).file_sha256 == loaded.file_sha256
+    folder_only = tmp_path / "plain"
+    sharer_model().save_pretrained(folder_only)
+    sharer_tokenizer().save_pretrained(folder_only)
+    assert pair.load(folder_only).file_sha256 == ""  # no record: the hash stays unknown, never guessed

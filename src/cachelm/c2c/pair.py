@@ -6,6 +6,7 @@ Models come from the engine's loader (`cachelm.engine.loader.load_model`): a pac
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ def load(path_or_name: str | Path, *, device: str = "cpu", dtype: torch.dtype | 
     return from_objects(str(path_or_name), model, tokenizer)
 
 
+# Written beside a model saved from a loaded one (e.g. a dequantised copy of a GGUF): the weights file it was
+# made from, so checkpoints trained on the copy still record that file's hash.
+SOURCE_RECORD = "cachelm-source.json"
+
+
+def save_source_record(loaded: LoadedModel, folder: str | Path) -> None:
+    """Record in `folder` (a saved copy of `loaded`) which weights file the copy was made from."""
+    if loaded.file_sha256:
+        record = {"source": Path(loaded.name).name, "file_sha256": loaded.file_sha256}
+        (Path(folder) / SOURCE_RECORD).write_text(json.dumps(record) + "\n")
+
+
 def from_objects(name: str, model: Any, tokenizer: Any, source_file: str | Path | None = None) -> LoadedModel:
     """Wrap an already loaded model (e.g. a tiny one built from a config in tests)."""
     model.requires_grad_(False)
@@ -59,6 +72,8 @@ def from_objects(name: str, model: Any, tokenizer: Any, source_file: str | Path 
         sha = file_sha256(source_file)
     elif Path(name).is_file():
         sha = file_sha256(name)
+    elif (Path(name) / SOURCE_RECORD).is_file():  # a saved copy: the file it was made from
+        sha = str(json.loads((Path(name) / SOURCE_RECORD).read_text()).get("file_sha256", ""))
     return LoadedModel(
         name=name,
         model=model,
