@@ -89,7 +89,8 @@ class KVPrefixCache:
         self.block_size = block_size
         self.write_through = write_through  # also copy every new block to every lower tier (persistence)
         self.read_threads = read_threads  # blocks of disk and Redis tiers read at once by `load`
-        self._readers: ThreadPoolExecutor | None = None  # started by the first such read
+        # Its threads start with the first read submitted, so a cache with only memory tiers starts none.
+        self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="kv-read")
         for tier in self.tiers[:-1]:
             tier.keep_evicted = True  # evicted data is demoted, so the tier must hand it over
         self.stats = KVStats()
@@ -184,16 +185,11 @@ class KVPrefixCache:
                     j = submitted
                     submitted += 1
                     if match.tiers[j] >= 0 and not self.tiers[match.tiers[j]].in_memory:
-                        ahead[j] = self._reader_pool().submit(self.tiers[match.tiers[j]].get, match.hashes[j])
+                        ahead[j] = self._readers.submit(self.tiers[match.tiers[j]].get, match.hashes[j])
                 yield self._read(match.hashes[i], tier_index, ahead.pop(i, None))
         finally:  # the caller stopped early (a block could not be read): drop the reads not yet started
             for future in ahead.values():
                 future.cancel()
-
-    def _reader_pool(self) -> ThreadPoolExecutor:
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kv-read")
-        return self._readers
 
     def _read(
         self, block_hash: BlockHash, tier_index: int, pending: Future[EncodedBlock | None] | None = None
@@ -300,7 +296,6 @@ class KVPrefixCache:
         self.flush()
         self._queue.put(None)
         self._worker.join(timeout=10)
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
