@@ -129,7 +129,7 @@ def render(results: dict[str, Any]) -> str:
     keys = [*STAGES, "sum", *LOADS]
     head = "| prefix | stored | " + " | ".join(LABELS[k] for k in keys) + " |"
     lines = [
-        "## KV disk tier — where a hit's time goes",
+        f"## KV disk tier — where a hit's time goes (output on {results['device']})",
         "",
         f"Machine: {results['machine']}; output on `{results['device']}`; "
         f"{results['threads']} threads in the pool.",
