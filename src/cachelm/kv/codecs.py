@@ -350,6 +350,6 @@ def _view(buf: bytearray, data_start: int, entry: dict[str, Any]) -> torch.Tenso
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
-    if (data_start + begin) % itemsize:
+    if flat.data_ptr() % itemsize:  # a view must start on a multiple of its element size
         flat = flat.clone()
     return flat.view(dtype).view(shape)
