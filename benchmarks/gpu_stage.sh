@@ -11,6 +11,10 @@
 #   tf, whl    the pinned transformers wheel and orjson for the machine's Python 3.12
 #   c2cdata    ARC, OpenBookQA and 5,000 Alpaca instructions (the data c2c_eval.py trains and tests on)
 #   ckpt       a copy of the committed C2C pair (C2C_BASE for c2c_variants.sh)
+#   pyt        pytest and what the tests import beyond the machine's own packages, for the CUDA-only tests:
+#              carry [".stage/tf", ".stage/whl", ".stage/pyt"] and run
+#              python3 -m pip install -q --no-index --no-deps --target /tmp/tf .stage/{tf,whl,pyt}/*.whl
+#              PYTHONPATH=/tmp/tf:src:. python3 -m pytest -p no:cacheprovider -m gpu tests
 # Then an experiment run carries [".stage/tf", ".stage/whl", ".stage/c2cdata", ".stage/ckpt"] and starts:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/tf .stage/tf/*.whl .stage/whl/*.whl
 #   cp -r .stage/c2cdata /root/c2cdata
@@ -38,6 +42,8 @@ fi
 python3 -m pip download -q --no-deps --only-binary=:all: "$tf_version" -d $S/tf
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_17_x86_64 orjson -d $S/whl
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_17_x86_64 pytest pytest-asyncio redis -d $S/pyt
 
 mkdir -p $S/c2cdata/instruct
 cp -r "$shared"/data/arc "$shared"/data/openbookqa "$shared"/data/MANIFEST.md $S/c2cdata/
@@ -45,4 +51,4 @@ cp "$shared"/data/instruct/alpaca_5000.json $S/c2cdata/instruct/
 chmod -R u+w $S/c2cdata
 mkdir -p $S/ckpt && cp checkpoints/c2c/*.safetensors $S/ckpt/
 
-du -sh $S/p? $S/tf $S/whl $S/c2cdata $S/ckpt
+du -sh $S/p? $S/tf $S/whl $S/pyt $S/c2cdata $S/ckpt
