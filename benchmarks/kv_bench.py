@@ -289,8 +289,9 @@ def _report(
         "",
         f"Machine: {machine_description()} (2-core CI-class VM, shared with other jobs: absolute times are",
         "noisy, ratios within a row were measured side by side). Command:",
-        "`.venv/bin/python benchmarks/kv_bench.py --data /work/shared/data --models-dir .cache/models "
-        f"--lengths {','.join(map(str, args.lengths))} --reps {args.reps}`",
+        "`.venv/bin/python benchmarks/kv_bench.py --data /work/shared/data "
+        + (f"--models-dir {args.models_dir} " if args.models_dir else "")
+        + f"--lengths {','.join(map(str, args.lengths))} --reps {args.reps}`",
         "",
         f"TTFT = prefill + first token, median of {args.reps} rounds (configurations interleaved); "
         f"suffix = {ttft['suffix_tokens']} new tokens "
