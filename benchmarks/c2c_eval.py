@@ -47,9 +47,14 @@ def model_key(path_or_name: str) -> str | None:
     return next((key for key in MODEL_NAMES if key in text), None)
 
 
+def model_pair(meta: dict[str, Any]) -> tuple[str, str]:
+    """(receiver, sharer) a results file names; the first pair (SmolLM2 ← Gemma-3) when it names none."""
+    return meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3")
+
+
 def labels(meta: dict[str, Any]) -> dict[str, str]:
-    """Row labels for the methods; the first pair (SmolLM2 ← Gemma-3) when `meta` names no models."""
-    receiver, sharer = meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3")
+    """Row labels for the methods."""
+    receiver, sharer = model_pair(meta)
     r_full = MODEL_NAMES.get(receiver, (receiver, receiver))[0]
     s_full, s_short = MODEL_NAMES.get(sharer, (sharer, sharer))
     return {
@@ -420,9 +425,8 @@ def report(results: dict[str, Any], answers: dict[str, list[int]] | None = None)
         for what, cmd in meta.get("runs", {"run": meta.get("command", "?")}).items():
             lines.append(f"- {what}: `{cmd}`")
     if answers and all(m in acc for m in ("c2c", "control", "receiver", "sharer", "t2t")):
-        pair = (meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3"))
         stated = ""
-        if pair != ("smollm2", "gemma3"):
+        if model_pair(meta) != ("smollm2", "gemma3"):
             stated = ", stated for SmolLM2 ← Gemma-3, applied to this pair"
         lines += ["", f"Targets (issue 5{stated}):", "", targets(results, answers)]
         lines += [
@@ -862,10 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         md = report(results, answers)
         print(md)
         meta = results.get("meta", {})
-        receiver, sharer = (
-            MODEL_NAMES.get(m, (m, m))[0]
-            for m in (meta.get("receiver_model", "smollm2"), meta.get("sharer_model", "gemma3"))
-        )
+        receiver, sharer = (MODEL_NAMES.get(m, (m, m))[0] for m in model_pair(meta))
         title = f"## C2C: {receiver} (receiver) ← {sharer} (sharer), full test sets"
         write_section(args.section, f"{title}\n\n{md}")
         write_section(
