@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from c2c_eval import SET_LABELS, SETS
+
 ROOT = Path(__file__).resolve().parent.parent
-SETS = ("arc_easy", "arc_challenge", "openbookqa")
-SET_LABELS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA"}
 # (label, receiver, sharer, C2C checkpoint, control checkpoint, the H100 results)
 DIRECTIONS = (
     (

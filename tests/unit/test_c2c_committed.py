@@ -34,16 +34,11 @@ def test_committed_fuser_loads_into_the_packaged_pair_and_answers(packaged_pair:
 
     receiver, sharer = packaged_pair
     path = CHECKPOINTS / "smollm2-from-gemma3.safetensors"
-    assert path.stat().st_size <= 16_000_000
-    fuser = pair.load_checkpoint(path, receiver, sharer)
-    assert fuser.num_bytes() <= 16_000_000
+    fuser = _load_and_answer(path, receiver, sharer)
     with pytest.raises(CheckpointError, match="sharer"):
         pair.load_checkpoint(path, receiver, receiver)
     control = pair.load_checkpoint(CHECKPOINTS / "smollm2-control-self.safetensors", receiver, receiver)
     assert [r for r, _ in control.config.layer_map] == [r for r, _ in fuser.config.layer_map]
-    prompt = "Question: Which gas do plants absorb from the air for photosynthesis?\nAnswer:"
-    scores = pair.pipeline(receiver, sharer, fuser).score([prompt], [["carbon dioxide", "helium", "neon"]])[0]
-    assert max(range(3), key=scores.__getitem__) == 0
 
 
 @pytest.mark.slow
@@ -53,13 +48,21 @@ def test_reverse_fusers_load_into_gemma3_reading_smollm2(packaged_pair: tuple[An
 
     smollm2, gemma3 = packaged_pair
     path = CHECKPOINTS / "gemma3-from-smollm2.safetensors"
-    assert path.stat().st_size <= 16_000_000
-    fuser = pair.load_checkpoint(path, gemma3, smollm2)
-    assert fuser.num_bytes() <= 16_000_000
+    _load_and_answer(path, gemma3, smollm2)
     with pytest.raises(CheckpointError, match="receiver"):
         pair.load_checkpoint(path, smollm2, gemma3)  # the forward pair's roles
     control = pair.load_checkpoint(CHECKPOINTS / "gemma3-control-self.safetensors", gemma3, gemma3)
     assert control.num_bytes() <= 16_000_000
+
+
+def _load_and_answer(path: Path, receiver: Any, sharer: Any) -> Any:
+    """The fuser at `path`, checked: within the 16 MB cap on disk and in memory, right on an easy question."""
+    from cachelm.c2c import pair
+
+    assert path.stat().st_size <= 16_000_000
+    fuser = pair.load_checkpoint(path, receiver, sharer)
+    assert fuser.num_bytes() <= 16_000_000
     prompt = "Question: Which gas do plants absorb from the air for photosynthesis?\nAnswer:"
-    scores = pair.pipeline(gemma3, smollm2, fuser).score([prompt], [["carbon dioxide", "helium", "neon"]])[0]
+    scores = pair.pipeline(receiver, sharer, fuser).score([prompt], [["carbon dioxide", "helium", "neon"]])[0]
     assert max(range(3), key=scores.__getitem__) == 0
+    return fuser

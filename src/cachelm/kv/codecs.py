@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -339,10 +340,7 @@ def _view(buf: bytearray, data_start: int, entry: dict[str, Any]) -> torch.Tenso
     dtype = _STORED_DTYPES[entry["dtype"]]
     shape = [int(n) for n in entry["shape"]]
     begin, end = (int(n) for n in entry["data_offsets"])
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for n in shape:
-        numel *= n
+    itemsize, numel = dtype.itemsize, math.prod(shape)
     if min(shape, default=0) < 0 or not 0 <= begin <= end or data_start + end > len(buf):
         raise ValueError(f"tensor bounds {begin}..{end} outside the {len(buf)}-byte block")
     if end - begin != numel * itemsize:

@@ -162,11 +162,11 @@ class KVPrefixCache:
             )
         loaded = 0
         promote: list[int] = []
-        for i, (tier_index, block) in enumerate(zip(match.tiers, self._blocks(match), strict=False)):
+        for i, block in enumerate(self._blocks(match)):
             if block is None:
                 break
             codec_for(block).decode(block, out=out[i * bs : (i + 1) * bs])
-            if tier_index != 0:
+            if match.tiers[i] != 0:
                 promote.append(i)
             loaded += 1
         # Promote after reading everything: a promotion may evict a later block of this very prefix.
