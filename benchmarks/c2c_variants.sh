@@ -39,8 +39,13 @@ declare -A recipe=(
   [allmc]="--steps 420 --distill-weight 1 --fuse-span all"
   [mean]="--steps 420 --distill-weight 1 --token-alignment mean"
   [ownpos]="--steps 420 --distill-weight 1 --sharer-positions own"
+  # the fuser's structure, each as large as the 16 MB cap allows: every receiver layer fused (30 layers,
+  # width 152: 14.7 MB), or the committed 18 layers at width 240 (15.4 MB)
+  [uniform]="--steps 420 --distill-weight 1 --layer-map uniform --hidden 152"
+  [uniform1]="--steps 420 --distill-weight 1 --layer-map uniform --hidden 152 --seed 1"
+  [wide]="--steps 420 --distill-weight 1 --hidden 240"
 )
-names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc mean ownpos"}
+names=${C2C_VARIANTS:-"base seed1 seed2 seed3 long distill3 mconly mconly3 allmc mean ownpos uniform uniform1 wide"}
 reserve=${C2C_EVAL_RESERVE:-150}
 
 mkdir -p $runs/base
@@ -75,7 +80,8 @@ progress() {  # wait up to 30 s (less when every job has ended), then print each
   done; done)"
 }
 # At most C2C_PARALLEL variants (two training processes each) at a time: 8 processes outgrew the H100's
-# 80 GB (out of memory at a 4.6 GiB option-scoring step), 6 fit.
+# 80 GB (out of memory at a 4.6 GiB option-scoring step); 6 fit with 18 fused layers, but not with two
+# 30-layer (uniform) variants among them (two ran out of memory; rerunning resumes them).
 for v in $names; do
   while [ "$(jobs -rp | wc -l)" -ge "${C2C_PARALLEL:-3}" ]; do progress; done
   variant $v &
