@@ -143,27 +143,39 @@ class Keyring:
         kid = key_id.encode()
         return MAGIC + bytes([len(kid)]) + kid + nonce + sealed
 
-    def decrypt(self, envelope: bytes, *, tenant_id: str, record_key: str) -> bytes:
+    def decrypt(self, envelope: bytes | bytearray, *, tenant_id: str, record_key: str) -> bytes:
         """Open an envelope sealed for (`tenant_id`, `record_key`). Raises IntegrityError on any failure."""
+        return bytes(self.decrypt_to_buffer(envelope, tenant_id=tenant_id, record_key=record_key))
+
+    def decrypt_to_buffer(self, envelope: bytes | bytearray, *, tenant_id: str, record_key: str) -> bytearray:
+        """`decrypt` into a new bytearray, for large values (KV blocks): the plaintext is written once,
+        straight into the buffer returned, and the ciphertext is read in place, never copied."""
         key_id = envelope_key_id(envelope)
         start = len(MAGIC) + 1 + len(key_id)
-        nonce, sealed = envelope[start : start + NONCE_BYTES], envelope[start + NONCE_BYTES :]
+        view = memoryview(envelope)
+        nonce, sealed = bytes(view[start : start + NONCE_BYTES]), view[start + NONCE_BYTES :]
         if len(sealed) < TAG_BYTES:
             raise IntegrityError("envelope is truncated")
+        plain = bytearray(len(sealed) - TAG_BYTES)
         try:
-            return self._cipher(key_id, tenant_id).decrypt(
-                nonce, sealed, _associated_data(key_id, tenant_id, record_key)
+            self._cipher(key_id, tenant_id).decrypt_into(
+                nonce, sealed, _associated_data(key_id, tenant_id, record_key), plain
             )
         except InvalidTag:
             raise IntegrityError(
                 f"envelope failed authentication (key id {key_id!r}): tampered, or sealed for another "
                 "tenant or record key"
             ) from None
+        return plain
 
 
-def envelope_key_id(envelope: bytes) -> str:
+def envelope_key_id(envelope: bytes | bytearray) -> str:
     """The key id an envelope was sealed with. Raises IntegrityError when it is not an envelope."""
-    if not isinstance(envelope, bytes) or not envelope.startswith(MAGIC) or len(envelope) < len(MAGIC) + 1:
+    if (
+        not isinstance(envelope, bytes | bytearray)
+        or not envelope.startswith(MAGIC)
+        or len(envelope) < len(MAGIC) + 1
+    ):
         raise IntegrityError("not a cachelm envelope (bad magic)")
     n = envelope[len(MAGIC)]
     raw = envelope[len(MAGIC) + 1 : len(MAGIC) + 1 + n]

@@ -26,6 +26,22 @@ def test_round_trip(plaintext: bytes, tenant: str, key: str) -> None:
     assert ring.decrypt(envelope, tenant_id=tenant, record_key=key) == plaintext
 
 
+def test_a_bytearray_envelope_opens_like_bytes_into_a_buffer_and_is_left_unchanged() -> None:
+    ring = Keyring({"k1": K1})
+    envelope = ring.encrypt(b"kv block bytes" * 100, tenant_id="t", record_key="k")
+    buf = bytearray(envelope)  # what a file read into a buffer gives
+    assert envelope_key_id(buf) == "k1"
+    assert ring.decrypt(buf, tenant_id="t", record_key="k") == b"kv block bytes" * 100
+    opened = ring.decrypt_to_buffer(buf, tenant_id="t", record_key="k")
+    assert isinstance(opened, bytearray) and opened == b"kv block bytes" * 100
+    assert bytes(buf) == envelope
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        ring.decrypt_to_buffer(buf, tenant_id="t", record_key="moved")
+    buf[-1] ^= 1
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        ring.decrypt(buf, tenant_id="t", record_key="k")
+
+
 def test_envelopes_are_randomised_and_hide_the_plaintext() -> None:
     ring = Keyring({"k1": K1})
     plaintext = b"the launch code is 0000" * 4

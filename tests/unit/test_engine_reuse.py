@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from cachelm.crypto import Keyring
 from cachelm.engine.engine import Engine, GenerationResult, SamplingParams, build_prefix_cache
 from cachelm.engine.tiny import tiny_gemma3, tiny_llama, tiny_tokenizer
 from cachelm.errors import ConfigError
@@ -94,18 +95,22 @@ def test_tokenisation_boundary(llama: Any, tokenizer: Any) -> None:
     _same(reused, base.generate(long, GREEDY))
 
 
-@pytest.fixture(params=["cpu", "disk", "redis", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    params=["cpu", "disk", "disk-sealed", "redis", "redis-sealed", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
 def lower_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tier]:
     tier: Tier
+    keyring = Keyring.generate() if request.param.endswith("-sealed") else None
     if request.param == "cpu":
         tier = MemoryTier(capacity_bytes=1 << 24)
     elif request.param == "gpu":
         tier = MemoryTier(capacity_bytes=1 << 24, device="cuda")
-    elif request.param == "disk":
-        tier = DiskTier(tmp_path, capacity_bytes=1 << 24)
+    elif request.param.startswith("disk"):
+        tier = DiskTier(tmp_path, capacity_bytes=1 << 24, keyring=keyring)
     else:
         ns = request.getfixturevalue("namespace")
-        tier = RedisTier(request.getfixturevalue("redis_url"), namespace=ns, capacity_bytes=1 << 24)
+        url = request.getfixturevalue("redis_url")
+        tier = RedisTier(url, namespace=ns, capacity_bytes=1 << 24, keyring=keyring)
     yield tier
     tier.clear()
 

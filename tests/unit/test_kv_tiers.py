@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import redis
 import torch
 
+from cachelm.crypto import Keyring, envelope_key_id
 from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
 from cachelm.kv.codecs import EncodedBlock, RawCodec
@@ -36,9 +38,12 @@ def _size(tier: Tier) -> int:
     return size
 
 
-@pytest.fixture(params=["cpu", "disk", "redis", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    params=["cpu", "disk", "disk-sealed", "redis", "redis-sealed", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
 def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierFactory]:
     made: list[Tier] = []
+    keyring = Keyring.generate() if request.param.endswith("-sealed") else None
 
     def factory(capacity: int) -> Tier:
         tier: Tier
@@ -46,11 +51,12 @@ def make_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TierFa
             tier = MemoryTier(capacity_bytes=capacity, device="cpu")
         elif request.param == "gpu":
             tier = MemoryTier(capacity_bytes=capacity, device="cuda")
-        elif request.param == "disk":
-            tier = DiskTier(tmp_path / "kv", capacity_bytes=capacity)
+        elif request.param.startswith("disk"):
+            tier = DiskTier(tmp_path / "kv", capacity_bytes=capacity, keyring=keyring)
         else:
             url = request.getfixturevalue("redis_url")
-            tier = RedisTier(url, namespace=request.getfixturevalue("namespace"), capacity_bytes=capacity)
+            ns = request.getfixturevalue("namespace")
+            tier = RedisTier(url, namespace=ns, capacity_bytes=capacity, keyring=keyring)
         made.append(tier)
         return tier
 
@@ -190,6 +196,82 @@ def test_bad_arguments(tmp_path: Path) -> None:
         MemoryTier(capacity_bytes=10, device="mps")
     with pytest.raises(ConfigError, match="`namespace`"):
         RedisTier("redis://127.0.0.1:6379", namespace="a*b", capacity_bytes=10)
+    with pytest.raises(ConfigError, match="`keyring` must be a Keyring"):
+        DiskTier(tmp_path, capacity_bytes=10, keyring="k1:secret")  # type: ignore[arg-type]
+
+
+def _sealed_disk(path: Path, keyring: Keyring | None) -> DiskTier:
+    return DiskTier(path, capacity_bytes=1 << 20, keyring=keyring)
+
+
+def test_sealed_disk_block_holds_no_plaintext_and_reads_back(tmp_path: Path) -> None:
+    keyring = Keyring.generate()
+    tier = _sealed_disk(tmp_path, keyring)
+    block = _block(1)
+    tier.put(_h(1), block)
+    stored = next(tmp_path.glob("*/*.safetensors")).read_bytes()
+    raw = block.tensors["kv"].numpy().tobytes()
+    assert stored.startswith(b"CLE1")
+    assert raw[:64] not in stored and b"codec" not in stored and b"sha256" not in stored
+    again = _sealed_disk(tmp_path, keyring)  # a restart with the same keyring
+    got = again.get(_h(1))
+    assert got is not None and torch.equal(got.tensors["kv"], block.tensors["kv"])
+
+
+def test_sealed_disk_reads_blocks_of_a_rotated_key(tmp_path: Path) -> None:
+    k1 = os.urandom(32)
+    _sealed_disk(tmp_path, Keyring({"k1": k1})).put(_h(1), _block(1))
+    tier = _sealed_disk(tmp_path, Keyring({"k1": k1, "k2": os.urandom(32)}))  # k2 now seals
+    got = tier.get(_h(1))
+    assert got is not None and torch.equal(got.tensors["kv"], _block(1).tensors["kv"])
+    tier.put(_h(2), _block(2))
+    assert envelope_key_id(next((tmp_path / _h(2).hex()[:2]).glob("*.safetensors")).read_bytes()) == "k2"
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [("plain", "sealed"), ("sealed", "plain"), ("sealed", "other key")],
+)
+def test_a_block_not_sealed_with_this_keyring_is_a_counted_miss(
+    tmp_path: Path, writer: str, reader: str
+) -> None:
+    keyring = Keyring.generate()
+    keyrings = {"plain": None, "sealed": keyring, "other key": Keyring.generate()}
+    _sealed_disk(tmp_path, keyrings[writer]).put(_h(1), _block(1))
+    tier = _sealed_disk(tmp_path, keyrings[reader])
+    assert _h(1) in tier  # indexed on open ...
+    assert tier.get(_h(1)) is None  # ... but it does not open: dropped, never served
+    assert tier.corrupt == 1 and _h(1) not in tier
+    assert not list(tmp_path.glob("*/*.safetensors"))
+
+
+def test_a_sealed_block_moved_to_another_hash_fails(tmp_path: Path) -> None:
+    keyring = Keyring.generate()
+    tier = _sealed_disk(tmp_path, keyring)
+    tier.put(_h(1), _block(1))
+    tier.put(_h(2), _block(2))
+    one, two = (next((tmp_path / _h(i).hex()[:2]).glob("*.safetensors")) for i in (1, 2))
+    two.write_bytes(one.read_bytes())  # a valid envelope, but sealed for block 1
+    assert tier.get(_h(2)) is None and tier.corrupt == 1
+    assert tier.get(_h(1)) is not None
+
+
+def test_sealed_redis_value_is_an_envelope_and_tampering_fails(redis_url: str, namespace: str) -> None:
+    keyring = Keyring.generate()
+    tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20, keyring=keyring)
+    tier.put(_h(1), _block(1))
+    client = redis.Redis.from_url(redis_url)
+    key = f"{namespace}:kv:{_h(1).hex()}"
+    value = client.get(key)
+    assert value is not None and value.startswith(b"CLE1") and b"codec" not in value
+    other = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20, keyring=keyring)
+    got = other.get(_h(1))  # another process with the same keyring reads it
+    assert got is not None and torch.equal(got.tensors["kv"], _block(1).tensors["kv"])
+    flipped = bytearray(value)
+    flipped[-1] ^= 1
+    client.set(key, bytes(flipped))
+    assert tier.get(_h(1)) is None and tier.corrupt == 1
+    tier.clear()
 
 
 class _ReplacingDiskTier(DiskTier):

@@ -29,6 +29,7 @@ from cachelm.kv.layout import KVLayout
 from cachelm.kv.prefix_cache import KVPrefixCache
 
 if TYPE_CHECKING:
+    from cachelm.crypto import Keyring
     from cachelm.engine.static_runner import StaticRunner
 
 DEFAULT_TENANT_SALT = tenant_salt("default")
@@ -369,12 +370,13 @@ def build_prefix_cache(
     codec: str = "raw",
     lower_codec: str | None = None,
     write_through: bool = False,
+    keyring: Keyring | None = None,
 ) -> KVPrefixCache:
     """A prefix cache for `model` with the tiers whose budgets are given, fastest first.
 
     GPU (if `gpu_bytes` and the model is on CUDA) → CPU (pinned when CUDA is present) → disk (if
     `disk_dir`) → Redis (if `redis_url`). Memory tiers use `codec`; disk and Redis use `lower_codec`
-    (default: `codec`).
+    (default: `codec`). With a `keyring`, disk and Redis keep their blocks encrypted at rest.
     """
     from cachelm.kv.codecs import make_codec
     from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
@@ -386,9 +388,13 @@ def build_prefix_cache(
         tiers.append(MemoryTier(capacity_bytes=cpu_bytes, device="cpu", codec=make_codec(codec)))
     low = make_codec(lower_codec or codec)
     if disk_dir:
-        tiers.append(DiskTier(disk_dir, capacity_bytes=disk_bytes, codec=low))
+        tiers.append(DiskTier(disk_dir, capacity_bytes=disk_bytes, codec=low, keyring=keyring))
     if redis_url:
-        tiers.append(RedisTier(redis_url, namespace=redis_namespace, capacity_bytes=redis_bytes, codec=low))
+        tiers.append(
+            RedisTier(
+                redis_url, namespace=redis_namespace, capacity_bytes=redis_bytes, codec=low, keyring=keyring
+            )
+        )
     return KVPrefixCache(
         layout=KVLayout.from_model(model),
         model=make_fingerprint(model, model_id, revision),

@@ -8,7 +8,10 @@ A tier maps a `BlockHash` to an `EncodedBlock`. Contract (tested once for every 
   used first, with their data when ``keep_evicted`` is set (the prefix cache demotes them to the next tier);
   a block larger than the whole budget is refused and returned as its own victim;
 - disk and Redis tiers re-index what is already stored when opened, so a restart keeps the cache warm;
-- a backend failure raises BackendError; the prefix cache turns it into a miss.
+- a backend failure raises BackendError; the prefix cache turns it into a miss;
+- disk and Redis tiers given a `Keyring` keep every block sealed (AES-256-GCM, `cachelm.crypto`): the
+  envelope is bound to its block hash, so a file or key copied under another hash fails; a block that is
+  not sealed with this keyring (written before encryption was turned on, or tampered) reads as corrupt.
 
 Every tier is thread-safe (one lock each): the serving thread and the write-behind worker share them.
 The LRU is a small OrderedDict kept here rather than `cachelm.policy.LRUPolicy` so tiers need nothing but
@@ -28,11 +31,16 @@ from typing import Any
 
 import torch
 
+from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
 from cachelm.kv.codecs import Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
 
 Evicted = list[tuple[BlockHash, EncodedBlock | None]]
+
+# The data key of sealed KV blocks. Blocks carry no tenant of their own (their hashes are salted per tenant),
+# so one key domain covers them; the record key "kv:<hash>" keeps it apart from any response record.
+KV_KEY_DOMAIN = "cachelm.kv"
 
 
 class Tier(ABC):
@@ -206,20 +214,54 @@ class MemoryTier(Tier):
         self._blocks.pop(block_hash, None)
 
 
-class DiskTier(Tier):
+class _BytesTier(Tier):
+    """A tier that stores blocks as bytes (`codecs.to_bytes`), sealed when it has a keyring."""
+
+    def __init__(
+        self, *, capacity_bytes: int, codec: Codec | None = None, keyring: Keyring | None = None
+    ) -> None:
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+        if keyring is not None and not isinstance(keyring, Keyring):
+            raise ConfigError(f"`keyring` must be a Keyring or None, got {type(keyring).__name__}")
+        self.keyring = keyring
+
+    def _to_stored(self, block_hash: BlockHash, block: EncodedBlock) -> bytes:
+        data = to_bytes(block)
+        if self.keyring is None:
+            return data
+        return self.keyring.encrypt(data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}")
+
+    def _from_stored(self, block_hash: BlockHash, data: bytes | bytearray) -> EncodedBlock:
+        """The block stored as `data`; IntegrityError when it fails to open or to parse."""
+        if self.keyring is not None:
+            data = self.keyring.decrypt_to_buffer(
+                data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}"
+            )
+        return from_bytes(data)
+
+
+class DiskTier(_BytesTier):
     """One safetensors file per block under `directory` (``ab/abcdef….safetensors``).
 
     Writes go to a temporary file in the same folder and are published with an atomic rename, so a crash
     never leaves a half-written block under a real name (leftover temporaries are removed on open). Every
-    file carries a SHA-256 of its tensors in its metadata, checked on read. On open the folder is re-indexed,
-    oldest modification time first (a read refreshes the time, so the order approximates LRU).
+    file carries a SHA-256 of its tensors in its metadata, checked on read; with a `keyring` the file is
+    that safetensors file sealed. On open the folder is re-indexed, oldest modification time first (a read
+    refreshes the time, so the order approximates LRU).
     """
 
     name = "disk"
     _SUFFIX = ".safetensors"
 
-    def __init__(self, directory: str | Path, *, capacity_bytes: int, codec: Codec | None = None) -> None:
-        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        capacity_bytes: int,
+        codec: Codec | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec, keyring=keyring)
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -259,11 +301,11 @@ class DiskTier(Tier):
             return None
         except OSError as exc:
             raise BackendError(f"disk tier read failed: {exc}") from exc
-        return from_bytes(data)
+        return self._from_stored(block_hash, data)
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
         path = self._path(block_hash)
-        data = to_bytes(block)
+        data = self._to_stored(block_hash, block)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(exist_ok=True)
@@ -278,8 +320,9 @@ class DiskTier(Tier):
         self._path(block_hash).unlink(missing_ok=True)
 
 
-class RedisTier(Tier):
-    """Blocks as Redis strings ``{namespace}:kv:{hash hex}`` (safetensors bytes with a checksum).
+class RedisTier(_BytesTier):
+    """Blocks as Redis strings ``{namespace}:kv:{hash hex}`` (safetensors bytes with a checksum, sealed
+    when a `keyring` is given).
 
     On open the namespace is re-indexed with SCAN (+ STRLEN for sizes). Several processes may share one
     namespace: a block another process wrote is found by `probe` (pipelined EXISTS) and adopted. The byte
@@ -295,9 +338,10 @@ class RedisTier(Tier):
         namespace: str,
         capacity_bytes: int,
         codec: Codec | None = None,
+        keyring: Keyring | None = None,
         client: Any = None,
     ) -> None:
-        super().__init__(capacity_bytes=capacity_bytes, codec=codec)
+        super().__init__(capacity_bytes=capacity_bytes, codec=codec, keyring=keyring)
         if not isinstance(namespace, str) or not namespace or any(c in namespace for c in " *?[]"):
             raise ConfigError(
                 f"`namespace` must be a non-empty string without spaces or globs, got {namespace!r}"
@@ -365,10 +409,10 @@ class RedisTier(Tier):
         data = self._call("get", self.client.get, self._key(block_hash))
         if data is None:
             return None
-        return from_bytes(data)
+        return self._from_stored(block_hash, data)
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
-        data = to_bytes(block)
+        data = self._to_stored(block_hash, block)
         self._call("set", self.client.set, self._key(block_hash), data)
         return len(data)
 
