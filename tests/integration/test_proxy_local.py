@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -81,6 +82,35 @@ def test_kv_prefix_cache_is_never_shared_across_tenants(engine: Any, tmp_path: P
         other = cached_tokens("globex")
     assert first == 0 and again > 0  # the tenant's own prefix is reused
     assert other == 0  # the same prompt from another tenant computes its own KV
+
+
+def test_erasing_a_user_erases_the_kv_of_the_tenants_prompts(engine: Any, tmp_path: Path) -> None:
+    keys = {"initech": "initech-local-key", "umbrella": "umbrella-local-key"}  # new to the engine
+    tenants = {t: {"keys": [hash_key(k)]} for t, k in keys.items()}
+    registry = TenantRegistry.from_config({"tenants": tenants, "admin_keys": [hash_key("local-admin")]})
+    config = ServerConfig(store_url=f"sqlite:///{tmp_path}/cache.db", access_log=False)
+    body = request("Erasure must reach every layer that holds what a user sent, the KV cache included.")
+
+    def cached_tokens(tenant: str) -> int:
+        c = openai.OpenAI(base_url=proxy.url + "/v1", api_key=keys[tenant], max_retries=0, timeout=60)
+        bypass = {"x-cachelm-bypass": "on"}  # straight to the engine: only the KV layer can reuse
+        usage = c.chat.completions.create(**body, user="alice", extra_headers=bypass).usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        return int(usage.prompt_tokens_details.cached_tokens or 0)
+
+    with ProxyThread(config, registry, upstream=LocalEngineUpstream(engine, model_id=MODEL)) as proxy:
+        assert cached_tokens("initech") == 0 and cached_tokens("umbrella") == 0
+        reused = cached_tokens("initech")
+        assert reused > 0 and cached_tokens("umbrella") == reused
+        erased = httpx.post(
+            proxy.url + "/admin/erase",
+            json={"tenant": "initech", "user": "alice"},
+            headers={"authorization": "Bearer local-admin"},
+        )
+        assert erased.status_code == 200
+        assert erased.json()["kv_blocks"] >= reused // 4  # block size 4: at least the blocks that were reused
+        assert cached_tokens("initech") == 0  # recomputed: nothing of initech's prompt is left
+        assert cached_tokens("umbrella") == reused  # another tenant's KV is untouched
 
 
 def test_local_engine_completions_stop_and_refusals(proxy: ProxyThread, engine: Any) -> None:

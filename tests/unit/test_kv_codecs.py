@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -92,6 +93,14 @@ def test_bytes_round_trip(name: str) -> None:
         assert torch.equal(back.tensors[key], t)
 
 
+def test_the_owner_travels_with_the_block() -> None:
+    enc = replace(Int8Codec().encode(_block(16)), owner="0123abcd")
+    assert from_bytes(to_bytes(enc)).owner == "0123abcd"
+    moved = enc.to("cpu", pin=True)  # a copy (pinned where CUDA is present)
+    assert moved is not enc and moved.owner == "0123abcd"
+    assert from_bytes(to_bytes(Int8Codec().encode(_block(16)))).owner == ""
+
+
 def test_corrupt_bytes_raise_integrity_error() -> None:
     data = bytearray(to_bytes(RawCodec().encode(_block(16))))
     data[-5] ^= 0xFF  # flip bits in the tensor data
@@ -156,6 +165,7 @@ def _with_header(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
         lambda h: h["kv"].update(data_offsets=[8, 0]),  # reversed
         lambda h: h["kv"].update(shape=[-1, -2048]),  # negative sizes
         lambda h: h.pop("__metadata__"),  # no codec, dtype, token count or checksum
+        lambda h: h["__metadata__"].update(owner="../../etc"),  # an owner must be a tenant tag
     ],
 )
 def test_malformed_headers_raise_integrity_error(edit: Callable[[dict[str, Any]], None]) -> None:

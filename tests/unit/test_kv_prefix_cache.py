@@ -9,11 +9,11 @@ import pytest
 import redis
 import torch
 
-from cachelm.errors import ConfigError
+from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import BlockHash, ModelFingerprint, tenant_salt
 from cachelm.kv.codecs import EncodedBlock, Int8Codec, RawCodec
 from cachelm.kv.layout import KVLayout
-from cachelm.kv.prefix_cache import KVPrefixCache
+from cachelm.kv.prefix_cache import KVPrefixCache, owner_tag
 from cachelm.kv.tiers import DiskTier, MemoryTier, RedisTier, Tier
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float32, sliding_windows=(None, None))
@@ -125,6 +125,69 @@ def test_failing_tier_is_a_miss_not_an_error(redis_url: str, namespace: str) -> 
     assert match.tiers == (1, 0)
     assert pc.load(match, device="cpu").shape[0] == 0  # block 0 unreadable: no prefix, no exception
     assert pc.stats.backend_errors >= 1
+
+
+def test_purge_tenant_erases_its_blocks_from_every_tier_and_keeps_the_others(tmp_path: Path) -> None:
+    top = MemoryTier(capacity_bytes=2 * BLOCK_BYTES)
+    pc = _cache(top, DiskTier(tmp_path, capacity_bytes=1 << 20, codec=Int8Codec()))
+    bob = tenant_salt("bob")
+    ids, kv = list(range(17)), _kv(17)
+    pc.store(ids, kv, tenant_salt=SALT)  # alice: 4 blocks, 2 of them demoted to disk (re-encoded to int8)
+    pc.store(ids, kv, tenant_salt=bob)  # bob: the same tokens, his own blocks; pushes alice's down
+    pc.flush()
+    match = pc.match(ids, tenant_salt=SALT)
+    assert match.num_blocks == 4 and 1 in match.tiers
+    pc.load(match, device="cpu")  # promotes alice's blocks back to memory: they keep her as owner
+    pc.flush()
+
+    def on_disk(salt: bytes) -> int:
+        return len(list(tmp_path.glob(f"*/*.{owner_tag(salt)}.safetensors")))
+
+    in_memory = sum(h in top for h in pc.block_hashes(ids, tenant_salt=SALT))
+    alice_on_disk, bob_on_disk = on_disk(SALT), on_disk(bob)
+    assert in_memory > 0 and alice_on_disk > 0 and bob_on_disk > 0
+    assert pc.purge_tenant(SALT) == alice_on_disk + in_memory
+    assert pc.match(ids, tenant_salt=SALT).num_blocks == 0 and on_disk(SALT) == 0
+    assert pc.match(ids, tenant_salt=bob).num_blocks == 4 and on_disk(bob) == bob_on_disk  # untouched
+    pc.close()
+    reopened = _cache(DiskTier(tmp_path, capacity_bytes=1 << 20, codec=Int8Codec()))  # a restart
+    assert reopened.match(ids, tenant_salt=SALT).num_blocks == 0
+    assert reopened.purge_tenant(bob) == bob_on_disk  # found by their owner after the restart
+    assert not list(tmp_path.glob("*/*.safetensors"))
+    reopened.close()
+
+
+def test_purge_tenant_reaches_blocks_another_process_stored_in_redis(redis_url: str, namespace: str) -> None:
+    def shared() -> KVPrefixCache:
+        pc = _cache(
+            MemoryTier(capacity_bytes=1 << 20),
+            RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20),
+        )
+        pc.write_through = True
+        return pc
+
+    writer, eraser = shared(), shared()
+    ids = list(range(9))
+    writer.store(ids, _kv(9), tenant_salt=SALT)
+    writer.store(ids, _kv(9), tenant_salt=tenant_salt("bob"))
+    writer.flush()
+    assert eraser.purge_tenant(SALT) == 2  # the eraser never saw alice's blocks; Redis' owner set did
+    writer.tiers[0].clear()  # the writer's memory copy is its own process' (erased there by its own call)
+    stale = writer.match(ids, tenant_salt=SALT)  # its Redis index still lists them ...
+    assert stale.tiers == (1, 1)
+    assert writer.load(stale, device="cpu").shape[0] == 0  # ... but they are gone: no prefix
+    assert writer.match(ids, tenant_salt=SALT).num_blocks == 0  # and now forgotten
+    bob = writer.match(ids, tenant_salt=tenant_salt("bob"))
+    assert writer.load(bob, device="cpu").shape[0] == 8
+    writer.tiers[1].clear()
+
+
+def test_a_failing_tier_fails_the_purge(redis_url: str, namespace: str) -> None:
+    tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    pc = _cache(MemoryTier(capacity_bytes=1 << 20), tier)
+    tier.client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    with pytest.raises(BackendError, match="redis tier purge failed"):
+        pc.purge_tenant(SALT)  # an erasure that did not happen is reported, never a silent miss
 
 
 def test_bad_arguments() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,51 @@ def test_remove_and_clear(make_tier: TierFactory) -> None:
     assert tier.get(_h(1)) is None and len(tier) == 1
     tier.clear()
     assert len(tier) == 0 and tier.used_bytes == 0
+
+
+def test_purge_owner_deletes_that_owners_blocks_only(make_tier: TierFactory) -> None:
+    tier = make_tier(1 << 20)
+    tier.put(_h(1), replace(_block(1), owner="aa"))
+    tier.put(_h(2), replace(_block(2), owner="bb"))
+    tier.put(_h(3), _block(3))  # no owner
+    assert tier.purge_owner("aa") == 1
+    assert _h(1) not in tier and tier.get(_h(1)) is None
+    kept, unowned = tier.get(_h(2)), tier.get(_h(3))
+    assert kept is not None and kept.owner == "bb" and unowned is not None and unowned.owner == ""
+    assert tier.purge_owner("aa") == 0
+    with pytest.raises(ConfigError, match="`owner`"):
+        tier.purge_owner("")
+    with pytest.raises(ConfigError, match="`owner`"):
+        tier.put(_h(4), replace(_block(4), owner="../x"))  # an owner becomes part of a file name
+
+
+def test_disk_owner_survives_a_restart_and_purge_removes_the_file(tmp_path: Path) -> None:
+    first = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    first.put(_h(1), replace(_block(1), owner="aa"))
+    first.put(_h(2), replace(_block(2), owner="bb"))
+    (tmp_path / "03").mkdir()
+    (tmp_path / "03" / f"{_h(3).hex()}.NOT-HEX.safetensors").write_bytes(b"x")  # not a tier file: ignored
+    again = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    assert set(again) == {_h(1), _h(2)}
+    got = again.get(_h(1))
+    assert got is not None and got.owner == "aa"
+    assert again.purge_owner("aa") == 1
+    assert sorted(p.name for p in tmp_path.glob("0[12]/*")) == [f"{_h(2).hex()}.bb.safetensors"]
+
+
+def test_redis_purge_owner_reaches_blocks_other_processes_stored(redis_url: str, namespace: str) -> None:
+    writer = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    eraser = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)  # opened before the writes
+    writer.put(_h(1), replace(_block(1), owner="aa"))
+    writer.put(_h(2), replace(_block(2), owner="bb"))
+    assert eraser.purge_owner("aa") == 1
+    client = redis.Redis.from_url(redis_url)
+    assert not client.exists(f"{namespace}:kv:{_h(1).hex()}", f"{namespace}:kvowner:aa")
+    assert writer.get(_h(1)) is None and writer.get(_h(2)) is not None
+    again = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)  # owner sets are not blocks
+    assert set(again) == {_h(2)}
+    writer.clear()
+    assert not client.exists(f"{namespace}:kvowner:bb")  # removing the last block empties its owner set
 
 
 def test_disk_reindexes_on_restart_and_drops_temporaries(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -46,6 +47,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+# A block's owner: the hex tag of the tenant it was computed for (`prefix_cache.owner_tag`). Disk tiers put it
+# in file names, so nothing else is accepted.
+OWNER = re.compile(r"[0-9a-f]{1,64}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EncodedBlock:
     """One KV block as a codec stored it: named tensors plus what is needed to decode them."""
@@ -54,6 +60,7 @@ class EncodedBlock:
     num_tokens: int
     dtype: torch.dtype  # dtype of the decoded block
     tensors: Mapping[str, torch.Tensor]
+    owner: str = ""  # the tenant it was computed for (`prefix_cache.owner_tag`), "" when not known
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +83,7 @@ class EncodedBlock:
             if pin and target.type == "cpu" and torch.cuda.is_available() and not out.is_pinned():
                 out = out.pin_memory()
             moved[name] = out
-        return EncodedBlock(codec=self.codec, num_tokens=self.num_tokens, dtype=self.dtype, tensors=moved)
+        return replace(self, tensors=moved)
 
 
 class Codec(Protocol):
@@ -300,6 +307,8 @@ def to_bytes(encoded: EncodedBlock) -> bytes:
         "num_tokens": str(encoded.num_tokens),
         "sha256": checksum(tensors),
     }
+    if encoded.owner:
+        metadata["owner"] = encoded.owner
     return bytes(save(tensors, metadata=metadata))
 
 
@@ -327,11 +336,14 @@ def from_bytes(data: bytes | bytearray) -> EncodedBlock:
         tensors = {name: _view(buf, 8 + header_len, entry) for name, entry in header.items()}
         codec, dtype = metadata["codec"], parse_dtype(metadata["dtype"])
         num_tokens, expected = int(metadata["num_tokens"]), metadata["sha256"]
+        owner = metadata.get("owner", "")
+        if owner and not OWNER.fullmatch(owner):
+            raise ValueError(f"owner {owner[:70]!r} is not a tenant tag")
     except Exception as exc:  # json, key, type and value errors of a damaged header alike
         raise IntegrityError(f"stored KV block is malformed: {exc}") from exc
     if checksum(tensors) != expected:
         raise IntegrityError("stored KV block failed its checksum")
-    return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors)
+    return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors, owner=owner)
 
 
 def _view(buf: bytearray, data_start: int, entry: dict[str, Any]) -> torch.Tensor:

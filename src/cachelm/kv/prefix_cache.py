@@ -11,16 +11,19 @@
 
 Tiers are inclusive: a promoted block stays where it was, so a disk or Redis copy survives a restart.
 A failing tier (BackendError) is a miss plus a counter (``stats.backend_errors``), never a failed request.
+Every block carries its tenant's `owner_tag` through every tier, so `purge_tenant` erases a tenant's KV
+everywhere it went (a block's hash alone does not say whose it is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,6 +32,14 @@ from cachelm.keys import BlockHash, ModelFingerprint, chain_block_hashes
 from cachelm.kv.codecs import EncodedBlock, codec_for
 from cachelm.kv.layout import KVLayout
 from cachelm.kv.tiers import RedisTier, Tier
+
+
+def owner_tag(tenant_salt: bytes) -> str:
+    """The owner stored with a tenant's blocks: a digest of its salt (the salt itself, which keys every
+    block of the tenant, never leaves the process)."""
+    if not isinstance(tenant_salt, bytes):
+        raise ConfigError(f"`tenant_salt` must be bytes, got {type(tenant_salt).__name__}")
+    return hashlib.sha256(b"cachelm/kv-owner/v1\0" + tenant_salt).hexdigest()[:32]
 
 
 @dataclass(kw_only=True)
@@ -161,17 +172,17 @@ class KVPrefixCache:
                 f"`out` must hold ({match.num_tokens}, ...) of the layout, got {tuple(out.shape)}"
             )
         loaded = 0
-        promote: list[int] = []
+        promote: list[tuple[int, str]] = []
         for i, block in enumerate(self._blocks(match)):
             if block is None:
                 break
             codec_for(block).decode(block, out=out[i * bs : (i + 1) * bs])
             if match.tiers[i] != 0:
-                promote.append(i)
+                promote.append((i, block.owner))
             loaded += 1
         # Promote after reading everything: a promotion may evict a later block of this very prefix.
-        for i in promote:
-            self._promote(match.hashes[i], out[i * bs : (i + 1) * bs])
+        for i, owner in promote:
+            self._promote(match.hashes[i], out[i * bs : (i + 1) * bs], owner)
         return out[: loaded * bs]
 
     def _blocks(self, match: PrefixMatch) -> Iterator[EncodedBlock | None]:
@@ -208,10 +219,10 @@ class KVPrefixCache:
             self.stats.tier_hits[tier.name] = self.stats.tier_hits.get(tier.name, 0) + 1
         return block
 
-    def _promote(self, block_hash: BlockHash, block: torch.Tensor) -> None:
+    def _promote(self, block_hash: BlockHash, block: torch.Tensor, owner: str) -> None:
         top = self.tiers[0]
         # Clone: the slice belongs to the caller's prefix buffer, which the model's cache will own.
-        self._put(0, block_hash, top.codec.encode(block.clone()))
+        self._put(0, block_hash, replace(top.codec.encode(block.clone()), owner=owner))
         self.stats.promoted_blocks += 1
 
     # ---- storing -------------------------------------------------------------------------------------
@@ -230,6 +241,7 @@ class KVPrefixCache:
             )
         bs = self.block_size
         new = 0
+        owner = owner_tag(tenant_salt)
         for i, block_hash in enumerate(self.block_hashes(token_ids, tenant_salt=tenant_salt)):
             lo, hi = i * bs - start, (i + 1) * bs - start
             if lo < 0 or hi > kv.shape[0]:
@@ -238,7 +250,7 @@ class KVPrefixCache:
                 self.tiers[0].touch(block_hash)
                 continue
             block = kv[lo:hi].clone()  # owned copy: `kv` may be a view of a live cache
-            self._put(0, block_hash, self.tiers[0].codec.encode(block))
+            self._put(0, block_hash, replace(self.tiers[0].codec.encode(block), owner=owner))
             if self.write_through:
                 stored = self.tiers[0].get(block_hash)
                 for lower in range(1, len(self.tiers)):
@@ -277,7 +289,8 @@ class KVPrefixCache:
                     tier.touch(block_hash)
                 else:
                     if block.codec != tier.codec.name:
-                        block = tier.codec.encode(codec_for(block).decode(block, device="cpu"))
+                        decoded = codec_for(block).decode(block, device="cpu")
+                        block = replace(tier.codec.encode(decoded), owner=block.owner)
                     self._put(target, block_hash, block)
                     self.stats.demoted_blocks += 1
                 with self._inflight_lock:
@@ -290,6 +303,15 @@ class KVPrefixCache:
     def flush(self) -> None:
         """Wait until every queued demotion has been written."""
         self._queue.join()
+
+    def purge_tenant(self, tenant_salt: bytes) -> int:
+        """Erase every block stored for the tenant of `tenant_salt`, from every tier (in Redis, also the
+        blocks other processes stored for it); returns how many were deleted. Pending demotions are
+        written first, so none lands after the purge. A tier that fails raises BackendError: an erasure
+        is not a cache lookup, and the caller must learn it did not finish."""
+        owner = owner_tag(tenant_salt)
+        self.flush()
+        return sum(tier.purge_owner(owner) for tier in self.tiers)
 
     def close(self) -> None:
         """Finish pending demotions, stop the worker and close the tiers."""

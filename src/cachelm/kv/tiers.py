@@ -8,6 +8,8 @@ A tier maps a `BlockHash` to an `EncodedBlock`. Contract (tested once for every 
   used first, with their data when ``keep_evicted`` is set (the prefix cache demotes them to the next tier);
   a block larger than the whole budget is refused and returned as its own victim;
 - disk and Redis tiers re-index what is already stored when opened, so a restart keeps the cache warm;
+- ``purge_owner`` deletes every block of one owner (a tenant's tag, kept with each block), including, in
+  Redis, the blocks other processes stored for it: erasing a tenant reaches its KV too;
 - a backend failure raises BackendError; the prefix cache turns it into a miss;
 - disk and Redis tiers given a `Keyring` keep every block sealed (AES-256-GCM, `cachelm.crypto`): the
   envelope is bound to its block hash, so a file or key copied under another hash fails; a block that is
@@ -34,13 +36,18 @@ import torch
 from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
-from cachelm.kv.codecs import Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
+from cachelm.kv.codecs import OWNER, Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
 
 Evicted = list[tuple[BlockHash, EncodedBlock | None]]
 
 # The data key of sealed KV blocks. Blocks carry no tenant of their own (their hashes are salted per tenant),
 # so one key domain covers them; the record key "kv:<hash>" keeps it apart from any response record.
 KV_KEY_DOMAIN = "cachelm.kv"
+
+
+def _check_owner(owner: str, *, empty: bool) -> None:
+    if not isinstance(owner, str) or not (OWNER.fullmatch(owner) or (empty and owner == "")):
+        raise ConfigError(f"a block's `owner` must be 1-64 lowercase hex digits, got {owner!r}")
 
 
 class Tier(ABC):
@@ -59,6 +66,7 @@ class Tier(ABC):
         self.corrupt = 0
         self._sizes: OrderedDict[BlockHash, int] = OrderedDict()  # least recently used first
         self._stamps: dict[BlockHash, int] = {}  # which write a block is, so a read can tell it was replaced
+        self._owners: dict[BlockHash, str] = {}  # the tenant tag of each block that has one
         self._writes = itertools.count()
         self._lock = threading.RLock()
 
@@ -120,6 +128,7 @@ class Tier(ABC):
 
     def put(self, block_hash: BlockHash, block: EncodedBlock) -> Evicted:
         """Store `block` under `block_hash`; return the evicted blocks, least recently used first."""
+        _check_owner(block.owner, empty=True)
         with self._lock:
             if block_hash in self._sizes:
                 self._sizes.move_to_end(block_hash)
@@ -130,7 +139,7 @@ class Tier(ABC):
             while self._sizes and self.used_bytes + block.nbytes > self.capacity_bytes:
                 evicted.append(self._evict_oldest())
             size = self._write(block_hash, block)
-            self._adopt(block_hash, size)
+            self._adopt(block_hash, size, block.owner)
             return evicted
 
     def remove(self, block_hash: BlockHash) -> None:
@@ -143,6 +152,16 @@ class Tier(ABC):
         with self._lock:
             for block_hash in list(self._sizes):
                 self.remove(block_hash)
+
+    def purge_owner(self, owner: str) -> int:
+        """Delete every block stored for `owner` (`KVPrefixCache.owner_tag` of a tenant); how many."""
+        _check_owner(owner, empty=False)
+        with self._lock:
+            doomed = [h for h, o in self._owners.items() if o == owner]
+            for block_hash in doomed:
+                self._delete(block_hash)
+                self._forget(block_hash)
+        return len(doomed)
 
     def close(self) -> None:  # noqa: B027 - optional hook: most tiers hold nothing to release
         """Release resources (connections); stored data stays where the tier keeps it."""
@@ -160,19 +179,22 @@ class Tier(ABC):
         self._forget(block_hash)
         return block_hash, data
 
-    def _adopt(self, block_hash: BlockHash, size: int) -> None:
+    def _adopt(self, block_hash: BlockHash, size: int, owner: str = "") -> None:
         self._sizes[block_hash] = size
         self._stamps[block_hash] = next(self._writes)
+        if owner:
+            self._owners[block_hash] = owner
         self.used_bytes += size
 
     def _forget(self, block_hash: BlockHash) -> None:
         self._stamps.pop(block_hash, None)
+        self._owners.pop(block_hash, None)
         self.used_bytes -= self._sizes.pop(block_hash, 0)
 
-    def _index(self, entries: Iterable[tuple[BlockHash, int]]) -> None:
+    def _index(self, entries: Iterable[tuple[BlockHash, int, str]]) -> None:
         """Adopt blocks already stored (restart), oldest first, evicting beyond the budget."""
-        for block_hash, size in entries:
-            self._adopt(block_hash, size)
+        for block_hash, size, owner in entries:
+            self._adopt(block_hash, size, owner)
         while self._sizes and self.used_bytes > self.capacity_bytes:
             self._evict_oldest()
 
@@ -241,7 +263,8 @@ class _BytesTier(Tier):
 
 
 class DiskTier(_BytesTier):
-    """One safetensors file per block under `directory` (``ab/abcdef….safetensors``).
+    """One safetensors file per block under `directory` (``ab/abcdef….safetensors``, or
+    ``ab/abcdef….<owner>.safetensors`` for a block with an owner, so a restart knows whose blocks are whose).
 
     Writes go to a temporary file in the same folder and are published with an atomic rename, so a crash
     never leaves a half-written block under a real name (leftover temporaries are removed on open). Every
@@ -269,26 +292,31 @@ class DiskTier(_BytesTier):
             raise BackendError(f"cannot create disk tier folder {str(self.directory)!r}: {exc}") from exc
         self._reindex()
 
-    def _path(self, block_hash: BlockHash) -> Path:
+    def _path(self, block_hash: BlockHash, owner: str | None = None) -> Path:
+        """Where the block is (`owner` None: the owner this tier indexed it under)."""
+        if owner is None:
+            owner = self._owners.get(block_hash, "")
         name = block_hash.hex()
-        return self.directory / name[:2] / (name + self._SUFFIX)
+        return self.directory / name[:2] / (name + (f".{owner}" if owner else "") + self._SUFFIX)
 
     def _reindex(self) -> None:
-        found: list[tuple[float, BlockHash, int]] = []
+        found: list[tuple[float, BlockHash, int, str]] = []
         for path in self.directory.glob("*/*"):
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)  # a write interrupted by a crash
                 continue
             if not path.name.endswith(self._SUFFIX):
                 continue
+            name, _, owner = path.name.removesuffix(self._SUFFIX).partition(".")
             try:
-                block_hash = BlockHash(bytes.fromhex(path.name.removesuffix(self._SUFFIX)))
+                block_hash = BlockHash(bytes.fromhex(name))
+                _check_owner(owner, empty=True)
                 st = path.stat()
-            except (ValueError, OSError):
+            except (ValueError, ConfigError, OSError):
                 continue
-            found.append((st.st_mtime, block_hash, st.st_size))
+            found.append((st.st_mtime, block_hash, st.st_size, owner))
         found.sort(key=lambda item: item[0])
-        self._index((block_hash, size) for _, block_hash, size in found)
+        self._index((block_hash, size, owner) for _, block_hash, size, owner in found)
 
     def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
         path = self._path(block_hash)
@@ -304,7 +332,7 @@ class DiskTier(_BytesTier):
         return self._from_stored(block_hash, data)
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
-        path = self._path(block_hash)
+        path = self._path(block_hash, block.owner)
         data = self._to_stored(block_hash, block)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -327,6 +355,8 @@ class RedisTier(_BytesTier):
     On open the namespace is re-indexed with SCAN (+ STRLEN for sizes). Several processes may share one
     namespace: a block another process wrote is found by `probe` (pipelined EXISTS) and adopted. The byte
     budget and LRU order are this process's view; Redis' own maxmemory policy remains the backstop.
+    The hashes of each owner's blocks are kept in a set ``{namespace}:kvowner:{owner}``, written with the
+    block, so `purge_owner` in any process deletes the blocks every process stored for that owner.
     """
 
     name = "redis"
@@ -354,10 +384,14 @@ class RedisTier(_BytesTier):
             client = redis.Redis.from_url(url, socket_timeout=5.0)
         self.client = client
         self.prefix = f"{namespace}:kv:"
+        self.owner_prefix = f"{namespace}:kvowner:"
         self._reindex()
 
     def _key(self, block_hash: BlockHash) -> str:
         return self.prefix + block_hash.hex()
+
+    def _owner_key(self, owner: str) -> str:
+        return self.owner_prefix + owner
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         import redis
@@ -383,8 +417,8 @@ class RedisTier(_BytesTier):
         entries = []
         for key, size in zip(keys, sizes, strict=True):
             name = key.decode() if isinstance(key, bytes) else str(key)
-            try:
-                entries.append((BlockHash(bytes.fromhex(name.removeprefix(self.prefix))), int(size)))
+            try:  # the owner is not in the key: `purge_owner` finds the blocks through the owner's set
+                entries.append((BlockHash(bytes.fromhex(name.removeprefix(self.prefix))), int(size), ""))
             except ValueError:
                 continue
         self._index(entries)
@@ -401,7 +435,7 @@ class RedisTier(_BytesTier):
             with self._lock:
                 for h, size in zip(unknown, sizes, strict=True):
                     if size and h not in self._sizes:
-                        self._index([(h, int(size))])
+                        self._index([(h, int(size), "")])
         with self._lock:
             return [h in self._sizes for h in hashes]
 
@@ -413,11 +447,42 @@ class RedisTier(_BytesTier):
 
     def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
         data = self._to_stored(block_hash, block)
-        self._call("set", self.client.set, self._key(block_hash), data)
+        pipe = self.client.pipeline(transaction=True)  # the block and its owner's set entry, together
+        pipe.set(self._key(block_hash), data)
+        if block.owner:
+            pipe.sadd(self._owner_key(block.owner), block_hash.hex())
+        self._call("set", pipe.execute)
         return len(data)
 
     def _delete(self, block_hash: BlockHash) -> None:
-        self._call("delete", self.client.delete, self._key(block_hash))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._key(block_hash))
+        if owner := self._owners.get(block_hash):
+            pipe.srem(self._owner_key(owner), block_hash.hex())
+        self._call("delete", pipe.execute)
+
+    def purge_owner(self, owner: str) -> int:
+        """Delete the blocks of `owner` that any process sharing this namespace stored; how many."""
+        _check_owner(owner, empty=False)
+        with self._lock:
+            doomed = {h for h, o in self._owners.items() if o == owner}
+            for member in self._call("purge", self.client.smembers, self._owner_key(owner)):
+                try:
+                    doomed.add(BlockHash(bytes.fromhex(member.decode())))
+                except ValueError:
+                    continue
+            if not doomed:
+                return 0
+            pipe = self.client.pipeline(transaction=True)
+            for block_hash in doomed:
+                pipe.delete(self._key(block_hash))
+            # Only the members read above leave the set: a block another process adds meanwhile stays
+            # findable by the next purge.
+            pipe.srem(self._owner_key(owner), *(h.hex() for h in doomed))
+            deleted = self._call("purge", pipe.execute)[:-1]
+            for block_hash in doomed:
+                self._forget(block_hash)
+        return sum(int(n) for n in deleted)
 
     def close(self) -> None:
         self.client.close()

@@ -172,8 +172,16 @@ def routes(runtime: Runtime) -> list[Route]:
         _unindex(doomed)
         return deleted
 
-    def _erase(tenant: str, user: str | None) -> int:
-        """Erase a whole tenant (`user` None) or one user of it, answers and semantic vectors alike."""
+    def _erase(tenant: str, user: str | None) -> dict[str, int]:
+        """Erase a whole tenant (`user` None) or one user of it: answers, semantic vectors and, with the
+        local engine, the KV blocks of the tenant's prompts (keyed per tenant: a user takes them all)."""
+        erase_kv = getattr(runtime.upstream, "erase_tenant_kv", None)
+        counts = {"deleted": _erase_answers(tenant, user)}
+        if erase_kv is not None:
+            counts["kv_blocks"] = erase_kv(tenant)
+        return counts
+
+    def _erase_answers(tenant: str, user: str | None) -> int:
         if user is None:
             deleted = runtime.cache.erase_tenant(tenant)
             if runtime.semantic is not None:
@@ -212,13 +220,13 @@ def routes(runtime: Runtime) -> list[Route]:
             tenant, user = spec.get("tenant"), spec.get("user")
             if not isinstance(tenant, str) or not tenant:
                 raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
-            deleted = await asyncio.to_thread(_erase, tenant, user)
+            counts = await asyncio.to_thread(_erase, tenant, user)
         except (ConfigError, orjson.JSONDecodeError) as exc:
             return _error(400, str(exc))
         except BackendError as exc:
             return _error(503, f"store unavailable: {exc}")
         await runtime.invalidate(tenant=tenant, user=user)
-        return _json({"deleted": deleted})
+        return _json(counts)
 
     page = resources.files("cachelm.server").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 

@@ -3,7 +3,8 @@ OpenAI protocol, so ``cachelm serve`` answers on a fresh machine with no upstrea
 
 The engine serves one request at a time (its model cache is not shared between requests), so calls are
 queued on one worker thread; streaming pushes tokens from that thread to the event loop as they come.
-The KV prefix cache is keyed by the caller's tenant, like every other layer.
+The KV prefix cache is keyed by the caller's tenant, like every other layer, and `erase_tenant_kv` (called
+by ``/admin/erase``) deletes a tenant's KV blocks from every tier of it.
 
 OpenAI parameters honoured: ``max_tokens``/``max_completion_tokens`` (default 256, at most 2,048),
 ``temperature``, ``top_p``, ``seed``, ``stop`` (strings, applied to the generated text). ``n > 1`` is
@@ -282,6 +283,14 @@ class LocalEngineUpstream:
         if include_usage and result is not None:
             yield orjson.dumps({**head, "choices": [], "usage": self._usage(result)})
         yield b"[DONE]"
+
+    def erase_tenant_kv(self, tenant: str) -> int:
+        """Delete every KV block computed for `tenant`'s prompts; returns how many (0 without a cache).
+
+        KV blocks are keyed by tenant, not by user: erasing one user drops the whole tenant's KV, which
+        costs recomputation, never a wrong answer."""
+        cache = self.engine.prefix_cache
+        return 0 if cache is None else int(cache.purge_tenant(make_salt(tenant, self._secret)))
 
     async def models(self) -> dict[str, Any]:
         data = [{"id": self.model_id, "object": "model", "owned_by": "cachelm"}]
