@@ -173,7 +173,8 @@ def render(results: dict[str, Any]) -> str:
         f"and {last['load_1'] / last['before']:.2f}× with one (the copy saved alone)."
         + (
             f" Encrypted at rest, the pooled load takes {last['load_sealed'] / last['load']:.2f}× the "
-            "plain one (AES-256-GCM opened by each reader thread, straight into the buffer the tensors view)."
+            "plain one (AES-256-GCM opened by each reader thread, straight into the buffer the tensors view; "
+            "no SHA-256, as the GCM tag already covers every byte)."
             if "load_sealed" in loads
             else ""
         ),

@@ -322,11 +322,12 @@ _STORED_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def from_bytes(data: bytes | bytearray) -> EncodedBlock:
+def from_bytes(data: bytes | bytearray, *, authenticated: bool = False) -> EncodedBlock:
     """Parse `to_bytes` output; IntegrityError when it is truncated, malformed or fails its checksum.
 
     The tensors are views of `data` (no copy) when it is a bytearray, which the caller then hands over;
-    immutable bytes are copied once into a bytearray first.
+    immutable bytes are copied once into a bytearray first. `authenticated`: `data` was just opened from
+    an AES-GCM envelope, whose tag already proved every byte unchanged, so the SHA-256 is not recomputed.
     """
     buf = data if isinstance(data, bytearray) else bytearray(data)
     try:
@@ -341,7 +342,7 @@ def from_bytes(data: bytes | bytearray) -> EncodedBlock:
             raise ValueError(f"owner {owner[:70]!r} is not a tenant tag")
     except Exception as exc:  # json, key, type and value errors of a damaged header alike
         raise IntegrityError(f"stored KV block is malformed: {exc}") from exc
-    if checksum(tensors) != expected:
+    if not authenticated and checksum(tensors) != expected:
         raise IntegrityError("stored KV block failed its checksum")
     return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors, owner=owner)
 

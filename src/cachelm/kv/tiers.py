@@ -255,11 +255,12 @@ class _BytesTier(Tier):
 
     def _from_stored(self, block_hash: BlockHash, data: bytes | bytearray) -> EncodedBlock:
         """The block stored as `data`; IntegrityError when it fails to open or to parse."""
-        if self.keyring is not None:
-            data = self.keyring.decrypt_to_buffer(
-                data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}"
-            )
-        return from_bytes(data)
+        if self.keyring is None:
+            return from_bytes(data)
+        opened = self.keyring.decrypt_to_buffer(
+            data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}"
+        )
+        return from_bytes(opened, authenticated=True)  # the GCM tag checked every byte
 
 
 class DiskTier(_BytesTier):
