@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -120,6 +122,19 @@ def test_remove_and_clear(make_tier: TierFactory) -> None:
     assert tier.get(_h(1)) is None and len(tier) == 1
     tier.clear()
     assert len(tier) == 0 and tier.used_bytes == 0
+
+
+def test_unsealed_tiers_and_the_engine_need_no_cryptography(tmp_path: Path) -> None:
+    # The GPU machine has torch but not `cryptography`: the KV layer must import and run there unsealed.
+    code = (
+        "import sys; sys.modules['cryptography'] = None\n"
+        "import cachelm.engine.engine\n"
+        "from cachelm.kv.tiers import DiskTier\n"
+        f"DiskTier({str(tmp_path)!r}, capacity_bytes=1 << 20)\n"
+        "assert 'cachelm.crypto' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_purge_owner_deletes_that_owners_blocks_only(make_tier: TierFactory) -> None:

@@ -29,14 +29,16 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
 from cachelm.kv.codecs import OWNER, Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
+
+if TYPE_CHECKING:
+    from cachelm.crypto import Keyring
 
 Evicted = list[tuple[BlockHash, EncodedBlock | None]]
 
@@ -243,8 +245,11 @@ class _BytesTier(Tier):
         self, *, capacity_bytes: int, codec: Codec | None = None, keyring: Keyring | None = None
     ) -> None:
         super().__init__(capacity_bytes=capacity_bytes, codec=codec)
-        if keyring is not None and not isinstance(keyring, Keyring):
-            raise ConfigError(f"`keyring` must be a Keyring or None, got {type(keyring).__name__}")
+        if keyring is not None:
+            from cachelm.crypto import Keyring  # only here: unsealed tiers run without `cryptography`
+
+            if not isinstance(keyring, Keyring):
+                raise ConfigError(f"`keyring` must be a Keyring or None, got {type(keyring).__name__}")
         self.keyring = keyring
 
     def _to_stored(self, block_hash: BlockHash, block: EncodedBlock) -> bytes:
