@@ -145,6 +145,26 @@ def test_embeddings_through_the_embedding_cache(proxy: ProxyThread, upstream: Op
     assert calls == [["alpha", "beta"], ["gamma"]]  # only the missing input went upstream
 
 
+def test_erasing_a_user_erases_the_embeddings_their_inputs_cached(proxy: ProxyThread) -> None:
+    c = client(proxy)
+    model = "text-embedding-3-small"
+
+    def hits(texts: list[str], user: str) -> str:
+        answer = c.embeddings.with_raw_response.create(model=model, input=texts, user=user)
+        return answer.headers["x-cachelm-hits"]
+
+    assert hits(["warm-up"], "carol") == "0/1"  # the first request of a model learns its vector size
+    assert hits(["alice's text", "shared text"], "alice") == "0/2"
+    assert hits(["bob's text", "shared text"], "bob") == "1/2"  # bob reuses the vector alice's text cached
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    erased = httpx.post(proxy.url + "/admin/erase", json={"tenant": "acme", "user": "alice"}, headers=admin)
+    assert erased.json() == {"deleted": 2}  # the two vectors her inputs put in the cache
+    assert hits(["alice's text", "shared text", "bob's text"], "dave") == "1/3"  # only bob's is left
+    bad = c.embeddings.with_raw_response.create  # `user` is checked as on chat requests
+    with pytest.raises(openai.BadRequestError, match="`user` must be a string"):
+        bad(model=model, input=["x"], user="u" * 300)
+
+
 def test_cache_control_headers_and_body(proxy: ProxyThread, upstream: OpenAIUpstream) -> None:
     c = client(proxy)
     request = chat("control me")

@@ -19,7 +19,7 @@ from cachelm.semantic import (
     StaticThreshold,
     embedding_key,
 )
-from cachelm.store import MemoryStore, Record
+from cachelm.store import Match, MemoryStore, Record
 
 EMB = HashingEmbedder(dim=128)
 
@@ -82,6 +82,18 @@ def test_embedding_cache_is_per_tenant_and_per_model_and_hides_text() -> None:
     assert all("secret" not in r.key for r in store.scan())
     assert embedding_key("x", model_id="m", tenant="a") != embedding_key("x", model_id="m", tenant="b")
     assert cache.remove_tenant("alice") == 1
+
+
+def test_embedding_cache_attributes_vectors_to_the_user_who_cached_them() -> None:
+    store = MemoryStore()
+    cache = EmbeddingCache(store, EMB)
+    cache.embed_many(["mine", "ours"], tenant="t", user="alice")
+    assert cache.embed_many(["ours", "bob's"], tenant="t", user="bob").hits == (True, False)
+    assert {r.user for r in store.scan()} == {"alice", "bob"}
+    assert store.purge(Match(tenant="t", user="alice")) == 2  # erasure by user reaches her vectors
+    assert cache.embed_many(["ours", "bob's"], tenant="t").hits == (False, True)
+    with pytest.raises(ConfigError, match="`user`"):
+        cache.embed_many(["x"], user=None)  # type: ignore[arg-type]
 
 
 def test_embedding_cache_corrupt_value_is_a_miss_and_is_rewritten() -> None:

@@ -107,10 +107,18 @@ class EmbeddingCache:
     def key(self, text: str, *, tenant: str = DEFAULT_TENANT) -> str:
         return embedding_key(text, model_id=self.model_id, tenant=tenant)
 
-    def embed_many(self, texts: Sequence[str], *, tenant: str = DEFAULT_TENANT) -> EmbeddingBatch:
-        """Vectors of `texts` in input order; cached ones read, the rest embedded in one batch and stored."""
+    def embed_many(
+        self, texts: Sequence[str], *, tenant: str = DEFAULT_TENANT, user: str = ""
+    ) -> EmbeddingBatch:
+        """Vectors of `texts` in input order; cached ones read, the rest embedded in one batch and stored.
+
+        A vector stored here is attributed to `user` (the one whose text put it there), so erasing that
+        user deletes it; a text another user of the tenant had already cached stays theirs.
+        """
         items = check_texts(texts)
         check_tenant(tenant)
+        if not isinstance(user, str):
+            raise ConfigError(f"`user` must be a string, got {type(user).__name__}")
         keys = [self.key(t, tenant=tenant) for t in items]
         found: dict[str, np.ndarray] = {}
         errors = 0
@@ -128,7 +136,7 @@ class EmbeddingCache:
             computed = self.embedder.embed(list(missing.values()))  # (m, dim)
             for (key, _text), vector in zip(missing.items(), computed, strict=True):
                 found[key] = vector
-                errors += self._put(key, tenant, vector)
+                errors += self._put(key, tenant, user, vector)
         hits = tuple(k not in missing for k in keys)
         self.stats.add(hits=sum(hits), misses=len(hits) - sum(hits), errors=errors)
         vectors = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
@@ -146,12 +154,13 @@ class EmbeddingCache:
         check_tenant(tenant)
         return self.store.purge(Match(tenant=tenant, tag="embedding", model=self.model_id))
 
-    def _put(self, key: str, tenant: str, vector: np.ndarray) -> int:
+    def _put(self, key: str, tenant: str, user: str, vector: np.ndarray) -> int:
         now = self.store.clock()
         record = Record(
             key=key,
             value=encode_vector(vector),
             tenant=tenant,
+            user=user,
             model=self.model_id,
             tags=frozenset({"embedding"}),
             created=now,

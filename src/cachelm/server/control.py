@@ -162,6 +162,10 @@ def _check_common(body: Mapping[str, Any]) -> None:
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise RequestError(f"`{name}` must be an integer, got {value!r:.40}", param=name)
+    _check_user(body)
+
+
+def _check_user(body: Mapping[str, Any]) -> None:
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 256):
         raise RequestError("`user` must be a string of at most 256 characters", param="user")
@@ -203,6 +207,7 @@ def validate_completion(body: Mapping[str, Any]) -> None:
 def embedding_inputs(body: Mapping[str, Any]) -> list[str] | None:
     """The texts of an embeddings request (None for token ids); RequestError if malformed."""
     _require_model(body)
+    _check_user(body)
     dimensions = body.get("dimensions")
     if dimensions is not None and (
         isinstance(dimensions, bool)

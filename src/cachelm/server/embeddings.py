@@ -134,15 +134,16 @@ class EmbeddingsService:
                     raise UpstreamError(f"upstream embedding size changed from {dim} to {vectors.shape[1]}")
                 return vectors
 
-        batch = await asyncio.to_thread(_embed_many, cache, texts, tenant, fetch)
+        user = body.get("user") or ""  # validated: a string; the stored vectors are attributed to it
+        batch = await asyncio.to_thread(_embed_many, cache, texts, tenant, user, fetch)
         return np.asarray(batch.vectors), 0 if first else batch.num_hits, spent[0]
 
 
-def _embed_many(cache: EmbeddingCache, texts: list[str], tenant: str, fetch: Any) -> Any:
+def _embed_many(cache: EmbeddingCache, texts: list[str], tenant: str, user: str, fetch: Any) -> Any:
     embedder = cache.embedder
     assert isinstance(embedder, UpstreamEmbedder)
     embedder.local.fetch = fetch  # thread-local: concurrent requests run in different worker threads
-    return cache.embed_many(texts, tenant=tenant)
+    return cache.embed_many(texts, tenant=tenant, user=user)
 
 
 def embeddings_handler(runtime: Runtime) -> Any:
