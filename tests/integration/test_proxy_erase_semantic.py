@@ -73,3 +73,34 @@ def test_erase_user_and_purge_remove_semantic_entries(upstream: OpenAIUpstream, 
         assert len(semantic.index) == 1
         bad = httpx.post(proxy.url + "/admin/purge", json={"older_than": "old"}, headers=admin)
         assert bad.status_code == 400 and "older_than" in bad.json()["error"]["message"]
+
+
+def test_without_the_request_log_erasure_still_reaches_the_users_question_embeddings(
+    upstream: OpenAIUpstream, tmp_path: Path
+) -> None:
+    config = ServerConfig(
+        upstream=upstream.base_url, store_url=f"sqlite:///{tmp_path}/cache.db", semantic=True,
+        semantic_embedder="hashing", semantic_threshold=0.8, access_log=False, request_log=False,
+    )  # fmt: skip
+    registry = TenantRegistry.from_config(
+        {"tenants": {"acme": {"keys": [hash_key(KEY)]}}, "admin_keys": [hash_key(ADMIN)]}
+    )
+    with ProxyThread(config, registry) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+        assert ask(client, "What is the capital city of France?", "alice") == "miss"
+        assert ask(client, "Which planet is the largest one?", "carol") == "miss"
+        semantic = proxy.runtime.semantic
+        assert semantic is not None
+        keys = {
+            "alice": semantic.embeddings.key("What is the capital city of France?", tenant="acme"),
+            "carol": semantic.embeddings.key("Which planet is the largest one?", tenant="acme"),
+        }
+        assert all(proxy.runtime.records.peek(k) is not None for k in keys.values())
+        erased = httpx.post(
+            proxy.url + "/admin/erase",
+            json={"tenant": "acme", "user": "alice"},
+            headers={"authorization": f"Bearer {ADMIN}"},
+        )
+        assert erased.json() == {"deleted": 2}  # her answer and her question's embedding (no log to read)
+        assert proxy.runtime.records.peek(keys["alice"]) is None
+        assert proxy.runtime.records.peek(keys["carol"]) is not None

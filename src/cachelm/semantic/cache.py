@@ -158,9 +158,10 @@ class SemanticCache:
         )
         return SemanticQuery(text=query.text, context_key=digest.hexdigest())
 
-    def _embed(self, text: str, tenant: str) -> np.ndarray:
-        if isinstance(self.embedder, EmbeddingCache):
-            return self.embedder.embed(text, tenant=tenant)[0]
+    def _embed(self, text: str, tenant: str, request: Mapping[str, Any]) -> np.ndarray:
+        if isinstance(self.embedder, EmbeddingCache):  # a vector it stores belongs to the request's user
+            user = request.get("user")
+            return self.embedder.embed(text, tenant=tenant, user=user if isinstance(user, str) else "")[0]
         return np.asarray(self.embedder.embed([text])[0], dtype=np.float32)
 
     def _region(self, tenant: str) -> str:
@@ -176,7 +177,7 @@ class SemanticCache:
         query = self.query(request, tenant=tenant)  # validates request and tenant
         if query is not None and query.text.strip():
             try:
-                vector = self._embed(query.text, tenant)
+                vector = self._embed(query.text, tenant, request)
             except BackendError:
                 self.stats.add("errors")
             else:
@@ -247,7 +248,7 @@ class SemanticCache:
         query = self.query(request, tenant=tenant)
         if query is None or not query.text.strip():
             return None
-        vector = self._embed(query.text, tenant)
+        vector = self._embed(query.text, tenant, request)
         return self.add_vector(
             vector,
             tenant=tenant,

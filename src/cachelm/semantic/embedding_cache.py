@@ -142,11 +142,11 @@ class EmbeddingCache:
         vectors = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
         return EmbeddingBatch(vectors=np.ascontiguousarray(vectors, dtype=np.float32), hits=hits)
 
-    def embed(self, text: str, *, tenant: str = DEFAULT_TENANT) -> tuple[np.ndarray, bool]:
+    def embed(self, text: str, *, tenant: str = DEFAULT_TENANT, user: str = "") -> tuple[np.ndarray, bool]:
         """``(vector, hit)`` for one text; vector shape ``(dim,)``."""
         if not isinstance(text, str):
             raise ConfigError(f"`text` must be a str, got {type(text).__name__}")
-        batch = self.embed_many([text], tenant=tenant)
+        batch = self.embed_many([text], tenant=tenant, user=user)
         return batch.vectors[0], batch.hits[0]
 
     def remove_tenant(self, tenant: str) -> int:

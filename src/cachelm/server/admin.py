@@ -149,7 +149,8 @@ def routes(runtime: Runtime) -> list[Route]:
     def _forget_embeddings(doomed: dict[str, list[str]]) -> None:
         """Delete the cached embeddings of the questions behind `doomed` answers (found in the request log).
 
-        Without the request log the questions are unknown and their embeddings stay (keyed by text hash).
+        Without the request log the questions are unknown here; the vectors a user's own requests cached
+        are attributed to them and go with the purge by user anyway.
         """
         log = runtime.proxy.request_log
         if runtime.semantic is None or log is None:
