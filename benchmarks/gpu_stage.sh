@@ -8,8 +8,8 @@
 #   p1 … p6    the two packaged GGUF models in six parts, each with ../shared/gpu/receive.sh, the checksums
 #              and the gguf wheel; on the GPU machine run, back to back while it stays warm:
 #              carry [".stage/pN"], command "bash .stage/pN/receive.sh"   (p6 prints ALL STAGED)
-#   tf, whl    the pinned transformers wheel; orjson and cryptography (sealed KV tiers) for the machine's
-#              Python 3.12
+#   tf, whl    the pinned transformers wheel; orjson, xxhash (KV block checksums) and cryptography (sealed
+#              KV tiers) for the machine's Python 3.12
 #   c2cdata    ARC, OpenBookQA and 5,000 Alpaca instructions (the data c2c_eval.py trains and tests on)
 #   ckpt       a copy of the committed C2C pair (C2C_BASE for c2c_variants.sh)
 #   pyt        pytest and what the tests import beyond the machine's own packages, for the CUDA-only tests:
@@ -45,7 +45,7 @@ fi
 
 python3 -m pip download -q --no-deps --only-binary=:all: "$tf_version" -d $S/tf
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --platform manylinux_2_17_x86_64 orjson -d $S/whl
+  --platform manylinux_2_17_x86_64 orjson "$(grep -o 'xxhash>=[0-9.]*' pyproject.toml)" -d $S/whl
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_34_x86_64 \
   --platform manylinux_2_17_x86_64 "$(grep -o 'cryptography>=[0-9.]*' pyproject.toml)" -d $S/whl
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 \

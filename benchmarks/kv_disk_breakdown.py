@@ -3,11 +3,12 @@
 BENCHMARKS.md `kv-gpu` showed the disk hit far above its limit (file reads, then the host→GPU copy). This
 script splits one hit into the stages the disk tier used to run one after another for each block — read
 the file, parse the safetensors bytes (a copy), check the SHA-256, decode into the output — and times each
-stage alone over all the blocks of one stored prefix. Beside them, in the same run, three whole loads:
-that old design re-enacted (one block after another, with the copy), and today's `KVPrefixCache.load`
-(the tensors are views of the bytes read, no copy; blocks read and checked ahead on a thread pool) with
-one reader thread and with `--threads`, and the last again from a disk tier that keeps its blocks encrypted
-(a `Keyring`: AES-256-GCM). The disk tier alone, so no promotion, as in kv_gpu_bench.py.
+stage alone over all the blocks of one stored prefix, and the XXH3-128 check that replaced the SHA-256.
+Beside them, in the same run, whole loads: that old design re-enacted (one block after another, with the
+copy and the SHA-256), and today's `KVPrefixCache.load` (the tensors are views of the bytes read, no copy;
+blocks read and checked with XXH3-128 ahead on a thread pool) with one reader thread and with `--threads`,
+and the last again from a disk tier that keeps its blocks encrypted (a `Keyring`: AES-256-GCM, no
+checksum recomputed). The disk tier alone, so no promotion, as in kv_gpu_bench.py.
 
     .venv/bin/python benchmarks/kv_disk_breakdown.py                       # CPU, this machine
     PYTHONPATH=/tmp/tf:src python3 benchmarks/kv_disk_breakdown.py --device cuda --out $OUT   # GPU machine
@@ -37,12 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STAGES = ("read", "parse", "checksum", "decode")
 LOADS = ("before", "load_1", "load", "load_sealed")
+CHECKS = ("xxh3",)  # today's checksum, timed alone like the stages (not part of the old design's sum)
 LABELS = {
     "read": "read files",
     "parse": "parse (safetensors load, a copy)",
     "checksum": "SHA-256 check",
     "decode": "decode into the output",
     "sum": "sum of the stages",
+    "xxh3": "XXH3-128 check (today)",
     "before": "old load: stages one block after another",
     "load_1": "`load`, 1 reader thread",
     "load": "`load`, reader pool",
@@ -114,14 +117,15 @@ def measure(tokens: int, device: torch.device, folder: Path, reps: int, threads:
     def before() -> None:  # the disk tier's read path up to 2026-12-07, one block after another
         for i, path in enumerate(files):
             tensors = parse_safetensors(path.read_bytes())
-            checksum(tensors)
+            checksum(tensors, "sha256")
             b = blocks[i]
             codec_for(b).decode(replace(b, tensors=tensors), out=out[i * block : (i + 1) * block])
 
     seconds = {
         "read": _timed(lambda: [p.read_bytes() for p in files], reps, device),
         "parse": _timed(lambda: [parse_safetensors(d) for d in datas], reps, device),
-        "checksum": _timed(lambda: [checksum(t) for t in parsed], reps, device),
+        "checksum": _timed(lambda: [checksum(t, "sha256") for t in parsed], reps, device),
+        "xxh3": _timed(lambda: [checksum(t, "xxh3_128") for t in parsed], reps, device),
         "decode": _timed(decode, reps, device),
         "before": _timed(before, reps, device),
         "load_1": _timed(lambda: pc_1.load(match, out=out), reps, device),
@@ -138,8 +142,9 @@ def measure(tokens: int, device: torch.device, folder: Path, reps: int, threads:
 
 def render(results: dict[str, Any]) -> str:
     rows = results["rows"]
-    loads = [k for k in LOADS if all(k in row["seconds"] for row in rows)]  # older runs lack the sealed load
-    keys = [*STAGES, "sum", *loads]
+    # older runs lack the sealed load and the XXH3 check
+    loads, checks = ([k for k in ks if all(k in row["seconds"] for row in rows)] for ks in (LOADS, CHECKS))
+    keys = [*STAGES, "sum", *checks, *loads]
     head = "| prefix | stored | " + " | ".join(LABELS[k] for k in keys) + " |"
     lines = [
         f"## KV disk tier — where a hit's time goes (output on {results['device']})",
@@ -153,7 +158,7 @@ def render(results: dict[str, Any]) -> str:
         f"{results['reps']}, ms, with GB/s of stored bytes). The old load runs the four stages one block "
         "after another, as the disk tier did until 2026-12-07; `load` is the whole hit as it serves it now "
         "(no parse copy: the tensors are views of the bytes read; blocks read and checked ahead on a "
-        "pool of reader threads).",
+        "pool of reader threads" + ("; the check is XXH3-128 where it was SHA-256)." if checks else ")."),
         "",
         head,
         "|---|---|" + "---|" * len(keys),
@@ -170,11 +175,16 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"At {rows[-1]['tokens']} tokens the stages split as: {share}. Today's load takes "
         f"{last['load'] / last['before']:.2f}× the old load's time with {results['threads']} reader threads "
-        f"and {last['load_1'] / last['before']:.2f}× with one (the copy saved alone)."
+        f"and {last['load_1'] / last['before']:.2f}× with one."
+        + (
+            f" XXH3-128 checks the blocks {last['checksum'] / last['xxh3']:.1f}× faster than SHA-256."
+            if checks
+            else ""
+        )
         + (
             f" Encrypted at rest, the pooled load takes {last['load_sealed'] / last['load']:.2f}× the "
             "plain one (AES-256-GCM opened by each reader thread, straight into the buffer the tensors view; "
-            "no SHA-256, as the GCM tag already covers every byte)."
+            "no checksum, as the GCM tag already covers every byte)."
             if "load_sealed" in loads
             else ""
         ),

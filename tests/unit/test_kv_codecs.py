@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 from cachelm.errors import ConfigError, IntegrityError
 from cachelm.kv.codecs import (
@@ -131,17 +132,41 @@ def test_bad_arguments() -> None:
         Int8Codec(key_group=0)
 
 
-def test_checksum_is_the_stored_format() -> None:
-    # Blocks already on disk or in Redis carry this digest: SHA-256 over each tensor's name, shape and
-    # dtype (JSON) and then its bytes, in name order. A change here would turn every stored block corrupt.
+@pytest.mark.parametrize(
+    ("algorithm", "new"),
+    [("xxh3_128", xxhash.xxh3_128), ("sha256", hashlib.sha256)],
+)
+def test_checksum_is_the_stored_format(algorithm: str, new: Callable[..., Any]) -> None:
+    # Blocks already on disk or in Redis carry this digest: over each tensor's name, shape and dtype (JSON)
+    # and then its bytes, in name order. A change here would turn every stored block corrupt.
     tensors = {"v": torch.arange(6, dtype=torch.int8).view(2, 3), "k": torch.ones(2, dtype=torch.bfloat16)}
-    expected = hashlib.sha256()
+    expected = new()
     for name in sorted(tensors):
         t = tensors[name]
         expected.update(json.dumps([name, list(t.shape), str(t.dtype).removeprefix("torch.")]).encode())
         expected.update(t.view(torch.uint8).numpy().tobytes())
-    assert checksum(tensors) == expected.hexdigest()
-    assert checksum({"e": torch.empty(0, 4)}) == hashlib.sha256(b'["e", [0, 4], "float32"]').hexdigest()
+    assert checksum(tensors, algorithm) == expected.hexdigest()
+    assert checksum({"e": torch.empty(0, 4)}, algorithm) == new(b'["e", [0, 4], "float32"]').hexdigest()
+    with pytest.raises(ConfigError, match="`algorithm`"):
+        checksum(tensors, "md5")
+
+
+def test_blocks_are_written_with_xxh3_and_sha256_blocks_still_read() -> None:
+    block = Int8Codec().encode(_block(16))
+    data = to_bytes(block)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert "xxh3_128" in header["__metadata__"] and "sha256" not in header["__metadata__"]
+
+    def as_before(h: dict[str, Any]) -> None:  # what a block stored before 2026-12-07 carries
+        del h["__metadata__"]["xxh3_128"]
+        h["__metadata__"]["sha256"] = checksum(block.tensors, "sha256")
+
+    legacy = _with_header(data, as_before)
+    assert torch.equal(from_bytes(legacy).tensors["qk"], block.tensors["qk"])
+    damaged = bytearray(legacy)
+    damaged[-3] ^= 1
+    with pytest.raises(IntegrityError, match="checksum"):
+        from_bytes(damaged)
 
 
 def test_parsed_tensors_are_views_of_the_bytes_read() -> None:
@@ -177,6 +202,7 @@ def _with_header(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
         lambda h: h["kv"].update(data_offsets=[8, 0]),  # reversed
         lambda h: h["kv"].update(shape=[-1, -2048]),  # negative sizes
         lambda h: h.pop("__metadata__"),  # no codec, dtype, token count or checksum
+        lambda h: h["__metadata__"].pop("xxh3_128"),  # no checksum at all
         lambda h: h["__metadata__"].update(owner="../../etc"),  # an owner must be a tenant tag
     ],
 )

@@ -285,15 +285,31 @@ def make_codec(name: str) -> Codec:
 # ---- bytes I/O (disk and Redis tiers) -------------------------------------------------------------------
 
 
-def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors' names, shapes, dtypes and bytes, in name order."""
-    h = hashlib.sha256()
+# The digests a stored block may carry in its metadata (the key names the algorithm). Writers use the first;
+# readers accept both: blocks stored before 2026-12-07 carry SHA-256. The digest guards against corruption
+# (torn writes, bit rot, a truncated value), not against an attacker, who could recompute either one; sealed
+# tiers (`Keyring`) authenticate every byte with AES-GCM. XXH3-128 runs at memory speed where SHA-256 was
+# the largest stage of a disk hit (BENCHMARKS.md `kv-disk-breakdown-cpu`).
+CHECKSUMS = ("xxh3_128", "sha256")
+
+
+def checksum(tensors: Mapping[str, torch.Tensor], algorithm: str = CHECKSUMS[0]) -> str:
+    """A digest (`algorithm`, one of CHECKSUMS) over the tensors' names, shapes, dtypes and bytes, in name
+    order."""
+    if algorithm not in CHECKSUMS:
+        raise ConfigError(f"`algorithm` must be one of {CHECKSUMS}, got {algorithm!r}")
+    if algorithm == "sha256":
+        h: Any = hashlib.sha256()
+    else:
+        import xxhash  # only where blocks become bytes: memory tiers run without it
+
+        h = xxhash.xxh3_128()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(json.dumps([name, list(t.shape), dtype_name(t.dtype)]).encode())
         if t.numel():
             h.update(t.view(torch.uint8).numpy().data)  # a view of the bytes, not a copy
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 def to_bytes(encoded: EncodedBlock) -> bytes:
@@ -305,7 +321,7 @@ def to_bytes(encoded: EncodedBlock) -> bytes:
         "codec": encoded.codec,
         "dtype": dtype_name(encoded.dtype),
         "num_tokens": str(encoded.num_tokens),
-        "sha256": checksum(tensors),
+        CHECKSUMS[0]: checksum(tensors, CHECKSUMS[0]),
     }
     if encoded.owner:
         metadata["owner"] = encoded.owner
@@ -327,7 +343,7 @@ def from_bytes(data: bytes | bytearray, *, authenticated: bool = False) -> Encod
 
     The tensors are views of `data` (no copy) when it is a bytearray, which the caller then hands over;
     immutable bytes are copied once into a bytearray first. `authenticated`: `data` was just opened from
-    an AES-GCM envelope, whose tag already proved every byte unchanged, so the SHA-256 is not recomputed.
+    an AES-GCM envelope, whose tag already proved every byte unchanged, so the checksum is not recomputed.
     """
     buf = data if isinstance(data, bytearray) else bytearray(data)
     try:
@@ -336,13 +352,17 @@ def from_bytes(data: bytes | bytearray, *, authenticated: bool = False) -> Encod
         metadata = header.pop("__metadata__", {})
         tensors = {name: _view(buf, 8 + header_len, entry) for name, entry in header.items()}
         codec, dtype = metadata["codec"], parse_dtype(metadata["dtype"])
-        num_tokens, expected = int(metadata["num_tokens"]), metadata["sha256"]
+        num_tokens = int(metadata["num_tokens"])
+        algorithm = next((a for a in CHECKSUMS if a in metadata), None)
+        if algorithm is None:
+            raise ValueError(f"no checksum (one of {CHECKSUMS}) in the metadata")
+        expected = metadata[algorithm]
         owner = metadata.get("owner", "")
         if owner and not OWNER.fullmatch(owner):
             raise ValueError(f"owner {owner[:70]!r} is not a tenant tag")
     except Exception as exc:  # json, key, type and value errors of a damaged header alike
         raise IntegrityError(f"stored KV block is malformed: {exc}") from exc
-    if not authenticated and checksum(tensors) != expected:
+    if not authenticated and checksum(tensors, algorithm) != expected:
         raise IntegrityError("stored KV block failed its checksum")
     return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors, owner=owner)
 

@@ -274,9 +274,10 @@ class DiskTier(_BytesTier):
 
     Writes go to a temporary file in the same folder and are published with an atomic rename, so a crash
     never leaves a half-written block under a real name (leftover temporaries are removed on open). Every
-    file carries a SHA-256 of its tensors in its metadata, checked on read; with a `keyring` the file is
-    that safetensors file sealed. On open the folder is re-indexed, oldest modification time first (a read
-    refreshes the time, so the order approximates LRU).
+    file carries a checksum of its tensors in its metadata (XXH3-128; SHA-256 in files written before
+    2026-12-07), checked on read; with a `keyring` the file is that safetensors file sealed. On open the
+    folder is re-indexed, oldest modification time first (a read refreshes the time, so the order
+    approximates LRU).
     """
 
     name = "disk"
