@@ -145,28 +145,36 @@ class Keyring:
 
     def decrypt(self, envelope: bytes | bytearray, *, tenant_id: str, record_key: str) -> bytes:
         """Open an envelope sealed for (`tenant_id`, `record_key`). Raises IntegrityError on any failure."""
-        return bytes(self.decrypt_to_buffer(envelope, tenant_id=tenant_id, record_key=record_key))
+        return bytes(self._open(envelope, tenant_id, record_key, into_buffer=False))  # bytes: no copy
 
     def decrypt_to_buffer(self, envelope: bytes | bytearray, *, tenant_id: str, record_key: str) -> bytearray:
         """`decrypt` into a new bytearray, for large values (KV blocks): the plaintext is written once,
         straight into the buffer returned, and the ciphertext is read in place, never copied."""
+        plain = self._open(envelope, tenant_id, record_key, into_buffer=True)
+        assert isinstance(plain, bytearray)  # narrows the type; `bytearray(plain)` would copy it
+        return plain
+
+    def _open(
+        self, envelope: bytes | bytearray, tenant_id: str, record_key: str, *, into_buffer: bool
+    ) -> bytes | bytearray:
         key_id = envelope_key_id(envelope)
         start = len(MAGIC) + 1 + len(key_id)
         view = memoryview(envelope)
         nonce, sealed = bytes(view[start : start + NONCE_BYTES]), view[start + NONCE_BYTES :]
         if len(sealed) < TAG_BYTES:
             raise IntegrityError("envelope is truncated")
-        plain = bytearray(len(sealed) - TAG_BYTES)
+        aead, associated = self._cipher(key_id, tenant_id), _associated_data(key_id, tenant_id, record_key)
         try:
-            self._cipher(key_id, tenant_id).decrypt_into(
-                nonce, sealed, _associated_data(key_id, tenant_id, record_key), plain
-            )
+            if not into_buffer:
+                return aead.decrypt(nonce, sealed, associated)
+            plain = bytearray(len(sealed) - TAG_BYTES)
+            aead.decrypt_into(nonce, sealed, associated, plain)
+            return plain
         except InvalidTag:
             raise IntegrityError(
                 f"envelope failed authentication (key id {key_id!r}): tampered, or sealed for another "
                 "tenant or record key"
             ) from None
-        return plain
 
 
 def envelope_key_id(envelope: bytes | bytearray) -> str:

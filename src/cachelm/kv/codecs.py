@@ -49,7 +49,13 @@ def parse_dtype(name: str) -> torch.dtype:
 
 # A block's owner: the hex tag of the tenant it was computed for (`prefix_cache.owner_tag`). Disk tiers put it
 # in file names, so nothing else is accepted.
-OWNER = re.compile(r"[0-9a-f]{1,64}")
+_OWNER = re.compile(r"[0-9a-f]{1,64}")
+
+
+def check_owner(owner: str, *, empty: bool) -> None:
+    """ConfigError unless `owner` is a tenant tag (or "" where `empty` allows a block without one)."""
+    if not isinstance(owner, str) or not ((empty and owner == "") or _OWNER.fullmatch(owner)):
+        raise ConfigError(f"a block's `owner` must be 1-64 lowercase hex digits, got {owner!r:.80}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +67,9 @@ class EncodedBlock:
     dtype: torch.dtype  # dtype of the decoded block
     tensors: Mapping[str, torch.Tensor]
     owner: str = ""  # the tenant it was computed for (`prefix_cache.owner_tag`), "" when not known
+
+    def __post_init__(self) -> None:
+        check_owner(self.owner, empty=True)
 
     @property
     def nbytes(self) -> int:
@@ -357,14 +366,14 @@ def from_bytes(data: bytes | bytearray, *, authenticated: bool = False) -> Encod
         if algorithm is None:
             raise ValueError(f"no checksum (one of {CHECKSUMS}) in the metadata")
         expected = metadata[algorithm]
-        owner = metadata.get("owner", "")
-        if owner and not OWNER.fullmatch(owner):
-            raise ValueError(f"owner {owner[:70]!r} is not a tenant tag")
+        block = EncodedBlock(
+            codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors, owner=metadata.get("owner", "")
+        )
     except Exception as exc:  # json, key, type and value errors of a damaged header alike
         raise IntegrityError(f"stored KV block is malformed: {exc}") from exc
     if not authenticated and checksum(tensors, algorithm) != expected:
         raise IntegrityError("stored KV block failed its checksum")
-    return EncodedBlock(codec=codec, num_tokens=num_tokens, dtype=dtype, tensors=tensors, owner=owner)
+    return block
 
 
 def _view(buf: bytearray, data_start: int, entry: dict[str, Any]) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import BlockHash, ModelFingerprint, chain_block_hashes
-from cachelm.kv.codecs import EncodedBlock, codec_for
+from cachelm.kv.codecs import Codec, EncodedBlock, codec_for
 from cachelm.kv.layout import KVLayout
 from cachelm.kv.tiers import RedisTier, Tier
 
@@ -40,6 +40,11 @@ def owner_tag(tenant_salt: bytes) -> str:
     if not isinstance(tenant_salt, bytes):
         raise ConfigError(f"`tenant_salt` must be bytes, got {type(tenant_salt).__name__}")
     return hashlib.sha256(b"cachelm/kv-owner/v1\0" + tenant_salt).hexdigest()[:32]
+
+
+def _encoded(codec: Codec, kv: torch.Tensor, owner: str) -> EncodedBlock:
+    """`kv` encoded by `codec` for the tenant `owner`: every way a block enters a tier goes through here."""
+    return replace(codec.encode(kv), owner=owner)
 
 
 @dataclass(kw_only=True)
@@ -222,7 +227,7 @@ class KVPrefixCache:
     def _promote(self, block_hash: BlockHash, block: torch.Tensor, owner: str) -> None:
         top = self.tiers[0]
         # Clone: the slice belongs to the caller's prefix buffer, which the model's cache will own.
-        self._put(0, block_hash, replace(top.codec.encode(block.clone()), owner=owner))
+        self._put(0, block_hash, _encoded(top.codec, block.clone(), owner))
         self.stats.promoted_blocks += 1
 
     # ---- storing -------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ class KVPrefixCache:
                 self.tiers[0].touch(block_hash)
                 continue
             block = kv[lo:hi].clone()  # owned copy: `kv` may be a view of a live cache
-            self._put(0, block_hash, replace(self.tiers[0].codec.encode(block), owner=owner))
+            self._put(0, block_hash, _encoded(self.tiers[0].codec, block, owner))
             if self.write_through:
                 stored = self.tiers[0].get(block_hash)
                 for lower in range(1, len(self.tiers)):
@@ -290,7 +295,7 @@ class KVPrefixCache:
                 else:
                     if block.codec != tier.codec.name:
                         decoded = codec_for(block).decode(block, device="cpu")
-                        block = replace(tier.codec.encode(decoded), owner=block.owner)
+                        block = _encoded(tier.codec, decoded, block.owner)
                     self._put(target, block_hash, block)
                     self.stats.demoted_blocks += 1
                 with self._inflight_lock:

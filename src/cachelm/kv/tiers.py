@@ -35,7 +35,7 @@ import torch
 
 from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.keys import BlockHash
-from cachelm.kv.codecs import OWNER, Codec, EncodedBlock, RawCodec, from_bytes, to_bytes
+from cachelm.kv.codecs import Codec, EncodedBlock, RawCodec, check_owner, from_bytes, to_bytes
 
 if TYPE_CHECKING:
     from cachelm.crypto import Keyring
@@ -45,11 +45,6 @@ Evicted = list[tuple[BlockHash, EncodedBlock | None]]
 # The data key of sealed KV blocks. Blocks carry no tenant of their own (their hashes are salted per tenant),
 # so one key domain covers them; the record key "kv:<hash>" keeps it apart from any response record.
 KV_KEY_DOMAIN = "cachelm.kv"
-
-
-def _check_owner(owner: str, *, empty: bool) -> None:
-    if not isinstance(owner, str) or not (OWNER.fullmatch(owner) or (empty and owner == "")):
-        raise ConfigError(f"a block's `owner` must be 1-64 lowercase hex digits, got {owner!r}")
 
 
 class Tier(ABC):
@@ -130,7 +125,6 @@ class Tier(ABC):
 
     def put(self, block_hash: BlockHash, block: EncodedBlock) -> Evicted:
         """Store `block` under `block_hash`; return the evicted blocks, least recently used first."""
-        _check_owner(block.owner, empty=True)
         with self._lock:
             if block_hash in self._sizes:
                 self._sizes.move_to_end(block_hash)
@@ -157,7 +151,7 @@ class Tier(ABC):
 
     def purge_owner(self, owner: str) -> int:
         """Delete every block stored for `owner` (`KVPrefixCache.owner_tag` of a tenant); how many."""
-        _check_owner(owner, empty=False)
+        check_owner(owner, empty=False)
         with self._lock:
             doomed = [h for h, o in self._owners.items() if o == owner]
             for block_hash in doomed:
@@ -317,7 +311,7 @@ class DiskTier(_BytesTier):
             name, _, owner = path.name.removesuffix(self._SUFFIX).partition(".")
             try:
                 block_hash = BlockHash(bytes.fromhex(name))
-                _check_owner(owner, empty=True)
+                check_owner(owner, empty=True)
                 st = path.stat()
             except (ValueError, ConfigError, OSError):
                 continue
@@ -470,7 +464,7 @@ class RedisTier(_BytesTier):
 
     def purge_owner(self, owner: str) -> int:
         """Delete the blocks of `owner` that any process sharing this namespace stored; how many."""
-        _check_owner(owner, empty=False)
+        check_owner(owner, empty=False)
         with self._lock:
             doomed = {h for h, o in self._owners.items() if o == owner}
             for member in self._call("purge", self.client.smembers, self._owner_key(owner)):
