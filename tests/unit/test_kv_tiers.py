@@ -235,6 +235,21 @@ def test_redis_probe_adopts_blocks_of_another_process(redis_url: str, namespace:
     writer.clear()
 
 
+def test_redis_block_adopted_then_read_leaves_its_owner_set_when_removed(
+    redis_url: str, namespace: str
+) -> None:
+    reader = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    writer = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
+    writer.put(_h(7), replace(_block(7), owner="aa"))
+    client = redis.Redis.from_url(redis_url)
+    assert client.sismember(f"{namespace}:kvowner:aa", _h(7).hex())
+    assert reader.probe([_h(7)]) == [True]  # adopted: the owner is not in the key
+    got = reader.get(_h(7))  # the read learns it from the block
+    assert got is not None and got.owner == "aa"
+    reader.remove(_h(7))
+    assert not client.exists(f"{namespace}:kv:{_h(7).hex()}", f"{namespace}:kvowner:aa")
+
+
 def test_redis_corrupt_value_is_a_counted_miss(redis_url: str, namespace: str) -> None:
     tier = RedisTier(redis_url, namespace=namespace, capacity_bytes=1 << 20)
     tier.put(_h(1), _block(1))

@@ -114,6 +114,8 @@ class Tier(ABC):
                     self._delete(block_hash)
                 self._forget(block_hash)
                 return None
+            if block.owner:  # a block adopted without its owner (Redis: another process stored it)
+                self._owners.setdefault(block_hash, block.owner)
             self._sizes.move_to_end(block_hash)
             return block
 
