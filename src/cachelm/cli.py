@@ -37,10 +37,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cachelm.errors import BackendError, CacheLMError, ConfigError
 from cachelm.store.base import Match, Store
+
+if TYPE_CHECKING:
+    from cachelm.crypto import Keyring
 
 # name → (module, function, extra to install, help). Imported only when used, so a light install works.
 PASSTHROUGH: dict[str, tuple[str, str, str, str]] = {
@@ -195,13 +198,18 @@ def _open(url: str | None) -> Store:
         # The embedded default lives under ~/.cache, which may not exist yet on a fresh machine.
         with contextlib.suppress(OSError):
             Path(url[len("sqlite://") :].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+    # The server's keyring: imported entries are sealed as the server seals them, exports are opened.
+    return open_store(url, keyring=env_keyring())
+
+
+def env_keyring() -> Keyring | None:
+    """The server's at-rest keyring from CACHELM_KEYRING, or None."""
     spec = os.environ.get("CACHELM_KEYRING")
     if not spec:
-        return open_store(url)
+        return None
     from cachelm.crypto import Keyring
 
-    # The server's keyring: imported entries are sealed as the server seals them, exports are opened.
-    return open_store(url, keyring=Keyring.parse(spec))
+    return Keyring.parse(spec)
 
 
 def _cache(store: Store) -> Any:

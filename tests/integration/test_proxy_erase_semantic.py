@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
+from cachelm.semantic.embedder import HashingEmbedder
 from cachelm.server.config import ServerConfig
 from cachelm.server.tenants import TenantRegistry, hash_key
 from cachelm.server.testing import ProxyThread
@@ -104,3 +107,50 @@ def test_without_the_request_log_erasure_still_reaches_the_users_question_embedd
         assert erased.json() == {"deleted": 2}  # her answer and her question's embedding (no log to read)
         assert proxy.runtime.records.peek(keys["alice"]) is None
         assert proxy.runtime.records.peek(keys["carol"]) is not None
+
+
+def _files(directory: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plaintext", "keyring"])
+def test_erased_questions_and_their_vectors_leave_the_servers_files(
+    upstream: OpenAIUpstream, tmp_path: Path, sealed: bool
+) -> None:
+    """Scan every file of the embedded store and its semantic index while the proxy runs. Without a
+    keyring the kept user's question is there (the scan works) and the erased user's is not; with one,
+    neither question nor vector is ever there in clear."""
+    config = ServerConfig(
+        upstream=upstream.base_url, store_url=f"sqlite:///{tmp_path}/data/cache.db", semantic=True,
+        semantic_embedder="hashing", semantic_threshold=0.8, access_log=False,
+        keyring="k1:" + base64.b64encode(bytes(range(32))).decode() if sealed else None,
+    )  # fmt: skip
+    registry = TenantRegistry.from_config(
+        {"tenants": {"acme": {"keys": [hash_key(KEY)]}}, "admin_keys": [hash_key(ADMIN)]}
+    )
+    (tmp_path / "data").mkdir()
+    questions = {"alice": "What is the capital city of France?", "bob": "How do I bake sourdough bread?"}
+    vectors = {
+        u: np.asarray(HashingEmbedder().embed([q])[0], dtype="<f4").tobytes() for u, q in questions.items()
+    }
+    with ProxyThread(config, registry) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
+        for user, question in questions.items():
+            assert ask(client, question, user) == "miss"
+        semantic = proxy.runtime.semantic
+        assert semantic is not None
+        semantic.index.flush()  # type: ignore[attr-defined]  # a graph snapshot would hold vectors too
+        before = _files(tmp_path / "data")
+        needles = {u: (questions[u].encode(), vectors[u]) for u in questions}
+        visible = not sealed
+        for user in questions:
+            assert all((n in before) is visible for n in needles[user])
+        erased = httpx.post(
+            proxy.url + "/admin/erase",
+            json={"tenant": "acme", "user": "alice"},
+            headers={"authorization": f"Bearer {ADMIN}"},
+        )
+        assert erased.status_code == 200 and erased.json()["deleted"] >= 1
+        after = _files(tmp_path / "data")
+        assert not any(n in after for n in needles["alice"])
+        assert all((n in after) is visible for n in needles["bob"])

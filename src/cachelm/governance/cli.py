@@ -56,9 +56,10 @@ def _semantic(args: argparse.Namespace, store: Store, store_url: str, secret: by
 
         index = PgVectorIndex(pg_url, embedder.dim, table=args.pg_table)
     else:
+        from cachelm.cli import env_keyring
         from cachelm.semantic.hnsw import HNSWIndex
 
-        index = HNSWIndex(embedder.dim, path=db)
+        index = HNSWIndex(embedder.dim, path=db, keyring=env_keyring())  # sealed as the server seals it
     return SemanticCache(embedder=EmbeddingCache(store, embedder), index=index, tenant_secret=secret)
 
 

@@ -8,8 +8,7 @@ asked of the semantic layer's owner), this module reads the shipped indexes dire
 
 - any index with an ``entries_for_response_key`` method: that method (the intended protocol extension);
 - `FlatIndex` / `HNSWIndex` (`PartitionedIndex`): the in-memory maps, under the index's own lock;
-  vectors of graph partitions come from the graph library (usearch ``get``, hnswlib ``get_items``,
-  faiss ``reconstruct``);
+  vectors of graph partitions come from ``GraphPartition.vectors_of`` (the graph library's own read);
 - `PgVectorIndex`: one ``SELECT`` on its table.
 
 Anything else returns no entries: `mark_bad` then removes only the entries pointing at the key itself.
@@ -63,17 +62,10 @@ def _vector(part: Any, label: int) -> np.ndarray | None:
     if isinstance(part, FlatPartition):
         row = part.rows.get(label)
         return None if row is None else np.array(part.vectors[row], dtype=np.float32)
-    backend = getattr(part, "backend", None)
-    graph: Any = getattr(part, "graph", None)
-    if backend == "usearch":
-        found = graph.get(label)
-    elif backend == "hnswlib":
-        found = graph.get_items([label])[0]
-    elif backend == "faiss":
-        found = graph.reconstruct(label)
-    else:
+    vectors_of = getattr(part, "vectors_of", None)  # `hnsw.GraphPartition`
+    if vectors_of is None or label not in part.labels:
         return None
-    return None if found is None else np.asarray(found, dtype=np.float32).reshape(-1)
+    return np.asarray(vectors_of([label])[0], dtype=np.float32)
 
 
 def _pgvector(index: Any, tenant: str, response_key: str) -> list[IndexEntry]:

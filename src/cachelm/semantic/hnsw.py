@@ -29,6 +29,20 @@ Durability (``HNSWIndex(path=...)``)
   (inserted after the snapshot). A missing, corrupt or foreign snapshot costs a rebuild from the table,
   never a wrong answer. After a SIGKILL the index therefore holds exactly the committed entries.
 - One process owns the files at a time (an exclusive ``fcntl`` lock on the SQLite file's ``.lock``).
+
+At rest (``HNSWIndex(path=..., keyring=...)``)
+---------------------------------------------
+- A question's vector is user data: embeddings can be inverted back to much of their text. With a
+  `Keyring` (the one the stores use) every entry's vector is sealed with AES-256-GCM for its tenant, bound
+  to its entry id, and every graph snapshot is sealed for its partition's tenant, bound to its file name.
+  Ids, tenants and response keys stay in clear (they are digests or names, and purges need them).
+- An index written in plaintext is sealed in place when first opened with a keyring; a sealed index opened
+  without one, or with a keyring none of its entries opens under, is refused (``ConfigError``), never wiped.
+  A single entry that fails to open (tampered, truncated) is deleted and counted in ``recovery["corrupt"]``.
+- Removal is erasure: the removed vectors leave memory (hnswlib's element is overwritten before it is
+  deleted; usearch and faiss, which keep removed vectors, rebuild the partition), their rows are zeroed
+  (``secure_delete``) and the WAL is checkpointed and truncated, and the snapshots of the touched partitions
+  are dropped (the next `flush` writes them again without those vectors).
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,8 +61,9 @@ from typing import Any
 
 import numpy as np
 
+from cachelm.crypto import Keyring
 from cachelm.engine.loader import file_sha256
-from cachelm.errors import BackendError, ConfigError
+from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.semantic.index import FlatPartition, IndexEntry, Partition, PartitionedIndex, PartitionKey
 
 BACKENDS = ("usearch", "hnswlib", "faiss")
@@ -84,7 +100,6 @@ class GraphPartition:
         self.dim = dim
         self.config = config
         self.backend = config.backend
-        self._count = 0
         self._dead: set[int] = set()  # faiss's HNSW cannot delete: removed labels are skipped in results
         self._labels: set[int] = set()
         self.graph: Any = self._make(capacity)
@@ -127,8 +142,10 @@ class GraphPartition:
             self.graph.expansion_search = ef
         elif self.backend == "hnswlib":
             self.graph.set_ef(ef)
-        else:  # faiss: IndexIDMap2 around IndexHNSWFlat
-            self.graph.index.hnsw.efSearch = ef
+        else:  # faiss: IndexIDMap2 around IndexHNSWFlat (a loaded one hands out the base class)
+            import faiss
+
+            faiss.downcast_index(self.graph.index).hnsw.efSearch = ef
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -170,6 +187,43 @@ class GraphPartition:
             self._dead.add(label)
         return True
 
+    def remove_many(self, labels: Sequence[int]) -> None:
+        """Remove `labels` and scrub their vectors from the graph's memory, so no later snapshot holds
+        them (erasure). hnswlib and usearch keep a removed element's vector, and faiss cannot remove."""
+        gone = [label for label in labels if label in self._labels]
+        if not gone:
+            return
+        if len(gone) == len(self._labels):  # the whole partition goes: the caller drops it
+            self._labels.clear()
+            self.graph = self._make(1)
+            self._dead.clear()
+            return
+        if self.backend == "hnswlib":
+            zero = np.zeros((1, self.dim), dtype=np.float32)
+            for label in gone:
+                self._labels.discard(label)
+                # Overwrite the element's stored vector, then delete it: its slot keeps no data.
+                self.graph.add_items(zero, np.asarray([label], dtype=np.int64))
+                self.graph.mark_deleted(label)
+            return
+        keep = sorted(self._labels - set(gone))  # usearch, faiss: rebuild from the vectors that stay
+        vectors = self.vectors_of(keep)
+        self.graph = self._make(2 * len(keep))
+        self._labels, self._dead = set(), set()
+        self.add_many(keep, vectors)
+
+    def vectors_of(self, labels: Sequence[int]) -> np.ndarray:
+        """The stored vectors of `labels` (live ones), as a (len(labels), dim) float32 matrix."""
+        if not labels:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self.backend == "usearch":
+            found = self.graph.get(np.asarray(labels, dtype=np.uint64))
+        elif self.backend == "hnswlib":
+            found = self.graph.get_items(list(labels))
+        else:
+            found = [self.graph.reconstruct(int(label)) for label in labels]
+        return np.asarray(found, dtype=np.float32).reshape(len(labels), self.dim)
+
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         n = len(self._labels)
         if n == 0:
@@ -198,19 +252,39 @@ class GraphPartition:
 
             faiss.write_index(self.graph, str(path))
 
+    def to_bytes(self) -> bytes:
+        """The graph serialised in memory (an encrypted snapshot seals these bytes)."""
+        if self.backend == "usearch":
+            return bytes(self.graph.save())
+        if self.backend == "hnswlib":
+            return pickle.dumps(self.graph, protocol=pickle.HIGHEST_PROTOCOL)
+        import faiss
+
+        return bytes(faiss.serialize_index(self.graph).tobytes())
+
     @classmethod
-    def load(cls, path: Path, labels: Iterable[int], dim: int, config: HNSWConfig) -> GraphPartition:
-        """Load a saved graph whose live labels (as saved) are `labels`."""
+    def load(
+        cls, source: Path | bytes, labels: Iterable[int], dim: int, config: HNSWConfig
+    ) -> GraphPartition:
+        """Load a graph saved to a file (`save`) or to bytes (`to_bytes`; only bytes this index wrote and
+        authenticated: hnswlib's bytes are a pickle), whose live labels (as saved) are `labels`."""
         part = cls(dim, config, capacity=1)
         if config.backend == "usearch":
-            part.graph.load(str(path))
+            part.graph.load(source if isinstance(source, bytes) else str(source))
         elif config.backend == "hnswlib":
-            part.graph.load_index(str(path), allow_replace_deleted=True)
+            if isinstance(source, bytes):
+                part.graph = pickle.loads(source)  # sealed by this index, opened by AES-GCM
+            else:
+                part.graph.load_index(str(source), allow_replace_deleted=True)
             part.set_expansion_search(config.expansion_search)
         else:
             import faiss
 
-            part.graph = faiss.read_index(str(path))
+            part.graph = (
+                faiss.deserialize_index(np.frombuffer(source, dtype=np.uint8))
+                if isinstance(source, bytes)
+                else faiss.read_index(str(source))
+            )
             part.set_expansion_search(config.expansion_search)
             stored = set(faiss.vector_to_array(part.graph.id_map).tolist())
             part._dead = stored - set(labels)
@@ -244,15 +318,28 @@ class HNSWIndex(PartitionedIndex):
     """
 
     def __init__(
-        self, dim: int, *, config: HNSWConfig | None = None, path: str | os.PathLike[str] | None = None
+        self,
+        dim: int,
+        *,
+        config: HNSWConfig | None = None,
+        path: str | os.PathLike[str] | None = None,
+        keyring: Keyring | None = None,
     ):
         super().__init__(dim)
         self.config = config or HNSWConfig()
         if not isinstance(self.config, HNSWConfig):
             raise ConfigError(f"`config` must be an HNSWConfig, got {type(self.config).__name__}")
+        if keyring is not None and not isinstance(keyring, Keyring):
+            raise ConfigError(f"`keyring` must be a Keyring, got {type(keyring).__name__}")
+        if keyring is not None and path is None:
+            raise ConfigError(
+                "`keyring` needs `path`: an index kept in memory has nothing at rest to encrypt"
+            )
+        self.keyring = keyring
         self._db: sqlite3.Connection | None = None
         self._mutations = 0
-        self.recovery: dict[str, int] = {"loaded": 0, "rebuilt": 0, "reconciled": 0}
+        # corrupt: entries whose stored vector could not be read (tampered, truncated): deleted on open
+        self.recovery: dict[str, int] = {"loaded": 0, "rebuilt": 0, "reconciled": 0, "corrupt": 0}
         if path is not None:
             self._open(Path(path))
 
@@ -286,11 +373,18 @@ class HNSWIndex(PartitionedIndex):
             # NORMAL in WAL mode: a process crash loses nothing committed; only a power cut can lose the
             # last transactions, which then simply are not in the cache.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA secure_delete=ON")  # a removed vector's bytes are zeroed in the file
             self._db.executescript(_SCHEMA)
             self._check_settings()
             self._load_entries()
-        except sqlite3.Error as exc:
-            raise BackendError(f"semantic index {path}: {exc}") from exc
+        except BaseException as exc:  # release the files, so a retry (the right keyring, say) can open them
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self._lock_file.close()
+            if isinstance(exc, sqlite3.Error):
+                raise BackendError(f"semantic index {path}: {exc}") from exc
+            raise
 
     @property
     def _snap_dir(self) -> Path:
@@ -305,14 +399,65 @@ class HNSWIndex(PartitionedIndex):
             )
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(self._dim),))
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_label', '1')")
+        sealed = rows.get("sealed") == "1"  # an index written before encryption existed has no such row
+        if sealed and self.keyring is None:
+            raise ConfigError(
+                f"the semantic index at {self._base} is encrypted: open it with the keyring that sealed it"
+            )
+        if self.keyring is not None and not sealed:
+            self._seal_existing()
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('sealed', ?)", ("1" if self.keyring else "0",))
+
+    def _seal_existing(self) -> None:
+        """Encryption was turned on for an index written in plaintext: seal every entry's vector in one
+        transaction, drop the plaintext graph snapshots, and leave no plaintext page behind."""
+        assert self._db is not None and self.keyring is not None
+        rows = self._db.execute("SELECT label, entry_id, tenant, vector FROM entries").fetchall()
+        sealed = [
+            (self._seal_vector(blob, tenant, entry_id), label) for label, entry_id, tenant, blob in rows
+        ]
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.executemany("UPDATE entries SET vector=? WHERE label=?", sealed)
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('sealed', '1')")
+        self._db.execute("COMMIT")
+        with contextlib.suppress(FileNotFoundError):
+            for file in self._snap_dir.iterdir():
+                file.unlink()
+        self._scrub()
+
+    def _seal_vector(self, raw: bytes, tenant: str, entry_id: str) -> bytes:
+        if self.keyring is None:
+            return raw
+        return self.keyring.encrypt(raw, tenant_id=tenant, record_key=f"semantic:{entry_id}")
+
+    def _open_vector(self, blob: bytes, tenant: str, entry_id: str) -> np.ndarray | None:
+        """The stored vector, or None when it cannot be read (not sealed as it should be, tampered,
+        truncated)."""
+        try:
+            raw = (
+                blob
+                if self.keyring is None
+                else self.keyring.decrypt(blob, tenant_id=tenant, record_key=f"semantic:{entry_id}")
+            )
+        except IntegrityError:
+            return None
+        if not isinstance(raw, bytes) or len(raw) != 4 * self._dim:
+            return None
+        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        return vector if np.isfinite(vector).all() else None
 
     def _load_entries(self) -> None:
         assert self._db is not None
         by_part: dict[PartitionKey, list[tuple[int, IndexEntry]]] = {}
-        for label, entry_id, tenant, ctx, rkey, created, blob in self._db.execute(
+        unreadable: list[int] = []
+        rows = self._db.execute(
             "SELECT label, entry_id, tenant, context_key, response_key, created, vector FROM entries"
-        ):
-            vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        ).fetchall()
+        for label, entry_id, tenant, ctx, rkey, created, blob in rows:
+            vector = self._open_vector(blob, tenant, entry_id)
+            if vector is None:
+                unreadable.append(label)
+                continue
             entry = IndexEntry(
                 entry_id=entry_id,
                 tenant=tenant,
@@ -322,6 +467,15 @@ class HNSWIndex(PartitionedIndex):
                 created=created,
             )
             by_part.setdefault(entry.partition, []).append((label, entry))
+        if unreadable and len(unreadable) == len(rows) and self.keyring is not None:
+            # Every entry failing means the wrong keys, not tampering: refuse rather than delete them all.
+            raise ConfigError(
+                f"none of the {len(rows)} entries of the semantic index at {self._base} opens with this "
+                f"keyring (key ids {list(self.keyring.key_ids)}): is it the keyring that sealed them?"
+            )
+        if unreadable:  # a cache entry that cannot be read is dropped, as a corrupt record is
+            self.recovery["corrupt"] += len(unreadable)
+            self._db.executemany("DELETE FROM entries WHERE label=?", [(x,) for x in unreadable])
         (next_label,) = self._db.execute("SELECT value FROM meta WHERE key='next_label'").fetchone()
         manifest = self._read_manifest()
         for key, items in by_part.items():
@@ -356,12 +510,18 @@ class HNSWIndex(PartitionedIndex):
         live = {label: entry.vector for label, entry in items}
         info = manifest.get("partitions", {}).get(_partition_file_id(key))
         graph = None
-        if isinstance(info, dict):
+        # A snapshot sealed otherwise than this index seals (plaintext under a keyring) is not trusted.
+        if isinstance(info, dict) and bool(info.get("sealed")) == (self.keyring is not None):
             with contextlib.suppress(Exception):  # any unreadable snapshot means: rebuild
                 gpath, lpath = self._snap_dir / info["graph"], self._snap_dir / info["labels"]
                 if file_sha256(gpath) == info["graph_sha256"] and file_sha256(lpath) == info["labels_sha256"]:
                     saved = np.load(lpath).tolist()
-                    graph = GraphPartition.load(gpath, saved, self._dim, self.config)
+                    source: Path | bytes = gpath
+                    if self.keyring is not None:
+                        source = self.keyring.decrypt(
+                            gpath.read_bytes(), tenant_id=key[0], record_key=f"semantic-graph:{info['graph']}"
+                        )
+                    graph = GraphPartition.load(source, saved, self._dim, self.config)
         if graph is None:
             graph = GraphPartition(self._dim, self.config, capacity=2 * len(items))
             graph.add_many(list(live), np.stack(list(live.values())))
@@ -387,7 +547,9 @@ class HNSWIndex(PartitionedIndex):
                 e.context_key,
                 e.response_key,
                 e.created,
-                np.ascontiguousarray(e.vector, dtype="<f4").tobytes(),
+                self._seal_vector(
+                    np.ascontiguousarray(e.vector, dtype="<f4").tobytes(), e.tenant, e.entry_id
+                ),
             )
             for label, e in labelled
         ]
@@ -410,6 +572,34 @@ class HNSWIndex(PartitionedIndex):
             lambda db: db.executemany("DELETE FROM entries WHERE label=?", [(x,) for x in labels]),
             len(labels),
         )
+        self._scrub()
+
+    def _scrub(self) -> None:
+        """Write the WAL into the file and truncate it: with ``secure_delete`` the removed rows' bytes are
+        then gone from both (the WAL would keep old page images until it is reused)."""
+        assert self._db is not None
+        try:
+            (busy, _, _) = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            raise BackendError(f"semantic index {self._base}: {exc}") from exc
+        if busy:  # this process owns the file (flock) and reads through one connection: cannot happen
+            raise BackendError(f"semantic index {self._base}: the WAL checkpoint was blocked")
+
+    def _removed_from(self, partitions: Sequence[PartitionKey]) -> None:
+        """Drop the graph snapshots of `partitions` (they hold the removed vectors): a reopen rebuilds
+        those partitions from the table, and the next `flush` writes them again, scrubbed."""
+        if self._db is None:
+            return
+        manifest = self._read_manifest()
+        saved = manifest.get("partitions", {})
+        doomed = [fid for fid in map(_partition_file_id, partitions) if fid in saved]
+        if not doomed:
+            return
+        files = [saved.pop(fid) for fid in doomed]
+        self._write_manifest(manifest)
+        for info in files:
+            for name in (info["graph"], info["labels"]):
+                (self._snap_dir / name).unlink(missing_ok=True)
 
     def _write(self, body: Any, count: int) -> None:
         assert self._db is not None
@@ -437,36 +627,43 @@ class HNSWIndex(PartitionedIndex):
             snap.mkdir(exist_ok=True)
             old = self._read_manifest()
             number = int(old.get("snapshot", 0)) + 1
-            parts: dict[str, dict[str, str]] = {}
+            parts: dict[str, dict[str, Any]] = {}
             for key, part in self._partitions.items():
                 if not isinstance(part, GraphPartition):
                     continue
                 fid = _partition_file_id(key)
                 gname, lname = f"{fid}-{number}.graph", f"{fid}-{number}.labels.npy"
-                part.save(snap / gname)
+                if self.keyring is None:
+                    part.save(snap / gname)
+                else:  # sealed for the partition's tenant, bound to the file's name
+                    envelope = self.keyring.encrypt(
+                        part.to_bytes(), tenant_id=key[0], record_key=f"semantic-graph:{gname}"
+                    )
+                    (snap / gname).write_bytes(envelope)
                 np.save(snap / lname, np.asarray(sorted(part.labels), dtype=np.int64))
                 parts[fid] = {
                     "graph": gname,
                     "labels": lname,
                     "graph_sha256": file_sha256(snap / gname),
                     "labels_sha256": file_sha256(snap / lname),
+                    "sealed": self.keyring is not None,
                 }
-            manifest = {
-                "snapshot": number,
-                "dim": self._dim,
-                "config": asdict(self.config),
-                "partitions": parts,
-            }
-            tmp = snap / "manifest.json.tmp"
-            with tmp.open("w") as f:
-                json.dump(manifest, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, snap / "manifest.json")  # the commit point of a snapshot
+            self._write_manifest(
+                {"snapshot": number, "dim": self._dim, "config": asdict(self.config), "partitions": parts}
+            )
             keep = {"manifest.json"} | {name for p in parts.values() for name in (p["graph"], p["labels"])}
             for file in snap.iterdir():
                 if file.name not in keep:
                     file.unlink(missing_ok=True)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        snap = self._snap_dir
+        tmp = snap / "manifest.json.tmp"
+        with tmp.open("w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, snap / "manifest.json")  # the commit point of a snapshot
 
     def close(self) -> None:
         if self._db is None:

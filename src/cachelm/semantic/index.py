@@ -157,7 +157,12 @@ class FlatPartition:
             self.labels[row] = moved
             self.rows[moved] = row
         self.labels.pop()
+        self.vectors[last] = 0  # no copy of a removed vector stays behind the live rows
         return True
+
+    def remove_many(self, labels: Sequence[int]) -> None:
+        for label in labels:
+            self.remove(label)
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         n = len(self.labels)
@@ -286,11 +291,19 @@ class PartitionedIndex:
         if not labels:
             return 0
         self._journal_remove(labels)
+        touched: dict[PartitionKey, list[int]] = {}
         for label in labels:
-            self._drop(label)
+            touched.setdefault(self._drop_meta(label), []).append(label)
+        for key, group in touched.items():
+            part = self._partitions[key]
+            part.remove_many(group)  # scrubs the removed vectors from memory (see GraphPartition)
+            if len(part) == 0:
+                del self._partitions[key]
+        self._removed_from(list(touched))
         return len(labels)
 
-    def _drop(self, label: int) -> None:
+    def _drop_meta(self, label: int) -> PartitionKey:
+        """Forget `label`'s entry id and response key; returns its partition."""
         meta = self._meta.pop(label)
         del self._labels[meta.entry_id]
         group = self._by_response.get((meta.partition[0], meta.response_key))
@@ -298,10 +311,7 @@ class PartitionedIndex:
             group.discard(label)
             if not group:
                 del self._by_response[(meta.partition[0], meta.response_key)]
-        part = self._partitions[meta.partition]
-        part.remove(label)
-        if len(part) == 0:
-            del self._partitions[meta.partition]
+        return meta.partition
 
     def entry_ids(self) -> list[str]:
         with self._lock:
@@ -320,6 +330,9 @@ class PartitionedIndex:
     def _journal_remove(self, labels: Sequence[int]) -> None:
         """Make the removal of `labels` durable (no-op in memory)."""
 
+    def _removed_from(self, partitions: Sequence[PartitionKey]) -> None:
+        """Entries of `partitions` were removed: drop any copy of their vectors kept elsewhere."""
+
     def close(self) -> None:
         """Release files; the in-memory index has none."""
 
@@ -328,6 +341,7 @@ class Partition(Protocol):
     def __len__(self) -> int: ...
     def add(self, label: int, vector: np.ndarray) -> None: ...
     def remove(self, label: int) -> bool: ...
+    def remove_many(self, labels: Sequence[int]) -> None: ...
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]: ...
 
 

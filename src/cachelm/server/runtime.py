@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -33,15 +33,23 @@ from cachelm.store.memory import MemoryStore
 from cachelm.store.tiered import TieredStore
 from cachelm.store.url import open_store
 
+if TYPE_CHECKING:
+    from cachelm.crypto import Keyring
+
 log = logging.getLogger("cachelm.server")
 
 
-def _open_records(config: ServerConfig) -> Store:
-    keyring = None
-    if config.keyring:
-        from cachelm.crypto import Keyring
+def _keyring(config: ServerConfig) -> Keyring | None:
+    """The at-rest keyring (`--keyring` / CACHELM_KEYRING), or None."""
+    if not config.keyring:
+        return None
+    from cachelm.crypto import Keyring
 
-        keyring = Keyring.parse(config.keyring)
+    return Keyring.parse(config.keyring)
+
+
+def _open_records(config: ServerConfig) -> Store:
+    keyring = _keyring(config)
     if config.redis_url is not None:
         # Short timeouts: the store is read on the event loop, so a hung Redis must cost a fraction of a
         # second per request, not the client default (a `?socket_timeout=` in the URL still wins).
@@ -87,7 +95,9 @@ def _semantic_layer(config: ServerConfig, store: Store) -> SemanticLayer:
         index_path=index_path,
         table=f"{config.namespace}_semantic".replace("-", "_"),
     )
-    return SemanticLayer(settings, store, tenant_secret=config.key_secret)
+    # The persisted index is sealed with the stores' keyring (question vectors are user data).
+    keyring = _keyring(config) if index_path is not None else None
+    return SemanticLayer(settings, store, tenant_secret=config.key_secret, keyring=keyring)
 
 
 class Runtime:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachelm.crypto import Keyring
 from cachelm.errors import ConfigError
 from cachelm.semantic.cache import Candidate, SemanticCache, SemanticHit
 from cachelm.semantic.decision import BoundedErrorConfig, BoundedErrorPolicy, DecisionRule, StaticThreshold
@@ -83,7 +84,7 @@ def _static_threshold(settings: SemanticSettings, embedder: Embedder) -> float |
     return float(found)
 
 
-def _index(settings: SemanticSettings, dim: int) -> VectorIndex:
+def _index(settings: SemanticSettings, dim: int, keyring: Keyring | None) -> VectorIndex:
     if settings.pg_url is not None:
         from cachelm.semantic.pgvector import PgVectorIndex
 
@@ -91,18 +92,26 @@ def _index(settings: SemanticSettings, dim: int) -> VectorIndex:
     from cachelm.semantic.hnsw import HNSWIndex
 
     path = None if settings.index_path is None else Path(settings.index_path)
-    return HNSWIndex(dim, path=path)
+    return HNSWIndex(dim, path=path, keyring=keyring)
 
 
 class SemanticLayer:
     """Semantic lookups for the proxy; thread-safe (called from worker threads)."""
 
-    def __init__(self, settings: SemanticSettings, store: Store, *, tenant_secret: bytes = b"") -> None:
+    def __init__(
+        self,
+        settings: SemanticSettings,
+        store: Store,
+        *,
+        tenant_secret: bytes = b"",
+        keyring: Keyring | None = None,
+    ) -> None:
+        """`keyring` seals the persisted in-process index (`settings.index_path`) at rest."""
         self.settings = settings
         embedder = _embedder(settings)
         self.threshold = _static_threshold(settings, embedder)
         self.embeddings = EmbeddingCache(store, embedder)
-        self.index = _index(settings, self.embeddings.dim)
+        self.index = _index(settings, self.embeddings.dim, keyring)
         self._secret = tenant_secret
         self._lock = threading.Lock()
         self._caches: OrderedDict[float, SemanticCache] = OrderedDict()

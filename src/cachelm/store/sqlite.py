@@ -22,6 +22,11 @@ Why these choices:
 - One connection per thread: Python's sqlite3 connections must not be used concurrently, and separate
   connections let WAL serve reads in parallel. Writes from this process are serialised by a lock (SQLite
   allows one writer anyway), which also orders hit flushes against puts and deletes.
+- Erasure leaves the disk: ``secure_delete`` zeroes the bytes of deleted rows in the database pages, and
+  ``purge`` and ``clear`` end with a ``TRUNCATE`` checkpoint, which writes the zeroed pages into the file and
+  empties the WAL (that would otherwise keep the old page images until it is reused). A reader holding an
+  older snapshot (an unfinished `scan`) blocks that checkpoint: the purge then raises ``BackendError`` after
+  the busy timeout, its records already deleted, and running it again finishes the job.
 - Tags live in a side table with a (tag, rid) primary key, so purging a tag is an index range scan and a
   record's tags are replaced without rewriting JSON.
 """
@@ -182,6 +187,7 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA synchronous={s.synchronous}")
         conn.execute(f"PRAGMA busy_timeout={int(s.busy_timeout_s * 1000)}")
         conn.execute(f"PRAGMA cache_size={-s.cache_size_kib}")
+        conn.execute("PRAGMA secure_delete=ON")  # a deleted record's bytes are zeroed, not left in free space
         if s.max_size_bytes is not None:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count={max(1, s.max_size_bytes // page_size)}")
@@ -424,17 +430,37 @@ class SQLiteStore(Store):
 
         with self._write_lock:
             self.flush_hits(raise_errors=False)
-            return int(self._write("clear", steps))
+            count = int(self._write("clear", steps))
+            self._scrub("clear")
+            return count
 
     def _delete_where(self, action: str, where_sql: str, params: list[Any]) -> int:
         with self._write_lock:
             # Flush first so no pending hit outlives its record and lands on a later record with the same key.
             self.flush_hits(raise_errors=False)
-            return int(
+            count = int(
                 self._write(
                     action,
                     lambda conn: conn.execute(f"DELETE FROM records WHERE {where_sql}", params).rowcount,
                 )
+            )
+            if action == "purge":  # an erasure: expiry is not
+                self._scrub(action)
+            return count
+
+    def _scrub(self, action: str) -> None:
+        """Checkpoint the WAL into the file and truncate it, so deleted records leave the disk (called
+        under the write lock, after the delete committed)."""
+        try:
+            (busy, _, _) = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            self.stats.add("errors")
+            raise _backend_error(action, self.path, exc) from exc
+        if busy:
+            self.stats.add("errors")
+            raise BackendError(
+                f"sqlite store {self.path!r}: {action} deleted its records, but a reader still holds an "
+                "older snapshot, so the WAL keeps their old pages; run it again once readers finish"
             )
 
     # -- hit counters ------------------------------------------------------------------------------------
