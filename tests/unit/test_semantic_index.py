@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachelm.crypto import Keyring
 from cachelm.errors import ConfigError
 from cachelm.semantic import FlatIndex, HNSWConfig, HNSWIndex, IndexEntry, VectorIndex
 
@@ -191,6 +192,12 @@ class TestHNSWPersisted(IndexContract):
     def make(self, dim: int = DIM) -> VectorIndex:
         config = HNSWConfig(min_graph_size=8, expansion_search=128)
         return HNSWIndex(dim, config=config, path=self.dir / "cache.sqlite")
+
+
+class TestHNSWPersistedSealed(TestHNSWPersisted):
+    def make(self, dim: int = DIM) -> VectorIndex:
+        config = HNSWConfig(min_graph_size=8, expansion_search=128)
+        return HNSWIndex(dim, config=config, path=self.dir / "cache.sqlite", keyring=Keyring.generate())
 
 
 def test_hnsw_config_validates() -> None:
