@@ -9,6 +9,7 @@ Since 2026-12-07 an erasure leaves the disk (see `cachelm.store.sqlite` and `cac
   against the mark-only delete it replaced (`GraphPartition.remove`), one label at a time, on the same graph.
 - A removal drops the snapshot of the partition it touched, so a process that dies before its next `flush`
   rebuilds that partition at the next open. Measured: opening with the snapshot against opening without it.
+- The index sealed with a keyring against the same index in plaintext: adding, closing, reopening.
 
     python benchmarks/erasure_cost.py                 # ~1 minute on a 2-core VM
     python benchmarks/erasure_cost.py --render docs/results/erasure_cost.json
@@ -137,6 +138,35 @@ def index_removal_and_reopen(tmp: Path, n: int, dim: int, removals: int) -> dict
     }
 
 
+def sealed_against_plain(tmp: Path, n: int, dim: int) -> dict[str, Any]:
+    """Seconds to add, close (the snapshot) and reopen the same entries, plain and sealed with a keyring."""
+    from cachelm.crypto import Keyring
+
+    vectors = _vectors(n, dim, 2)
+    entries = [
+        IndexEntry(entry_id=f"e{i}", tenant="acme", context_key="c", response_key=f"r{i}", vector=v)
+        for i, v in enumerate(vectors)
+    ]
+    out: dict[str, Any] = {"entries": n, "dim": dim}
+    for name, keyring in (("plain", None), ("sealed", Keyring.generate())):
+        path = tmp / name / "cache.db"
+        start = time.perf_counter()
+        index = HNSWIndex(dim, path=path, keyring=keyring)
+        for first in range(0, n, 1000):
+            index.add(entries[first : first + 1000])
+        added = time.perf_counter() - start
+        start = time.perf_counter()
+        index.close()
+        closed = time.perf_counter() - start
+        start = time.perf_counter()
+        again = HNSWIndex(dim, path=path, keyring=keyring)
+        opened = time.perf_counter() - start
+        assert again.recovery["loaded"] == 1
+        again.close()
+        out[name] = {"add_s": round(added, 2), "close_s": round(closed, 2), "open_s": round(opened, 2)}
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     s, g, ix = results["store"], results["graph"], results["index"]
     store_what = (
@@ -172,6 +202,23 @@ Persisted index ({ix["entries"]:,} × {ix["dim"]}, one partition): one removal t
 in all (row, checkpoint, snapshot drop). Opening it takes {ix["open_with_snapshot_s"]} s with the
 partition's snapshot and {ix["open_rebuilding_s"]} s without it: what a process pays at its next open when
 it died between a removal and its next `flush` (`close` flushes).
+""" + _render_sealed(results.get("sealed"))
+
+
+def _render_sealed(sealed: dict[str, Any] | None) -> str:
+    if sealed is None:
+        return ""
+    rows = "\n".join(
+        f"| {what} | {sealed['plain'][key]} s | {sealed['sealed'][key]} s | "
+        f"{sealed['sealed'][key] / sealed['plain'][key]:.2f}× |"
+        for what, key in (("add every entry", "add_s"), ("close (snapshot)", "close_s"), ("reopen", "open_s"))
+    )
+    return f"""
+Encrypted at rest (`HNSWIndex(keyring=...)`), the same {sealed["entries"]:,} × {sealed["dim"]} entries:
+
+| step | plain | sealed | ratio |
+|---|---|---|---|
+{rows}
 """
 
 
@@ -221,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(results["graph"]), flush=True)
             results["index"] = index_removal_and_reopen(Path(tmp), args.entries, args.dim, args.reps)
             print(json.dumps(results["index"]), flush=True)
+            results["sealed"] = sealed_against_plain(Path(tmp), args.entries, args.dim)
+            print(json.dumps(results["sealed"]), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "erasure_cost.json").write_text(json.dumps(results, indent=1))
     md = render(results)
