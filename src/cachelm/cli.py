@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[store], help="entries, bytes and hits per tenant and model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("purge", parents=[store], help="delete entries by tenant, user, tag, model or age")
+    semantic = _semantic_options()
+    p = sub.add_parser(
+        "purge", parents=[store, semantic], help="delete entries by tenant, user, tag, model or age"
+    )
     _filters(p)
     p.add_argument("--all", action="store_true", help="delete every entry")
 
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", parents=[store], help="read JSONL entries or seed lines into the store")
     p.add_argument("file", metavar="FILE", help="JSONL file, or - for stdin")
 
-    _governance_parsers(sub, store)
+    _governance_parsers(sub, store, semantic)
 
     for name, (_module, _func, _extra, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -137,8 +140,8 @@ def _number_in(low: float, high: float, flag: str, kind: type = float) -> Callab
     return parse
 
 
-def _governance_parsers(sub: Any, store: argparse.ArgumentParser) -> None:
-    """``feedback bad`` and ``refresh`` (implemented in `cachelm.governance.cli`, imported when run)."""
+def _semantic_options() -> argparse.ArgumentParser:
+    """Where the store's semantic index is (see `cachelm.governance.cli`): purge, feedback, refresh."""
     semantic = argparse.ArgumentParser(add_help=False)
     semantic.add_argument("--pg-url", metavar="URL", help="semantic index on pgvector (or $CACHELM_PG_URL)")
     semantic.add_argument("--pg-table", default="cachelm_semantic", help="its table (default: %(default)s)")
@@ -146,11 +149,30 @@ def _governance_parsers(sub: Any, store: argparse.ArgumentParser) -> None:
         "--embedder", default="minilm", choices=["minilm", "hashing"], help="the proxy's embedder"
     )
     semantic.add_argument("--no-semantic", action="store_true", help="leave the semantic index alone")
-    semantic.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return semantic
 
+
+def semantic_index_of(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(pgvector URL, SQLite file the HNSW index sits beside)`` of the store `args` name; both None when
+    the store has no semantic index (or ``--no-semantic``)."""
+    if args.no_semantic:
+        return None, None
+    pg_url = args.pg_url or os.environ.get("CACHELM_PG_URL")
+    if pg_url:
+        return pg_url, None
+    url = args.store or default_store_url()
+    db = url[len("sqlite://") :].split("?")[0] if url.startswith("sqlite:///") else None
+    if db is None or not Path(f"{db}.semantic.sqlite").exists():
+        return None, None
+    return None, db
+
+
+def _governance_parsers(sub: Any, store: argparse.ArgumentParser, semantic: argparse.ArgumentParser) -> None:
+    """``feedback bad`` and ``refresh`` (implemented in `cachelm.governance.cli`, imported when run)."""
     p = sub.add_parser("feedback", help="report a bad answer (removes it and its semantic neighbours)")
     kinds = p.add_subparsers(dest="feedback", required=True, metavar="KIND")
     p = kinds.add_parser("bad", parents=[store, semantic], help="remove a bad answer and its neighbours")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--key", required=True, help="the bad answer's response key")
     p.add_argument("--tenant", required=True, help="its tenant (nothing of another tenant is touched)")
     p.add_argument(
@@ -161,6 +183,7 @@ def _governance_parsers(sub: Any, store: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "refresh", parents=[store, semantic], help="after a model-version change, recompute the best entries"
     )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--model", required=True, help="the model id whose revision changed")
     p.add_argument("--revision", required=True, help="its new revision (part of every response key)")
     p.add_argument("--upstream", required=True, metavar="URL", help="OpenAI-compatible base URL (…/v1)")
@@ -286,6 +309,12 @@ def cmd_purge(args: argparse.Namespace, out: IO[str]) -> int:
     if args.all and not where.empty:
         raise UsageError("--all cannot be combined with filters")
     with _open(args.store) as store:
+        if semantic_index_of(args) != (None, None):
+            from cachelm.governance.cli import purge_with_index  # the semantic extra: only when needed
+
+            count, vectors = purge_with_index(args, store, where)
+            out.write(f"purged {count} entries and {vectors} semantic-index vectors\n")
+            return 0
         count = store.clear() if args.all else store.purge(where)
     out.write(f"purged {count} entries\n")
     return 0

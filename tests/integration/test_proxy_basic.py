@@ -149,8 +149,11 @@ def test_erasing_a_user_erases_the_embeddings_their_inputs_cached(proxy: ProxyTh
     c = client(proxy)
     model = "text-embedding-3-small"
 
-    def hits(texts: list[str], user: str) -> str:
-        answer = c.embeddings.with_raw_response.create(model=model, input=texts, user=user)
+    def hits(texts: list[str], user: str, *, header: bool = False) -> str:
+        who: dict[str, Any] = (
+            {"extra_headers": {"x-cachelm-user": user}} if header else {"user": user}
+        )  # the header names the user as the body's `user` does
+        answer = c.embeddings.with_raw_response.create(model=model, input=texts, **who)
         return answer.headers["x-cachelm-hits"]
 
     assert hits(["warm-up"], "carol") == "0/1"  # the first request of a model learns its vector size
@@ -160,6 +163,9 @@ def test_erasing_a_user_erases_the_embeddings_their_inputs_cached(proxy: ProxyTh
     erased = httpx.post(proxy.url + "/admin/erase", json={"tenant": "acme", "user": "alice"}, headers=admin)
     assert erased.json() == {"deleted": 2}  # the two vectors her inputs put in the cache
     assert hits(["alice's text", "shared text", "bob's text"], "dave") == "1/3"  # only bob's is left
+    assert hits(["erin's text"], "erin", header=True) == "0/1"
+    erased = httpx.post(proxy.url + "/admin/erase", json={"tenant": "acme", "user": "erin"}, headers=admin)
+    assert erased.json() == {"deleted": 1}
     bad = c.embeddings.with_raw_response.create  # `user` is checked as on chat requests
     with pytest.raises(openai.BadRequestError, match="`user` must be a string"):
         bad(model=model, input=["x"], user="u" * 300)

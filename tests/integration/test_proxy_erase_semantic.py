@@ -78,9 +78,11 @@ def test_erase_user_and_purge_remove_semantic_entries(upstream: OpenAIUpstream, 
         assert bad.status_code == 400 and "older_than" in bad.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("via", ["body", "header"])
 def test_without_the_request_log_erasure_still_reaches_the_users_question_embeddings(
-    upstream: OpenAIUpstream, tmp_path: Path
+    upstream: OpenAIUpstream, tmp_path: Path, via: str
 ) -> None:
+    """The user named by the body's `user` or by the `x-cachelm-user` header alike."""
     config = ServerConfig(
         upstream=upstream.base_url, store_url=f"sqlite:///{tmp_path}/cache.db", semantic=True,
         semantic_embedder="hashing", semantic_threshold=0.8, access_log=False, request_log=False,
@@ -90,7 +92,14 @@ def test_without_the_request_log_erasure_still_reaches_the_users_question_embedd
     )
     with ProxyThread(config, registry) as proxy:
         client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=20)
-        assert ask(client, "What is the capital city of France?", "alice") == "miss"
+        if via == "body":
+            assert ask(client, "What is the capital city of France?", "alice") == "miss"
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", temperature=0, extra_headers={"x-cachelm-user": "alice"},
+                messages=[{"role": "user", "content": "What is the capital city of France?"}],
+            )  # fmt: skip
+            assert raw.headers["x-cachelm-cache"] == "miss"
         assert ask(client, "Which planet is the largest one?", "carol") == "miss"
         semantic = proxy.runtime.semantic
         assert semantic is not None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cachelm import cli
@@ -320,7 +321,7 @@ GOV_TEXTS = [  # the bad question first; paraphrases and unrelated questions in 
 ]
 
 
-def _governed(path: Path, tenant: str = "acme") -> dict[str, str]:
+def _governed(path: Path, tenant: str = "acme", user: str = "") -> dict[str, str]:
     """A SQLite store with GOV_TEXTS answered, logged and indexed in the persisted HNSW index beside it
     (as `cachelm serve --semantic --semantic-embedder hashing` keeps it); returns text → response key."""
     from cachelm.governance import Governance
@@ -333,11 +334,66 @@ def _governed(path: Path, tenant: str = "acme") -> dict[str, str]:
         semantic = SemanticCache(embedder=EmbeddingCache(store, embedder), index=index)
         gov = Governance(ExactCache(store), semantic=semantic)
         for text in GOV_TEXTS:
-            key = gov.store(chat(text), answer(text), tenant=tenant)
+            key = gov.store(chat(text), answer(text), tenant=tenant, user=user)
             assert key is not None
             keys[text] = key
         semantic.close()
     return keys
+
+
+def _index_size(path: Path) -> int:
+    from cachelm.semantic import HNSWIndex
+
+    index = HNSWIndex(256, path=path)
+    try:
+        return len(index)
+    finally:
+        index.close()
+
+
+def test_purge_takes_the_purged_answers_vectors_out_of_the_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachelm.semantic import HashingEmbedder
+
+    path = tmp_path / "cache.db"
+    alice = _governed(path, user="alice")  # one user's questions in one tenant ...
+    _governed(path, tenant="other", user="bob")  # ... the same questions in another tenant
+    base = ["purge", "--store", f"sqlite:///{path}", "--embedder", "hashing"]
+    needles = [np.asarray(v, dtype="<f4").tobytes() for v in HashingEmbedder().embed(GOV_TEXTS)]
+    files = lambda: b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
+    assert all(n in files() for n in needles)  # the scan below can fail
+
+    code, out, _ = run([*base, "--tenant", "acme", "--user", "alice"], capsys)
+    # each answer with its logged request and its question's cached embedding; each answer's vector
+    assert code == 0 and out == f"purged {3 * len(alice)} entries and {len(alice)} semantic-index vectors\n"
+    assert _index_size(path) == len(GOV_TEXTS)  # the other tenant's stay
+    code, out, _ = run([*base, "--tenant", "other"], capsys)
+    assert code == 0 and out.endswith(f"and {len(GOV_TEXTS)} semantic-index vectors\n")
+    assert _index_size(path) == 0
+    assert not any(n in files() for n in needles)  # no vector left in the store's or the index's files
+    _governed(path)
+    code, out, _ = run([*base, "--all"], capsys)
+    assert code == 0 and out.endswith(f"and {len(GOV_TEXTS)} semantic-index vectors\n")
+    assert _index_size(path) == 0
+
+
+def test_purge_with_the_index_held_deletes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cachelm.semantic import HNSWIndex
+
+    path = tmp_path / "cache.db"
+    keys = _governed(path, user="alice")
+    argv = ["purge", "--store", f"sqlite:///{path}", "--embedder", "hashing", "--user", "alice"]
+    held = HNSWIndex(256, path=path)  # the running proxy's index: erase through its /admin/erase
+    try:
+        code, _, err = run(argv, capsys)
+        assert code == 1 and "open in another process" in err
+        with SQLiteStore(path) as store:
+            assert store.peek(keys[GOV_TEXTS[0]]) is not None
+    finally:
+        held.close()
 
 
 def test_feedback_bad_removes_the_answer_and_its_neighbours(

@@ -25,30 +25,29 @@ import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 from cachelm.governance.core import Governance
+from cachelm.governance.journal import is_log_key
 from cachelm.governance.refresh import RefreshProgress
 from cachelm.governance.upstream import http_recompute
 from cachelm.response.exact import ExactCache
 from cachelm.semantic.cache import SemanticCache
-from cachelm.store.base import Store
+from cachelm.store.base import Match, Store
 
 PROGRESS_EVERY_S = 2.0
 
 
-def _semantic(args: argparse.Namespace, store: Store, store_url: str, secret: bytes) -> SemanticCache | None:
-    if args.no_semantic:
-        return None
+def _semantic(args: argparse.Namespace, store: Store, secret: bytes) -> SemanticCache | None:
+    from cachelm.cli import semantic_index_of
+
+    pg_url, db = semantic_index_of(args)
+    if pg_url is None and db is None:
+        return None  # this store has no semantic index (or --no-semantic)
     from cachelm.semantic.embedder import Embedder, HashingEmbedder, MiniLMEmbedder
     from cachelm.semantic.embedding_cache import EmbeddingCache
     from cachelm.semantic.index import VectorIndex
 
-    pg_url = args.pg_url or os.environ.get("CACHELM_PG_URL")
-    db = store_url[len("sqlite://") :].split("?")[0] if store_url.startswith("sqlite:///") else None
-    if not pg_url and (db is None or not Path(f"{db}.semantic.sqlite").exists()):
-        return None  # this store has no semantic index
     embedder: Embedder = HashingEmbedder() if args.embedder == "hashing" else MiniLMEmbedder()
     index: VectorIndex
     if pg_url:
@@ -64,11 +63,43 @@ def _semantic(args: argparse.Namespace, store: Store, store_url: str, secret: by
 
 
 def _governance(args: argparse.Namespace, store: Store) -> Governance:
-    from cachelm.cli import default_store_url
-
     secret = os.environ.get("CACHELM_KEY_SECRET", "").encode()
-    semantic = _semantic(args, store, args.store or default_store_url(), secret)
+    semantic = _semantic(args, store, secret)
     return Governance(ExactCache(store, key_secret=secret), semantic=semantic)
+
+
+def purge_with_index(args: argparse.Namespace, store: Store, where: Match) -> tuple[int, int]:
+    """`cachelm purge` of a store with a semantic index: the vectors of the purged answers leave the index
+    too, as with the proxy's ``/admin/purge`` and ``/admin/erase`` (a question's vector is the user's data).
+    Returns ``(records purged, vectors removed)``. The index is opened first, so a purge that cannot
+    reach it (the proxy holds it) deletes nothing."""
+    semantic = _semantic(args, store, os.environ.get("CACHELM_KEY_SECRET", "").encode())
+    assert semantic is not None  # the caller checked that the store has an index
+    try:
+        if args.all:  # every tenant the index holds, also entries whose answer is already gone
+            tenants = _index_tenants(semantic.index)
+            count = store.clear()
+            return count, sum(semantic.remove_tenant(t) for t in tenants)
+        if where == Match(tenant=where.tenant):  # a whole tenant
+            count = store.purge(where)
+            return count, semantic.remove_tenant(str(where.tenant))
+        doomed: dict[str, list[str]] = {}
+        for record in store.scan(where):
+            if not is_log_key(record.key):
+                doomed.setdefault(record.tenant, []).append(record.key)
+        count = store.purge(where)
+        return count, sum(semantic.remove_keys(tenant, keys) for tenant, keys in doomed.items())
+    finally:
+        semantic.close()
+
+
+def _index_tenants(index: Any) -> set[str]:
+    from cachelm.semantic.index import PartitionedIndex
+
+    if isinstance(index, PartitionedIndex):
+        return {tenant for tenant, _ in index.partition_sizes()}
+    rows = index._run(f"SELECT DISTINCT tenant FROM {index.table}").fetchall()  # PgVectorIndex
+    return {str(tenant) for (tenant,) in rows}
 
 
 def cmd_feedback(args: argparse.Namespace, out: IO[str]) -> int:

@@ -141,7 +141,9 @@ class Governance:
                 return False
             self.log.remember(request, answer, endpoint=endpoint)
             if self.semantic is not None and endpoint != "embeddings":
-                self.semantic.add(request, tenant=answer.tenant, response_key=response_key)
+                # The answer's user owns the question vector the semantic layer caches (erasure).
+                owned = {**request, "user": answer.user} if answer.user else request
+                self.semantic.add(owned, tenant=answer.tenant, response_key=response_key)
         except BackendError:
             self.exact.metrics.error(LAYER, "backend")
             return False

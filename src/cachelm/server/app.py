@@ -24,7 +24,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cachelm.errors import ConfigError, TenantError
-from cachelm.server.control import RequestError, parse_control, validate_chat, validate_completion
+from cachelm.server.control import (
+    RequestError,
+    parse_control,
+    request_user,
+    validate_chat,
+    validate_completion,
+)
 from cachelm.server.proxy import JSON, Call
 from cachelm.server.runtime import Runtime
 
@@ -130,7 +136,7 @@ def completion_handler(runtime: Runtime, endpoint: str) -> Handler:
             body = parse_object(raw)
             validate(body)
             control = parse_control(request.headers, body)
-            user = request.headers.get("x-cachelm-user") or body.get("user") or ""
+            user = request_user(request.headers, body)
             call = Call(
                 endpoint=endpoint,
                 body=body,

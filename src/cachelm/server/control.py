@@ -165,6 +165,18 @@ def _check_common(body: Mapping[str, Any]) -> None:
     _check_user(body)
 
 
+def request_user(headers: Mapping[str, str], body: Mapping[str, Any]) -> str:
+    """The user a request's entries belong to (erasure): the ``x-cachelm-user`` header, else the body's
+    ``user`` (checked by the endpoint's validation), else ""."""
+    header = headers.get("x-cachelm-user")
+    if header:
+        if len(header) > 256:
+            raise RequestError("`x-cachelm-user` must be at most 256 characters", param="x-cachelm-user")
+        return header
+    user = body.get("user")
+    return user if isinstance(user, str) else ""
+
+
 def _check_user(body: Mapping[str, Any]) -> None:
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > 256):

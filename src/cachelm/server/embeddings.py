@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from cachelm.errors import BackendError, ConfigError, TenantError
 from cachelm.semantic.embedding_cache import EmbeddingCache
-from cachelm.server.control import RequestError, embedding_inputs, parse_control
+from cachelm.server.control import RequestError, embedding_inputs, parse_control, request_user
 from cachelm.server.proxy import JSON
 from cachelm.server.runtime import Runtime
 from cachelm.server.upstream import UpstreamError
@@ -102,8 +102,10 @@ class EmbeddingsService:
         tokens = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
         return decode_data(answer.get("data") if isinstance(answer, dict) else None), int(tokens or 0)
 
-    async def embed(self, body: dict[str, Any], texts: list[str], tenant: str) -> tuple[np.ndarray, int, int]:
-        """(vectors, hits, upstream prompt tokens) for `texts`."""
+    async def embed(
+        self, body: dict[str, Any], texts: list[str], tenant: str, user: str = ""
+    ) -> tuple[np.ndarray, int, int]:
+        """(vectors, hits, upstream prompt tokens) for `texts`; vectors stored are attributed to `user`."""
         model_id = f"{body['model']}|dimensions={body.get('dimensions')}"
         cache = self.caches.get(model_id)
         if cache is not None:
@@ -134,7 +136,6 @@ class EmbeddingsService:
                     raise UpstreamError(f"upstream embedding size changed from {dim} to {vectors.shape[1]}")
                 return vectors
 
-        user = body.get("user") or ""  # validated: a string; the stored vectors are attributed to it
         batch = await asyncio.to_thread(_embed_many, cache, texts, tenant, user, fetch)
         return np.asarray(batch.vectors), 0 if first else batch.num_hits, spent[0]
 
@@ -177,7 +178,8 @@ def embeddings_handler(runtime: Runtime) -> Any:
                     headers={**headers, "x-cachelm-cache": "bypass"},
                 )
             else:
-                vectors, hits, tokens = await service.embed(body, texts, tenant.tenant_id)
+                user = request_user(request.headers, body)
+                vectors, hits, tokens = await service.embed(body, texts, tenant.tenant_id, user)
                 outcome = "hit" if hits == len(texts) else "miss"
                 answer_obj = {
                     "object": "list",
