@@ -19,6 +19,11 @@ uses. Seed lines are keyed with ``$CACHELM_KEY_SECRET``, as the server keys requ
 exports hold the *decrypted* answers; without it, an encrypted store exports its sealed values as base64,
 which only an import without a keyring into a store read with the same keys can use.
 
+``purge`` of a store with a semantic index (the persisted HNSW index beside a SQLite store, or pgvector with
+``--pg-url``) also takes the purged answers' question vectors out of the index, as the proxy's
+``/admin/purge`` and ``/admin/erase`` do; with the proxy running on that index it fails before deleting
+anything (erase through the proxy then, or pass ``--no-semantic``).
+
 Environment variables are read here only (STYLE.md). Errors are one line on stderr; the exit status is 2
 for bad input (unknown store URL, unreadable file, malformed JSONL line), 1 when the store fails.
 """

@@ -1,6 +1,6 @@
-"""``cachelm feedback bad`` and ``cachelm refresh``: governance from the command line (see `cachelm.cli`).
+"""``cachelm feedback bad``, ``cachelm refresh`` and the index side of ``cachelm purge`` (see `cachelm.cli`).
 
-Both open the store as the other commands do (``--store``, ``$CACHELM_STORE``, the SQLite default; keys
+They open the store as the other commands do (``--store``, ``$CACHELM_STORE``, the SQLite default; keys
 salted with ``$CACHELM_KEY_SECRET``, values sealed with ``$CACHELM_KEYRING``) and the semantic index the
 proxy uses for that store, when there is one:
 
