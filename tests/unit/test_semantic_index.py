@@ -194,6 +194,18 @@ class TestHNSWPersisted(IndexContract):
         return HNSWIndex(dim, config=config, path=self.dir / "cache.sqlite")
 
 
+class TestHNSWPersistedUsearch(TestHNSWPersisted):
+    def make(self, dim: int = DIM) -> VectorIndex:
+        config = HNSWConfig(backend="usearch", min_graph_size=8, expansion_search=128)
+        return HNSWIndex(dim, config=config, path=self.dir / "cache.sqlite")
+
+
+class TestHNSWPersistedFaiss(TestHNSWPersisted):
+    def make(self, dim: int = DIM) -> VectorIndex:
+        config = HNSWConfig(backend="faiss", min_graph_size=8, expansion_search=128)
+        return HNSWIndex(dim, config=config, path=self.dir / "cache.sqlite")
+
+
 class TestHNSWPersistedSealed(TestHNSWPersisted):
     def make(self, dim: int = DIM) -> VectorIndex:
         config = HNSWConfig(min_graph_size=8, expansion_search=128)

@@ -46,14 +46,16 @@ def assert_same_answers(index: HNSWIndex, expected: list[IndexEntry], queries: n
             assert [n.entry_id for n in got] == [n.entry_id for n in want]
 
 
-def test_reopen_loads_snapshot_without_rebuild(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["hnswlib", "usearch", "faiss"])
+def test_reopen_loads_snapshot_without_rebuild(tmp_path: Path, backend: str) -> None:
+    config = HNSWConfig(backend=backend, min_graph_size=16, expansion_search=256)
     data = entries(vectors(100))
-    ix = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.sqlite")
+    ix = HNSWIndex(DIM, config=config, path=tmp_path / "cache.sqlite")
     ix.add(data)
     ix.close()
     files = {p.name for p in tmp_path.iterdir()}
     assert {"cache.sqlite.semantic.sqlite", "cache.sqlite.semantic.hnsw"} <= files
-    again = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.sqlite")
+    again = HNSWIndex(DIM, config=config, path=tmp_path / "cache.sqlite")
     assert again.recovery == {"loaded": 1, "rebuilt": 0, "reconciled": 0, "corrupt": 0}
     assert_same_answers(again, data, vectors(20, seed=1))
     again.close()
@@ -173,13 +175,15 @@ def test_unreadable_entry_table_raises_backend_error(tmp_path: Path) -> None:
         HNSWIndex(DIM, config=CONFIG, path=tmp_path / "c.sqlite")
 
 
-def test_a_snapshot_older_than_a_removal_is_reconciled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["hnswlib", "usearch", "faiss"])
+def test_a_snapshot_older_than_a_removal_is_reconciled(tmp_path: Path, backend: str) -> None:
     """A crash between a removal's commit and the snapshot drop leaves a graph holding removed labels:
     reopening removes them (reconcile), so they are never answered."""
     import shutil
 
+    config = HNSWConfig(backend=backend, min_graph_size=16, expansion_search=256)
     data = entries(vectors(60))
-    ix = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.sqlite")
+    ix = HNSWIndex(DIM, config=config, path=tmp_path / "cache.sqlite")
     ix.add(data)
     ix.flush()
     snap = tmp_path / "cache.sqlite.semantic.hnsw"
@@ -188,7 +192,7 @@ def test_a_snapshot_older_than_a_removal_is_reconciled(tmp_path: Path) -> None:
     ix.close()
     shutil.rmtree(snap)
     shutil.copytree(tmp_path / "old", snap)  # as if the removal had not reached the snapshot
-    again = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.sqlite")
+    again = HNSWIndex(DIM, config=config, path=tmp_path / "cache.sqlite")
     assert again.recovery == {"loaded": 0, "rebuilt": 0, "reconciled": 1, "corrupt": 0}
     kept = [e for i, e in enumerate(data) if i % 4]
     assert_same_answers(again, kept, vectors(20, seed=9))
