@@ -181,7 +181,7 @@ def render(results: dict[str, Any]) -> str:
          g["scrub_us"] / g["mark_only_us"]),
     ]  # fmt: skip
     table = "\n".join(f"| {what} | {now} | {before} | {ratio:.1f}× |" for what, now, before, ratio in rows)
-    return f"""## Erasure that leaves the disk — what it costs
+    return f"""## Erasure that leaves the files — what it costs
 
 Machine: {results["machine"]}.
 Command: `{results["command"]}`

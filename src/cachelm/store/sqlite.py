@@ -22,7 +22,7 @@ Why these choices:
 - One connection per thread: Python's sqlite3 connections must not be used concurrently, and separate
   connections let WAL serve reads in parallel. Writes from this process are serialised by a lock (SQLite
   allows one writer anyway), which also orders hit flushes against puts and deletes.
-- Erasure leaves the disk: ``secure_delete`` zeroes the bytes of deleted rows in the database pages, and
+- Erasure leaves the file: ``secure_delete`` zeroes the bytes of deleted rows in the database pages, and
   ``purge`` and ``clear`` end with a ``TRUNCATE`` checkpoint, which writes the zeroed pages into the file and
   empties the WAL (that would otherwise keep the old page images until it is reused). A reader holding an
   older snapshot (an unfinished `scan`) blocks that checkpoint: the purge then raises ``BackendError`` after
@@ -449,7 +449,7 @@ class SQLiteStore(Store):
             return count
 
     def _scrub(self, action: str) -> None:
-        """Checkpoint the WAL into the file and truncate it, so deleted records leave the disk (called
+        """Checkpoint the WAL into the file and truncate it, so deleted records leave the files (called
         under the write lock, after the delete committed)."""
         try:
             (busy, _, _) = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
