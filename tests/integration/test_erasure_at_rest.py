@@ -109,6 +109,17 @@ def _assert_answers_like_flat(index: HNSWIndex, kept: list[IndexEntry], queries:
         assert [n.entry_id for n in got] == [n.entry_id for n in want]
 
 
+def _assert_serves_only(index: HNSWIndex, kept: list[IndexEntry], removed: list[IndexEntry]) -> None:
+    """Every kept entry finds itself first; no removed entry is ever returned (graph libraries are
+    approximate and usearch builds in parallel, so ranks below the first are not compared)."""
+    assert sorted(index.entry_ids()) == sorted(e.entry_id for e in kept)
+    for e in kept:
+        assert index.search(e.vector, tenant="acme", context_key="c", k=1)[0].entry_id == e.entry_id
+    gone = {e.entry_id for e in removed}
+    for e in removed:
+        assert not gone & {n.entry_id for n in index.search(e.vector, tenant="acme", context_key="c", k=5)}
+
+
 @pytest.mark.parametrize("backend", ["hnswlib", "usearch", "faiss"])
 def test_removed_vectors_leave_memory_table_and_snapshots(tmp_path: Path, backend: str) -> None:
     config = HNSWConfig(backend=backend, min_graph_size=16, expansion_search=256)
@@ -128,13 +139,13 @@ def test_removed_vectors_leave_memory_table_and_snapshots(tmp_path: Path, backen
     assert index.remove_response_keys("acme", [e.response_key for e in alice[1:]]) == 39
     assert _found(_raw(tmp_path), _needles(alice_v)) == []  # table, WAL and snapshot, while open
     assert _found(_raw(tmp_path), _needles(bob_v)) == _needles(bob_v)
-    _assert_answers_like_flat(index, bob, alice_v[:10])
+    _assert_serves_only(index, bob, alice)
     index.flush()  # the graph written from memory: the removed vectors were scrubbed there too
     assert _found(_raw(tmp_path), _needles(alice_v)) == []
     index.close()
     again = HNSWIndex(DIM, config=config, path=tmp_path / "cache.db")
     assert again.recovery["loaded"] == 1
-    _assert_answers_like_flat(again, bob, alice_v[:10])
+    _assert_serves_only(again, bob, alice)
     again.close()
 
 
