@@ -67,6 +67,7 @@ from cachelm.errors import BackendError, ConfigError, IntegrityError
 from cachelm.semantic.index import FlatPartition, IndexEntry, Partition, PartitionedIndex, PartitionKey
 
 BACKENDS = ("usearch", "hnswlib", "faiss")
+_SEQUENTIAL_SEED = 1024  # usearch: nodes inserted one thread at a time before parallel insertion
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +162,14 @@ class GraphPartition:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(labels), self.dim)
         if self.backend == "usearch":
-            self.graph.add(np.asarray(labels, dtype=np.uint64), vectors)
+            keys = np.asarray(labels, dtype=np.uint64)
+            # Parallel insertion into a near-empty usearch graph can leave a node unreachable (3 of 60
+            # rebuilt 40-node graphs lost a vector's match with itself): its first nodes go in one by one.
+            seed = max(0, min(len(labels), _SEQUENTIAL_SEED - len(self.graph)))
+            if seed:
+                self.graph.add(keys[:seed], vectors[:seed], threads=1)
+            if seed < len(labels):
+                self.graph.add(keys[seed:], vectors[seed:])
         elif self.backend == "hnswlib":
             needed = self.graph.element_count + len(labels)
             if needed > self.graph.get_max_elements():
