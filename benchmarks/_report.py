@@ -117,6 +117,14 @@ def finish_ttft_plot(fig: Any, axes: Any, titles: list[str], path: Path) -> None
         ax.set_ylabel("TTFT (ms)")
         ax.set_title(title)
         ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay `fig` out, save it as a PNG at `path` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)

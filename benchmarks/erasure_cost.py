@@ -3,7 +3,7 @@
 Since 2026-12-07 an erasure leaves the disk (see `cachelm.store.sqlite` and `cachelm.semantic.hnsw`):
 
 - `SQLiteStore.purge` ends with a TRUNCATE checkpoint of the WAL. Measured against the same DELETE without
-  it (`_delete_where` under another action name: the same code path minus the checkpoint), one user's
+  it (`_delete_where` without `scrub=True`: the same code path minus the checkpoint), one user's
   records out of a store that keeps receiving writes between purges, so each checkpoint has a WAL to copy.
 - `HNSWIndex` removal overwrites the removed element of the hnswlib graph before deleting it. Measured
   against the mark-only delete it replaced (`GraphPartition.remove`), one label at a time, on the same graph.
@@ -59,7 +59,7 @@ def store_purge(tmp: Path, records: int, users: int, writes_between: int, reps: 
                 shipped.append(time.perf_counter() - start)
             else:
                 sql, params = _where_sql(where, live_at=store.clock())
-                store._delete_where("bench", sql, params)  # the same DELETE, no checkpoint
+                store._delete_where("bench", sql, params)  # the same DELETE, without `scrub`
                 bare.append(time.perf_counter() - start)
     store.close()
     return {
@@ -225,6 +225,8 @@ Encrypted at rest (`HNSWIndex(keyring=...)`), the same {sealed["entries"]:,} × 
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
+    from _report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -237,10 +239,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(["before", "erasing"], pair, color=["#999999", "#3b75af"])
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("median")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,8 @@ def render(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
+    from _report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -225,10 +227,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("ms")
     ax.set_title(f"Disk-tier hit, stage by stage ({results['device']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

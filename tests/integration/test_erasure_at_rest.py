@@ -17,14 +17,10 @@ from cachelm.crypto import Keyring
 from cachelm.errors import BackendError, ConfigError
 from cachelm.semantic import FlatIndex, HNSWConfig, HNSWIndex, IndexEntry
 from cachelm.store import Match, Record, SQLiteStore
+from tests.at_rest import raw_bytes
 
 DIM = 16
 CONFIG = HNSWConfig(min_graph_size=16, expansion_search=256)
-
-
-def _raw(directory: Path) -> bytes:
-    """Every file under `directory` (databases, WAL and shared-memory files, snapshots), as raw bytes."""
-    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
 
 
 def _found(blob: bytes, needles: list[bytes]) -> list[bytes]:
@@ -52,13 +48,13 @@ def test_sqlite_purge_leaves_no_byte_of_the_erased_user_on_disk(tmp_path: Path) 
     store.close()  # the records now sit in the database file itself, not only in the WAL
     store = SQLiteStore(tmp_path / "cache.db")
     alice, bob = _answers("alice"), _answers("bob")
-    assert _found(_raw(tmp_path), alice) == alice  # the scan finds them before the erasure
+    assert _found(raw_bytes(tmp_path), alice) == alice  # the scan finds them before the erasure
     assert store.purge(Match(tenant="acme", user="alice")) == 11
-    raw = _raw(tmp_path)  # still open, as a running server's files are
+    raw = raw_bytes(tmp_path)  # still open, as a running server's files are
     assert _found(raw, alice) == []
     assert _found(raw, bob) == bob  # the kept user's records are still there, in the same files
     store.close()
-    assert _found(_raw(tmp_path), alice) == []
+    assert _found(raw_bytes(tmp_path), alice) == []
 
 
 def test_sqlite_purge_blocked_by_a_reader_says_so_and_a_retry_finishes(tmp_path: Path) -> None:
@@ -73,7 +69,7 @@ def test_sqlite_purge_blocked_by_a_reader_says_so_and_a_retry_finishes(tmp_path:
     reader.execute("COMMIT")
     reader.close()
     assert store.purge(Match(tenant="acme", user="alice")) == 0  # the retry: nothing to delete, WAL emptied
-    assert _found(_raw(tmp_path), _answers("alice")) == []
+    assert _found(raw_bytes(tmp_path), _answers("alice")) == []
     store.close()
 
 
@@ -129,19 +125,19 @@ def test_removed_vectors_leave_memory_table_and_snapshots(tmp_path: Path, backen
     index.add(alice + bob)
     index.flush()  # a graph snapshot now holds both users' vectors too
     assert index.graph_partitions() == 1
-    assert _found(_raw(tmp_path), _needles(alice_v)) == _needles(alice_v)
+    assert _found(raw_bytes(tmp_path), _needles(alice_v)) == _needles(alice_v)
 
     # One entry (hnswlib overwrites it in place), then the rest (a rebuild: more than 1/24 of the graph).
     assert index.remove_response_keys("acme", [alice[0].response_key]) == 1
-    assert _found(_raw(tmp_path), _needles(alice_v[:1])) == []
+    assert _found(raw_bytes(tmp_path), _needles(alice_v[:1])) == []
     index.flush()
-    assert _found(_raw(tmp_path), _needles(alice_v[:1])) == []
+    assert _found(raw_bytes(tmp_path), _needles(alice_v[:1])) == []
     assert index.remove_response_keys("acme", [e.response_key for e in alice[1:]]) == 39
-    assert _found(_raw(tmp_path), _needles(alice_v)) == []  # table, WAL and snapshot, while open
-    assert _found(_raw(tmp_path), _needles(bob_v)) == _needles(bob_v)
+    assert _found(raw_bytes(tmp_path), _needles(alice_v)) == []  # table, WAL and snapshot, while open
+    assert _found(raw_bytes(tmp_path), _needles(bob_v)) == _needles(bob_v)
     _assert_serves_only(index, bob, alice)
     index.flush()  # the graph written from memory: the removed vectors were scrubbed there too
-    assert _found(_raw(tmp_path), _needles(alice_v)) == []
+    assert _found(raw_bytes(tmp_path), _needles(alice_v)) == []
     index.close()
     again = HNSWIndex(DIM, config=config, path=tmp_path / "cache.db")
     assert again.recovery["loaded"] == 1
@@ -156,9 +152,9 @@ def test_sealed_index_holds_no_vector_and_reopens_from_its_snapshot(tmp_path: Pa
     index = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.db", keyring=keyring)
     index.add(data)
     index.flush()
-    assert _found(_raw(tmp_path), _needles(vectors)) == []
+    assert _found(raw_bytes(tmp_path), _needles(vectors)) == []
     index.close()
-    assert _found(_raw(tmp_path), _needles(vectors)) == []
+    assert _found(raw_bytes(tmp_path), _needles(vectors)) == []
 
     with pytest.raises(ConfigError, match="is encrypted"):
         HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.db")
@@ -178,14 +174,14 @@ def test_a_plaintext_index_is_sealed_in_place_when_a_keyring_is_given(tmp_path: 
     plain = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.db")
     plain.add(data)
     plain.close()
-    assert _found(_raw(tmp_path), _needles(vectors)) == _needles(vectors)
+    assert _found(raw_bytes(tmp_path), _needles(vectors)) == _needles(vectors)
 
     sealed = HNSWIndex(DIM, config=CONFIG, path=tmp_path / "cache.db", keyring=Keyring.generate())
-    assert _found(_raw(tmp_path), _needles(vectors)) == []  # rows sealed, plaintext snapshot dropped
+    assert _found(raw_bytes(tmp_path), _needles(vectors)) == []  # rows sealed, plaintext snapshot dropped
     assert sealed.recovery["rebuilt"] == 1  # the plaintext snapshot is not trusted under a keyring
     _assert_answers_like_flat(sealed, data, _vectors(10, seed=6))
     sealed.close()
-    assert _found(_raw(tmp_path), _needles(vectors)) == []
+    assert _found(raw_bytes(tmp_path), _needles(vectors)) == []
 
 
 def test_a_tampered_sealed_entry_is_dropped_and_counted(tmp_path: Path) -> None:

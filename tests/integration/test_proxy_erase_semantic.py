@@ -16,6 +16,7 @@ from cachelm.semantic.embedder import HashingEmbedder
 from cachelm.server.config import ServerConfig
 from cachelm.server.tenants import TenantRegistry, hash_key
 from cachelm.server.testing import ProxyThread
+from tests.at_rest import raw_bytes
 from tests.upstream import OpenAIUpstream
 
 ADMIN = "admin-secret-key-0123"
@@ -118,12 +119,8 @@ def test_without_the_request_log_erasure_still_reaches_the_users_question_embedd
         assert proxy.runtime.records.peek(keys["carol"]) is not None
 
 
-def _files(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
-
-
 @pytest.mark.parametrize("sealed", [False, True], ids=["plaintext", "keyring"])
-def test_erased_questions_and_their_vectors_leave_the_servers_files(
+def test_erased_questions_and_their_vectors_leave_the_serversraw_bytes(
     upstream: OpenAIUpstream, tmp_path: Path, sealed: bool
 ) -> None:
     """Scan every file of the embedded store and its semantic index while the proxy runs. Without a
@@ -149,7 +146,7 @@ def test_erased_questions_and_their_vectors_leave_the_servers_files(
         semantic = proxy.runtime.semantic
         assert semantic is not None
         semantic.index.flush()  # type: ignore[attr-defined]  # a graph snapshot would hold vectors too
-        before = _files(tmp_path / "data")
+        before = raw_bytes(tmp_path / "data")
         needles = {u: (questions[u].encode(), vectors[u]) for u in questions}
         visible = not sealed
         for user in questions:
@@ -160,6 +157,6 @@ def test_erased_questions_and_their_vectors_leave_the_servers_files(
             headers={"authorization": f"Bearer {ADMIN}"},
         )
         assert erased.status_code == 200 and erased.json()["deleted"] >= 1
-        after = _files(tmp_path / "data")
+        after = raw_bytes(tmp_path / "data")
         assert not any(n in after for n in needles["alice"])
         assert all((n in after) is visible for n in needles["bob"])

@@ -20,6 +20,7 @@ from cachelm.response.exact import ExactCache
 from cachelm.store.encrypted import EncryptedStore
 from cachelm.store.redis import RedisStore
 from cachelm.store.sqlite import SQLiteStore
+from tests.at_rest import raw_bytes
 
 
 def chat(text: str, model: str = "gpt-4o-mini") -> dict[str, Any]:
@@ -361,8 +362,7 @@ def test_purge_takes_the_purged_answers_vectors_out_of_the_index(
     _governed(path, tenant="other", user="bob")  # ... the same questions in another tenant
     base = ["purge", "--store", f"sqlite:///{path}", "--embedder", "hashing"]
     needles = [np.asarray(v, dtype="<f4").tobytes() for v in HashingEmbedder().embed(GOV_TEXTS)]
-    files = lambda: b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
-    assert all(n in files() for n in needles)  # the scan below can fail
+    assert all(n in raw_bytes(tmp_path) for n in needles)  # the scan below can fail
 
     code, out, _ = run([*base, "--tenant", "acme", "--user", "alice"], capsys)
     # each answer with its logged request and its question's cached embedding; each answer's vector
@@ -371,7 +371,8 @@ def test_purge_takes_the_purged_answers_vectors_out_of_the_index(
     code, out, _ = run([*base, "--tenant", "other"], capsys)
     assert code == 0 and out.endswith(f"and {len(GOV_TEXTS)} semantic-index vectors\n")
     assert _index_size(path) == 0
-    assert not any(n in files() for n in needles)  # no vector left in the store's or the index's files
+    # no vector left in the store's or the index's files
+    assert not any(n in raw_bytes(tmp_path) for n in needles)
     _governed(path)
     code, out, _ = run([*base, "--all"], capsys)
     assert code == 0 and out.endswith(f"and {len(GOV_TEXTS)} semantic-index vectors\n")
@@ -399,7 +400,7 @@ def test_purge_with_the_index_held_deletes_nothing(
 def test_feedback_bad_removes_the_answer_and_its_neighbours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cachelm.semantic import HashingEmbedder, HNSWIndex
+    from cachelm.semantic import HashingEmbedder
 
     path = tmp_path / "cache.db"
     keys = _governed(path)
@@ -418,11 +419,7 @@ def test_feedback_bad_removes_the_answer_and_its_neighbours(
     with SQLiteStore(path) as store:
         for text in GOV_TEXTS:
             assert (store.peek(keys[text]) is None) == (text in above), text
-    index = HNSWIndex(256, path=path)
-    try:
-        assert len(index) == len(GOV_TEXTS) - len(above)  # the removal reached the persisted index
-    finally:
-        index.close()
+    assert _index_size(path) == len(GOV_TEXTS) - len(above)  # the removal reached the persisted index
     code, out, _ = run(argv[:-1], capsys)  # again, as text: nothing left to remove
     assert code == 0 and out.startswith("removed 0 answers") and "no answer of tenant acme" in out
 

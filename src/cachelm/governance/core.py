@@ -142,8 +142,8 @@ class Governance:
             self.log.remember(request, answer, endpoint=endpoint)
             if self.semantic is not None and endpoint != "embeddings":
                 # The answer's user owns the question vector the semantic layer caches (erasure).
-                owned = {**request, "user": answer.user} if answer.user else request
-                self.semantic.add(owned, tenant=answer.tenant, response_key=response_key)
+                user = answer.user or None
+                self.semantic.add(request, tenant=answer.tenant, response_key=response_key, user=user)
         except BackendError:
             self.exact.metrics.error(LAYER, "backend")
             return False

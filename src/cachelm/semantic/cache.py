@@ -158,10 +158,10 @@ class SemanticCache:
         )
         return SemanticQuery(text=query.text, context_key=digest.hexdigest())
 
-    def _embed(self, text: str, tenant: str, request: Mapping[str, Any]) -> np.ndarray:
+    def _embed(self, text: str, tenant: str, request: Mapping[str, Any], user: str | None) -> np.ndarray:
         if isinstance(self.embedder, EmbeddingCache):  # a vector it stores belongs to the request's user
-            user = request.get("user")
-            return self.embedder.embed(text, tenant=tenant, user=user if isinstance(user, str) else "")[0]
+            owner = request.get("user") if user is None else user
+            return self.embedder.embed(text, tenant=tenant, user=owner if isinstance(owner, str) else "")[0]
         return np.asarray(self.embedder.embed([text])[0], dtype=np.float32)
 
     def _region(self, tenant: str) -> str:
@@ -172,12 +172,15 @@ class SemanticCache:
         """The hit to serve for `request`, or None (a miss). Verification candidates are dropped."""
         return self.search(request, tenant=tenant).hit
 
-    def search(self, request: Mapping[str, Any], *, tenant: str) -> SemanticLookup:
-        """Look `request` up: a hit, or a candidate the caller should verify, or a plain miss."""
+    def search(self, request: Mapping[str, Any], *, tenant: str, user: str | None = None) -> SemanticLookup:
+        """Look `request` up: a hit, or a candidate the caller should verify, or a plain miss.
+
+        `user` owns the question vector an embedding cache stores on the way (erasure); None: the
+        request's own ``user``."""
         query = self.query(request, tenant=tenant)  # validates request and tenant
         if query is not None and query.text.strip():
             try:
-                vector = self._embed(query.text, tenant, request)
+                vector = self._embed(query.text, tenant, request, user)
             except BackendError:
                 self.stats.add("errors")
             else:
@@ -237,8 +240,11 @@ class SemanticCache:
                 self._num_pending -= len(dropped)
 
     # -- writes ----------------------------------------------------------------------------------
-    def add(self, request: Mapping[str, Any], *, tenant: str, response_key: str) -> str | None:
+    def add(
+        self, request: Mapping[str, Any], *, tenant: str, response_key: str, user: str | None = None
+    ) -> str | None:
         """Index `request`'s last user turn → `response_key`; returns the entry id (None: not indexable).
+        `user` as in `search`.
 
         Call after the exact cache stored the answer under `response_key` (on upstream success only).
         Raises `BackendError` when the index fails: on the write path the caller decides.
@@ -248,7 +254,7 @@ class SemanticCache:
         query = self.query(request, tenant=tenant)
         if query is None or not query.text.strip():
             return None
-        vector = self._embed(query.text, tenant, request)
+        vector = self._embed(query.text, tenant, request, user)
         return self.add_vector(
             vector,
             tenant=tenant,

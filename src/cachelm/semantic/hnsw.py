@@ -452,7 +452,7 @@ class HNSWIndex(PartitionedIndex):
             )
         except IntegrityError:
             return None
-        if not isinstance(raw, bytes) or len(raw) != 4 * self._dim:
+        if len(raw) != 4 * self._dim:
             return None
         vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
         return vector if np.isfinite(vector).all() else None

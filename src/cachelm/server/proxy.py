@@ -190,9 +190,10 @@ class Proxy:
         try:
             hit, call.verify = await asyncio.to_thread(
                 semantic.search,
-                _semantic_request(call),
+                call.body,
                 tenant=call.tenant.tenant_id,
                 delta=call.control.delta,
+                user=call.user,  # header or body: the question vector cached on the way is theirs
             )
         except BackendError:
             self.cache.metrics.error("semantic", "backend")
@@ -489,9 +490,10 @@ class Proxy:
             try:
                 await asyncio.to_thread(
                     self.semantic.add,
-                    _semantic_request(call),
+                    call.body,
                     tenant=call.tenant.tenant_id,
                     response_key=stored,
+                    user=call.user,
                 )
             except BackendError:
                 self.cache.metrics.error("semantic", "backend")
@@ -572,12 +574,3 @@ def _usage_only(payload: bytes) -> bool:
 def _tokens(usage: Mapping[str, Any], name: str) -> int:
     value = usage.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _semantic_request(call: Call) -> Mapping[str, Any]:
-    """The request the semantic layer reads, carrying the request's user (the ``x-cachelm-user`` header or
-    the body's): the question vectors it caches are attributed to that user, so erasing the user deletes
-    them. Keys never read ``user``, so lookups are unchanged."""
-    if not call.user or call.body.get("user") == call.user:
-        return call.body
-    return {**call.body, "user": call.user}

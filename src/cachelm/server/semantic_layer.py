@@ -138,16 +138,18 @@ class SemanticLayer:
             return cache
 
     def search(
-        self, request: Mapping[str, Any], *, tenant: str, delta: float | None
+        self, request: Mapping[str, Any], *, tenant: str, delta: float | None, user: str | None = None
     ) -> tuple[SemanticHit | None, tuple[SemanticCache, Candidate] | None]:
         """A hit to serve, or a candidate to verify (with the facade that must hear the outcome)."""
         use_delta = self.threshold is None and delta is not None and delta != self.settings.delta
         cache = self._cache(delta) if use_delta and delta is not None else self.default
-        found = cache.search(request, tenant=tenant)
+        found = cache.search(request, tenant=tenant, user=user)
         return found.hit, None if found.verify is None else (cache, found.verify)
 
-    def add(self, request: Mapping[str, Any], *, tenant: str, response_key: str) -> str | None:
-        return self.default.add(request, tenant=tenant, response_key=response_key)
+    def add(
+        self, request: Mapping[str, Any], *, tenant: str, response_key: str, user: str | None = None
+    ) -> str | None:
+        return self.default.add(request, tenant=tenant, response_key=response_key, user=user)
 
     def remove_tenant(self, tenant: str) -> int:
         return self.default.remove_tenant(tenant)

@@ -414,7 +414,7 @@ class SQLiteStore(Store):
         if where.empty:
             raise ConfigError("`where` must set at least one field; use `clear()` to delete everything")
         sql, params = _where_sql(where, live_at=self.clock())
-        return self._delete_where("purge", sql, params)
+        return self._delete_where("purge", sql, params, scrub=True)  # an erasure: expiry is not
 
     def expire(self) -> int:
         return self._delete_where("expire", "expires IS NOT NULL AND expires <= ?", [self.clock()])
@@ -434,7 +434,7 @@ class SQLiteStore(Store):
             self._scrub("clear")
             return count
 
-    def _delete_where(self, action: str, where_sql: str, params: list[Any]) -> int:
+    def _delete_where(self, action: str, where_sql: str, params: list[Any], *, scrub: bool = False) -> int:
         with self._write_lock:
             # Flush first so no pending hit outlives its record and lands on a later record with the same key.
             self.flush_hits(raise_errors=False)
@@ -444,7 +444,7 @@ class SQLiteStore(Store):
                     lambda conn: conn.execute(f"DELETE FROM records WHERE {where_sql}", params).rowcount,
                 )
             )
-            if action == "purge":  # an erasure: expiry is not
+            if scrub:
                 self._scrub(action)
             return count
 
