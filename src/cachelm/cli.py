@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from cachelm.errors import BackendError, CacheLMError, ConfigError
 from cachelm.store.base import Match, Store
+from cachelm.store.url import sqlite_file
 
 if TYPE_CHECKING:
     from cachelm.crypto import Keyring
@@ -165,8 +166,7 @@ def semantic_index_of(args: argparse.Namespace) -> tuple[str | None, str | None]
     pg_url = args.pg_url or os.environ.get("CACHELM_PG_URL")
     if pg_url:
         return pg_url, None
-    url = args.store or default_store_url()
-    db = url[len("sqlite://") :].split("?")[0] if url.startswith("sqlite:///") else None
+    db = sqlite_file(args.store or default_store_url())
     if db is None or not Path(f"{db}.semantic.sqlite").exists():
         return None, None
     return None, db
@@ -222,10 +222,10 @@ def _open(url: str | None) -> Store:
     from cachelm.store.url import open_store
 
     url = url or default_store_url()
-    if url.startswith("sqlite:///"):
+    if (db := sqlite_file(url)) is not None:
         # The embedded default lives under ~/.cache, which may not exist yet on a fresh machine.
         with contextlib.suppress(OSError):
-            Path(url[len("sqlite://") :].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
     # The server's keyring: imported entries are sealed as the server seals them, exports are opened.
     return open_store(url, keyring=env_keyring())
 

@@ -56,3 +56,18 @@ def test_cli_flags() -> None:
     assert config.semantic_threshold == "calibrated" and config.semantic_checkpoint == "none"
     config, _ = config_from(parser().parse_args(["--semantic-threshold", "0.9"]))
     assert config.semantic_threshold == 0.9 and config.semantic_checkpoint == "default"
+
+
+def test_a_relative_sqlite_store_keeps_its_semantic_index_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cachelm.server.config import ServerConfig
+    from cachelm.server.runtime import _semantic_layer
+
+    monkeypatch.chdir(tmp_path)
+    config = ServerConfig(store_url="sqlite://rel.db", semantic=True, semantic_embedder="hashing")
+    semantic = _semantic_layer(config, MemoryStore())
+    try:
+        assert (tmp_path / "rel.db.semantic.sqlite").exists()  # persisted, as for sqlite:///abs.db
+    finally:
+        semantic.index.close()

@@ -12,6 +12,7 @@ from cachelm.crypto import Keyring
 from cachelm.errors import ConfigError
 from cachelm.store import EncryptedStore, MemoryStore, Record, SQLiteStore, open_store
 from cachelm.store.redis import RedisStore
+from cachelm.store.url import sqlite_file
 
 
 def test_memory() -> None:
@@ -42,6 +43,17 @@ def test_sqlite_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(store, SQLiteStore)
     store.close()
     assert (tmp_path / "relative.db").exists()
+
+
+def test_sqlite_file_names_the_file_every_form_opens(tmp_path: Path) -> None:
+    """The one parser the store, the CLI and the proxy use to find the file (the semantic index sits beside
+    it): the SQLAlchemy spelling, relative paths and settings in the query string alike."""
+    assert sqlite_file(f"sqlite:///{tmp_path}/a.db?synchronous=FULL") == f"{tmp_path}/a.db"
+    assert sqlite_file(f"sqlite:////{tmp_path}/a.db") == f"{tmp_path}/a.db"
+    assert sqlite_file("sqlite://relative.db") == "relative.db"
+    assert sqlite_file("memory://") is None and sqlite_file("redis://localhost:6379/0") is None
+    with pytest.raises(ConfigError, match="names no database file"):
+        sqlite_file("sqlite://")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 from cachelm.errors import CacheLMError
 from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
 from cachelm.server.tenants import TenantRegistry, hash_key
+from cachelm.store.url import sqlite_file
 
 
 def default_store_url() -> str:
@@ -126,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         config, registry = config_from(args)
-        if config.store_url.startswith("sqlite:///"):
-            Path(config.store_url[len("sqlite://") :].split("?")[0]).parent.mkdir(parents=True, exist_ok=True)
+        if (db := sqlite_file(config.store_url)) is not None:
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
         runtime = Runtime(config, registry)
     except CacheLMError as exc:
         print(f"cachelm serve: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from cachelm.store.base import Match, Store
 from cachelm.store.bounded import BoundedStore
 from cachelm.store.memory import MemoryStore
 from cachelm.store.tiered import TieredStore
-from cachelm.store.url import open_store
+from cachelm.store.url import open_store, sqlite_file
 
 if TYPE_CHECKING:
     from cachelm.crypto import Keyring
@@ -83,9 +83,8 @@ def _local_upstream(config: ServerConfig) -> Upstream:
 
 
 def _semantic_layer(config: ServerConfig, store: Store) -> SemanticLayer:
-    index_path = None
-    if config.redis_url is None and config.store_url.startswith("sqlite:///"):
-        index_path = config.store_url[len("sqlite://") :].split("?")[0]  # the index persists beside it
+    # The index persists beside a SQLite store's file.
+    index_path = sqlite_file(config.store_url) if config.redis_url is None else None
     settings = SemanticSettings(
         embedder=config.semantic_embedder,
         checkpoint=config.semantic_checkpoint,

@@ -48,16 +48,27 @@ def open_store(url: str, **kwargs: Any) -> Store:
     return store
 
 
-def _open_sqlite(url: str, kwargs: dict[str, Any]) -> Store:
-    from cachelm.store.sqlite import SQLiteSettings, SQLiteStore
-
+def sqlite_file(url: str) -> str | None:
+    """The database file a ``sqlite://`` store URL names (the semantic index persists beside it); None for
+    other schemes. Raises ConfigError when a sqlite URL names no file."""
     parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return None
     # sqlite:///abs/path → netloc "" and path "/abs/path"; sqlite://rel.db → netloc "rel.db".
     path = parts.netloc + parts.path
     if path.startswith("//"):  # sqlite:////abs/path (SQLAlchemy's spelling) means the same file
         path = "/" + path.lstrip("/")
     if not path or path == "/":
         raise ConfigError(f"`url` {url!r} names no database file (sqlite:///abs/path.db or sqlite://rel.db)")
+    return path
+
+
+def _open_sqlite(url: str, kwargs: dict[str, Any]) -> Store:
+    from cachelm.store.sqlite import SQLiteSettings, SQLiteStore
+
+    path = sqlite_file(url)
+    assert path is not None
+    parts = urlsplit(url)
     types = {f.name: f.type for f in dataclasses.fields(SQLiteSettings)}
     settings: dict[str, Any] = {}
     for name, raw in parse_qsl(parts.query, keep_blank_values=True):
