@@ -10,6 +10,7 @@ Since 2026-12-07 an erasure leaves the disk (see `cachelm.store.sqlite` and `cac
 - A removal drops the snapshot of the partition it touched, so a process that dies before its next `flush`
   rebuilds that partition at the next open. Measured: opening with the snapshot against opening without it.
 - The index sealed with a keyring against the same index in plaintext: adding, closing, reopening.
+- Purges while other threads read and write the store: whether the checkpoint still finishes.
 
     python benchmarks/erasure_cost.py                 # ~1 minute on a 2-core VM
     python benchmarks/erasure_cost.py --render docs/results/erasure_cost.json
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cachelm.errors import BackendError
 from cachelm.semantic import HNSWConfig, HNSWIndex, IndexEntry
 from cachelm.semantic.hnsw import GraphPartition
 from cachelm.store import Match, Record, SQLiteStore
@@ -68,6 +70,56 @@ def store_purge(tmp: Path, records: int, users: int, writes_between: int, reps: 
         "writes_between": writes_between,
         "purge_ms": _ms(statistics.median(shipped)),
         "delete_only_ms": _ms(statistics.median(bare)),
+    }
+
+
+def store_purge_under_load(tmp: Path, records: int, users: int, readers: int) -> dict[str, Any]:
+    """Purges while `readers` threads read and one thread writes: how many succeed (the checkpoint must
+    find a moment no reader holds an older snapshot), and how long they take (ms, median and max)."""
+    import threading
+
+    store = SQLiteStore(tmp / "loaded.db")
+    value = b"x" * 1024
+    for i in range(records):
+        store.put(Record(key=f"{i:064x}", value=value, tenant="acme", user=f"u{i % users}"))
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for i in range(0, records, 7):
+                store.get(f"{i:064x}")
+
+    def write() -> None:
+        n = 10**9
+        while not stop.is_set():
+            n += 1
+            store.put(Record(key=f"{n:064x}", value=value, tenant="acme", user="other"))
+
+    threads = [threading.Thread(target=read) for _ in range(readers)] + [threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    times, failed = [], 0
+    try:
+        for u in range(users):
+            start = time.perf_counter()
+            try:
+                store.purge(Match(tenant="acme", user=f"u{u}"))
+            except BackendError:  # counted: a purge a reader blocked says so
+                failed += 1
+            times.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        store.close()
+    return {
+        "records": records,
+        "purges": users,
+        "readers": readers,
+        "failed": failed,
+        "median_ms": _ms(statistics.median(times)),
+        "max_ms": _ms(max(times)),
     }
 
 
@@ -181,6 +233,16 @@ def render(results: dict[str, Any]) -> str:
          g["scrub_us"] / g["mark_only_us"]),
     ]  # fmt: skip
     table = "\n".join(f"| {what} | {now} | {before} | {ratio:.1f}× |" for what, now, before, ratio in rows)
+    load = results.get("loaded")
+    loaded = (
+        ""
+        if load is None
+        else f"""
+Under load ({load["readers"]} threads reading and one writing, {load["records"]:,} records): of
+{load["purges"]} purges, {load["purges"] - load["failed"]} finished and {load["failed"]} were blocked by a
+reader; median {load["median_ms"]} ms, slowest {load["max_ms"]} ms.
+"""
+    )
     return f"""## Erasure that leaves the files — what it costs
 
 Machine: {results["machine"]}.
@@ -193,7 +255,7 @@ WAL and drops the touched partition's snapshot. Medians; both sides measured in 
 | what | as shipped | without the erasure step | ratio |
 |---|---|---|---|
 {table}
-
+{loaded}
 One overwrite costs {g["scrub_us"] / g["bulk_insert_us"]:.0f} insertions of a bulk build of that graph
 ({g["bulk_insert_us"]} µs each), so a removal of more than ~1/24 of a partition rebuilds it instead
 (`GraphPartition.remove_many`).
@@ -263,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             results["store"] = store_purge(Path(tmp), args.records, 200, 500, args.reps)
             print(json.dumps(results["store"]), flush=True)
+            results["loaded"] = store_purge_under_load(Path(tmp), 2000, 20, 3)
+            print(json.dumps(results["loaded"]), flush=True)
             results["graph"] = graph_removal(args.entries, args.dim, 200)
             print(json.dumps(results["graph"]), flush=True)
             results["index"] = index_removal_and_reopen(Path(tmp), args.entries, args.dim, args.reps)

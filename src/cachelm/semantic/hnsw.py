@@ -207,7 +207,7 @@ class GraphPartition:
             self.graph = self._make(1)
             self._dead.clear()
             return
-        # Overwriting one hnswlib element costs some 15-40 insertions of a bulk build
+        # Overwriting one hnswlib element costs some 12-43 insertions of a bulk build
         # (benchmarks/erasure_cost.py): past ~1/24 of the partition, rebuilding is cheaper.
         if self.backend == "hnswlib" and 24 * len(gone) < len(self._labels):
             zero = np.zeros((1, self.dim), dtype=np.float32)
