@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import DOCS_IMG, machine_description, write_section
+from _report import DOCS_IMG, machine_description, save_figure, write_section
 from cachelm.engine.engine import Engine, SamplingParams, make_fingerprint
 from cachelm.engine.loader import load_model
 from cachelm.kv import hf
@@ -275,9 +275,7 @@ def _plot(ttft: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("SmolLM2-135M on CPU: TTFT, miss vs hits (dotted: physical limit)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _report(

@@ -135,9 +135,7 @@ def _plot(rows: list[tuple[str, float, float]], path: Path) -> None:
     ax.set_title("Policy overhead per request (Zipf 0.9, capacity 10% of working set)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

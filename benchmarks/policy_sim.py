@@ -168,9 +168,7 @@ def plot(
         ax.grid(axis="y", alpha=0.3)
     axes.flat[0].legend(fontsize=7, ncol=2)
     fig.suptitle("Eviction policies by trace simulation: saved compute")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _report.save_figure(fig, path)
 
 
 def main() -> None:

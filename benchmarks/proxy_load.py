@@ -35,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks._report import DOCS_IMG, machine_description, write_section  # noqa: E402
+from benchmarks._report import DOCS_IMG, machine_description, save_figure, write_section  # noqa: E402
 
 from cachelm.server.testing import ProxyProcess, free_port, wait_healthy  # noqa: E402
 
@@ -220,9 +220,7 @@ def plot(results: list[Result], path: Path) -> None:
     right.axhline(1500, color="grey", linestyle="--", linewidth=1, label="target (1,500 req/s)")
     right.set_title("hit throughput (req/s)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def table(results: list[Result]) -> str:

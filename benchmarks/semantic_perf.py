@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from _report import DOCS_IMG, machine_description, write_section
+from _report import DOCS_IMG, machine_description, save_figure, write_section
 from cachelm.semantic import (
     EmbeddingCache,
     FlatIndex,
@@ -239,10 +239,7 @@ def plot(lib_rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_ylim(0.9, 1.0)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"HNSW libraries, MiniLM vectors, M={M} efC={EF_ADD} efS={EF_SEARCH}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,10 +290,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("µs (log scale)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _report.save_figure(fig, path)
 
 
 class _SharedConnectionSQLiteStore(SQLiteStore):
