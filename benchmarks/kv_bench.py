@@ -279,26 +279,27 @@ def _plot(ttft: dict[str, Any], path: Path) -> None:
 
 
 def _report(
-    ttft: dict[str, Any], codecs: list[dict[str, Any]], chat: dict[str, Any], args: argparse.Namespace
+    ttft: dict[str, Any], codecs: list[dict[str, Any]], chat: dict[str, Any], run: dict[str, Any]
 ) -> str:
+    """The docs section; `run` is `_run_record` of the measuring run (its machine and settings)."""
     bw = ttft["bandwidth"]
     lines = [
         "## KV prefix cache — CPU, SmolLM2-135M-Instruct (real model, float32)",
         "",
-        f"Machine: {machine_description()} (2-core CI-class VM, shared with other jobs: absolute times are",
+        f"Machine: {run['machine']} (2-core CI-class VM, shared with other jobs: absolute times are",
         "noisy, ratios within a row were measured side by side). Command:",
         "`.venv/bin/python benchmarks/kv_bench.py --data /work/shared/data "
-        + (f"--models-dir {args.models_dir} " if args.models_dir else "")
-        + f"--lengths {','.join(map(str, args.lengths))} --reps {args.reps}`",
+        + (f"--models-dir {run['models_dir']} " if run["models_dir"] else "")
+        + f"--lengths {','.join(map(str, run['lengths']))} --reps {run['reps']}`",
         "",
-        f"TTFT = prefill + first token, median of {args.reps} rounds (configurations interleaved); "
+        f"TTFT = prefill + first token, median of {run['reps']} rounds (configurations interleaved); "
         f"suffix = {ttft['suffix_tokens']} new tokens "
-        f"after the cached prefix; block size {args.block_size}. Limit = suffix prefill alone + KV bytes ÷ "
+        f"after the cached prefix; block size {run['block_size']}. Limit = suffix prefill alone + KV bytes ÷ "
         "tier bandwidth "
         "(measured here: "
         + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items())
         + "; disk = page cache).",
-        f"Prefixes stop at {max(args.lengths)} tokens on CPU: one 4K miss costs minutes on this shared "
+        f"Prefixes stop at {max(run['lengths'])} tokens on CPU: one 4K miss costs minutes on this shared "
         "2-core machine; the GPU section covers 1K–8K. The suffix-alone time varies by about ±20% between "
         "samples here, so a hit can land slightly below its limit.",
         "",
@@ -328,8 +329,8 @@ def _report(
         "",
         "![TTFT vs prefix](img/kv_ttft_cpu.png)",
         "",
-        f"### Codecs: size and perplexity ({args.ppl_windows} windows of {args.ppl_prefix} stored + "
-        f"{args.ppl_eval} scored tokens from /work/shared/data/longtext)",
+        f"### Codecs: size and perplexity ({run['ppl_windows']} windows of {run['ppl_prefix']} stored + "
+        f"{run['ppl_eval']} scored tokens from /work/shared/data/longtext)",
         "",
         "The stored prefix's KV goes through the codec; the next tokens are computed in full precision on",
         "top of it and scored. Baseline: the same KV stored as float16.",
@@ -347,7 +348,7 @@ def _report(
         "Targets: int4 ≥ 3.5× at ≤ +1% perplexity, int8 ≥ 1.9× at ≤ +0.1%.",
         "",
         f"### Multi-turn chat replay (MT-Bench-101, first {chat['dialogues']} dialogues, up to "
-        f"{args.chat_turns} turns, greedy, {args.chat_new_tokens} new tokens per turn; the model's own "
+        f"{run['chat_turns']} turns, greedy, {run['chat_new_tokens']} new tokens per turn; the model's own "
         "answers are the history)",
         "",
         "| | prompt tokens | prefill tokens saved | TTFT P50 | TTFT P95 |",
@@ -364,9 +365,25 @@ def _report(
     return "\n".join(lines)
 
 
+_SETTINGS = (
+    "models_dir", "lengths", "reps", "block_size", "ppl_windows", "ppl_prefix", "ppl_eval", "chat_turns",
+    "chat_new_tokens",
+)  # fmt: skip
+
+
+def _run_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What the report needs to know about the measuring run: saved beside its numbers so that `--render`
+    names that run's machine and settings, not those of the machine rendering."""
+    record: dict[str, Any] = {"machine": machine_description()}
+    for name in _SETTINGS:
+        value = getattr(args, name)
+        record[name] = str(value) if isinstance(value, Path) else value
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=None, help="required unless --render")
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 2048])
     p.add_argument("--suffix", type=int, default=32)
@@ -387,11 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(args.render.read_text())
-        report = _report(saved["ttft"], saved["codecs"], saved["chat"], args)
+        if "run" not in saved:
+            p.error(f"{args.render} has no run record (machine, settings): rerun with --out-json")
+        report = _report(saved["ttft"], saved["codecs"], saved["chat"], saved["run"])
         _plot(saved["ttft"], DOCS_IMG / "kv_ttft_cpu.png")
         write_section("kv-cpu", report)
         print(report)
         return 0
+    if args.data is None:
+        p.error("--data DIR is required (the shared data folder: longtext, chat logs)")
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2", cache_dir=args.models_dir)
     text = (args.data / "longtext" / "pg84_frankenstein.txt").read_text(encoding="utf-8")
@@ -402,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     print(codecs, flush=True)
     chat = bench_chat(model, tok, args.data, args)
     print(chat, flush=True)
-    report = _report(ttft, codecs, chat, args)
+    run = _run_record(args)
+    report = _report(ttft, codecs, chat, run)
     print(report)
     if args.out_json:
-        args.out_json.write_text(json.dumps({"ttft": ttft, "codecs": codecs, "chat": chat}, indent=1))
+        saved = {"run": run, "ttft": ttft, "codecs": codecs, "chat": chat}
+        args.out_json.write_text(json.dumps(saved, indent=1))
     if not args.no_write:
         _plot(ttft, DOCS_IMG / "kv_ttft_cpu.png")
         write_section("kv-cpu", report)
