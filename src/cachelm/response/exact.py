@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -85,8 +86,11 @@ def encode_response(response: Mapping[str, Any]) -> bytes:
 
 
 def _check_ttl(ttl: float | None, name: str = "ttl") -> None:
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
-        raise ConfigError(f"`{name}` must be a number of seconds > 0 or None, got {ttl!r}")
+    # Finite: an infinite TTL makes an infinite expiry, which no store can hold (None means "never").
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
+    ):
+        raise ConfigError(f"`{name}` must be a finite number of seconds > 0 or None, got {ttl!r}")
 
 
 def _check_str(value: Any, name: str, *, empty: bool = False) -> None:

@@ -243,8 +243,10 @@ def memoize(
         raise ConfigError(
             f"`store_or_cache` must be a Store or an ExactCache, got {type(store_or_cache).__name__}"
         )
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
-        raise ConfigError(f"`ttl` must be a number of seconds > 0 or None, got {ttl!r}")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
+    ):
+        raise ConfigError(f"`ttl` must be a finite number of seconds > 0 or None, got {ttl!r}")
     if namespace is not None and (not isinstance(namespace, str) or not namespace):
         raise ConfigError(f"`namespace` must be a non-empty string, got {namespace!r}")
     if key is not None and not callable(key):

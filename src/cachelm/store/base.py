@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -45,14 +46,26 @@ class Record:
     hits: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, str) or not self.key:
-            raise ConfigError(f"`key` must be a non-empty string, got {self.key!r}")
+        check_key(self.key)
         if not isinstance(self.value, bytes):
             raise ConfigError(f"`value` must be bytes, got {type(self.value).__name__}")
         if not isinstance(self.tenant, str) or not self.tenant:
             raise ConfigError(f"`tenant` must be a non-empty string, got {self.tenant!r}")
         if not isinstance(self.tags, frozenset):
             object.__setattr__(self, "tags", frozenset(self.tags))
+        # Every backend stores these as UTF-8 (SQLite TEXT, Redis index names): a lone surrogate has no
+        # UTF-8 form, and reaching a backend it failed there after a partial write (Redis) or raw.
+        for name, text in (("tenant", self.tenant), ("user", self.user), ("model", self.model)):
+            _check_text(name, text)
+        for tag in self.tags:
+            _check_text("tags[]", tag)
+        # Infinity or NaN would be written as metadata JSON no reader parses (the record then reads as
+        # corrupt) and cannot be a Redis expiry; "never expires" is `expires=None`.
+        for name, when in (("created", self.created), ("expires", self.expires)):
+            if when is not None and (
+                isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when)
+            ):
+                raise ConfigError(f"`{name}` must be a finite number of seconds, got {when!r}")
         if self.expires is not None and self.expires < self.created:
             raise ConfigError(f"`expires` ({self.expires}) is before `created` ({self.created})")
 
@@ -108,9 +121,21 @@ def record_from_meta(key: str, value: bytes, meta_json: str, hits: int = 0) -> R
 
 
 def check_key(key: object) -> None:
-    """Raise ConfigError unless `key` is a non-empty string (what `Record.key` accepts)."""
+    """Raise ConfigError unless `key` is a non-empty string with a UTF-8 form (what `Record.key` accepts)."""
     if not isinstance(key, str) or not key:
         raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
+    _check_text("key", key)
+
+
+def _check_text(name: str, text: object) -> None:
+    """Raise ConfigError unless `text` is a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"`{name}` must be a string, got {text!r}")
+    if not text.isascii():  # the common case costs one scan, no copy
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"`{name}` must be valid Unicode (no lone surrogates), got {text!r}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -42,6 +42,7 @@ from cachelm.store.sqlite import decode_verified
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _BATCH = 256
+_MAX_EXPIRY_MS = 2**63 - 1
 
 # Shared Lua: index/unindex a key from the sets its metadata names. pre = namespace.
 _LUA_INDEX = """
@@ -350,7 +351,9 @@ class RedisStore(Store):
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
-        expires_ms = "" if record.expires is None else str(round(record.expires * 1000))
+        # PEXPIREAT takes a signed 64-bit count of ms; a later expiry fails it halfway through the script
+        # (after the value is written, before it is indexed), so it is capped: ~292 million years.
+        expires_ms = "" if record.expires is None else str(min(round(record.expires * 1000), _MAX_EXPIRY_MS))
         args: list[str | bytes | int] = [
             self.namespace,
             record.key,

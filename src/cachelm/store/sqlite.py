@@ -39,6 +39,7 @@ import hashlib
 import json
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -81,8 +82,15 @@ _SCHEMA: tuple[str, ...] = (
 )
 
 # Read as BLOBs whatever type a damaged row holds: a TEXT cell with invalid UTF-8 would otherwise make
-# Python's sqlite3 fail the whole fetch (and a scan) instead of reporting one corrupt record.
-_COLUMNS = "key, CAST(value AS BLOB), CAST(meta AS BLOB), CAST(checksum AS BLOB), hits"
+# Python's sqlite3 fail the whole fetch (and a scan) instead of reporting one corrupt record. The key too:
+# a garbled key cell made every scan fail. A key that is not TEXT reads as NULL (corrupt): `get` and the
+# UNIQUE constraint compare it to TEXT keys, which it never equals.
+_COLUMNS = (
+    "id, CASE WHEN typeof(key) = 'text' THEN CAST(key AS BLOB) END, CAST(value AS BLOB), "
+    "CAST(meta AS BLOB), CAST(checksum AS BLOB), hits"
+)
+# A read-path delete of a corrupt row: only while the row still holds the bytes that were read.
+_SAME_ROW = "id = ? AND CAST(value AS BLOB) IS ? AND CAST(meta AS BLOB) IS ? AND CAST(checksum AS BLOB) IS ?"
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -183,7 +191,7 @@ class SQLiteStore(Store):
 
     def _configure(self, conn: sqlite3.Connection) -> None:
         s = self.settings
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal(conn)
         conn.execute(f"PRAGMA synchronous={s.synchronous}")
         conn.execute(f"PRAGMA busy_timeout={int(s.busy_timeout_s * 1000)}")
         conn.execute(f"PRAGMA cache_size={-s.cache_size_kib}")
@@ -191,6 +199,22 @@ class SQLiteStore(Store):
         if s.max_size_bytes is not None:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count={max(1, s.max_size_bytes // page_size)}")
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL, waiting up to the busy timeout. SQLite does not call the busy handler for this
+        switch, so while another process holds a lock on a file not yet in WAL mode (it is opening the same
+        new file) the pragma fails at once with "database is locked": retry it instead."""
+        deadline = time.monotonic() + self.settings.busy_timeout_s
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -244,19 +268,25 @@ class SQLiteStore(Store):
     # -- reads -------------------------------------------------------------------------------------------
 
     def _decode(self, row: Sequence[Any]) -> Record | None:
-        """Row (key, value, meta, checksum, hits) → Record, or None when it fails its checksum."""
-        key, value, meta, checksum, hits = row
+        """Row (id, key, value, meta, checksum, hits) → Record, or None when it fails its checksum."""
+        _, key, value, meta, checksum, hits = row
         try:
-            meta_json = meta.decode()
+            key, meta_json = key.decode(), meta.decode()
         except (AttributeError, UnicodeDecodeError):  # NULL or not UTF-8
             return None
         if not isinstance(value, bytes) or not isinstance(hits, int):
             return None
         return decode_verified(key, value, meta_json, checksum, hits)
 
-    def _corrupt(self, key: str) -> None:
+    def _corrupt(self, row: Sequence[Any]) -> None:
+        """Count and drop a row that failed `_decode`, unless a writer has replaced it since it was read."""
         self.stats.add("corrupt_reads")
-        self._delete_quietly(key)
+        rid, key, value, meta, checksum, _ = row
+        try:
+            text_key: str | None = key.decode()
+        except (AttributeError, UnicodeDecodeError):  # a garbled key: no pending hits can be under it
+            text_key = None
+        self._delete_quietly(_SAME_ROW, [rid, value, meta, checksum], text_key)
 
     def _read(self, key: str, op: str) -> Record | None:
         """The stored record under `key` as written (expired or not), or None; a corrupt one is dropped."""
@@ -270,15 +300,17 @@ class SQLiteStore(Store):
             return None
         record = self._decode(row)
         if record is None:
-            self._corrupt(key)
+            self._corrupt(row)
         return record
 
     def get(self, key: str) -> Record | None:
         record = self._read(key, "get")
         if record is None:
             return None
-        if record.expired(self.clock()):
-            self._delete_quietly(key)
+        now = self.clock()
+        if record.expired(now):
+            # Only while still expired: another writer may have put a fresh record since the read.
+            self._delete_quietly("key = ? AND expires <= ?", [key, now], key)
             return None
         with self._hits_lock:
             pending = self._pending_hits.get(key, 0)
@@ -313,7 +345,7 @@ class SQLiteStore(Store):
                 rows = (
                     self._conn()
                     .execute(
-                        f"SELECT id, {_COLUMNS} FROM records "
+                        f"SELECT {_COLUMNS} FROM records "
                         f"WHERE id > ? AND ({where_sql}) ORDER BY id LIMIT {_SCAN_BATCH}",
                         [last_id, *params],
                     )
@@ -323,9 +355,9 @@ class SQLiteStore(Store):
                 self.stats.add("errors")
                 raise _backend_error("scan", self.path, exc) from exc
             for row in rows:
-                record = self._decode(row[1:])
+                record = self._decode(row)
                 if record is None:
-                    self._corrupt(row[1])
+                    self._corrupt(row)
                     continue
                 yield self._with_pending(record)
             if len(rows) < _SCAN_BATCH:
@@ -403,10 +435,14 @@ class SQLiteStore(Store):
             self._drop_pending(key)
         return bool(deleted)
 
-    def _delete_quietly(self, key: str) -> None:
-        """Delete on the read path (expired or corrupt record): a failure leaves it for the next reader."""
-        with contextlib.suppress(BackendError):
-            self.delete(key)
+    def _delete_quietly(self, where_sql: str, params: list[Any], key: str | None) -> None:
+        """Delete on the read path (an expired or corrupt row) what `where_sql` still matches, so a record
+        written since the read survives; a failure leaves the row for the next reader."""
+        sql = f"DELETE FROM records WHERE {where_sql}"
+        with contextlib.suppress(BackendError), self._write_lock:
+            deleted = self._write("delete", lambda conn: conn.execute(sql, params).rowcount)
+            if deleted and key is not None:
+                self._drop_pending(key)
 
     def purge(self, where: Match) -> int:
         if not isinstance(where, Match):

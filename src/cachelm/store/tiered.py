@@ -6,8 +6,14 @@
 - ``put`` writes L2 first (the source of truth), then L1. If L2 fails, L1's copy of the key is dropped and the
   `BackendError` propagates (the caller decides; the exact cache counts it and serves the computed answer).
 - ``delete`` / ``purge`` / ``clear`` / ``expire`` apply to both tiers; counts returned are L2's.
-- ``invalidate_local(key)`` / ``clear_local()`` drop L1 entries only: a pub/sub listener calls them when
-  another replica writes or deletes a key, so L1 stays coherent with a shared L2.
+- ``invalidate_local(key)`` / ``purge_local(where)`` / ``clear_local()`` drop L1 entries only: a pub/sub
+  listener calls them when another replica writes or deletes keys, so L1 stays coherent with a shared L2.
+- L1 never keeps what a concurrent change made stale. Every change (put, delete, purge, clear, expire, the
+  ``*_local`` calls) bumps a generation counter of the key's stripe (of all stripes for a bulk change) after
+  changing L2, under a lock that also guards L1 writes. A get fills L1, and a put writes L1, only when the
+  key's generation is the one seen before its L2 call; otherwise the L2 answer is returned but not kept
+  (a put drops L1's copy). Without this, a fill that read L2 before a delete or purge put the erased record
+  back into L1, and two writers of one key could leave L1 holding the value L2 lost.
 
 L1 is typically ``BoundedStore(MemoryStore(), LRUPolicy(max_entries=...))``. Hit counts (`Record.hits`) in L2
 count L2 reads only: an L1 hit never reaches L2. Counters: ``stats.l1_hits``, ``l2_hits``, ``misses``.
@@ -16,11 +22,14 @@ count L2 reads only: an L1 hit never reaches L2. Counters: ``stats.l1_hits``, ``
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.store.base import Match, Record, Store, StoreStats
+
+_STRIPES = 256  # generation counters: a change to one key rarely blocks the L1 fill of another
 
 
 @dataclass(kw_only=True)
@@ -47,6 +56,19 @@ class TieredStore(Store):
         self.l1, self.l2 = l1, l2
         self.stats: TieredStats = TieredStats()
         self.url = l2.url
+        self._lock = threading.Lock()  # orders L1 writes against generation bumps
+        self._generations = [0] * _STRIPES
+        self._epoch = 0  # bumped by changes to many keys (purge, clear, expire)
+
+    def _generation(self, key: str) -> tuple[int, int]:
+        return self._epoch, self._generations[hash(key) % _STRIPES]
+
+    def _changed(self, key: str | None) -> None:
+        """Mark `key` (every key when None) changed in L2; called with the lock held."""
+        if key is None:
+            self._epoch += 1
+        else:
+            self._generations[hash(key) % _STRIPES] += 1
 
     def _l1(self, action: str, *args: object) -> object:
         try:
@@ -61,6 +83,7 @@ class TieredStore(Store):
         if isinstance(record, Record):
             self.stats.add("l1_hits")
             return record
+        seen = self._generation(key)
         try:
             record = self.l2.get(key)
         except BackendError:
@@ -71,7 +94,9 @@ class TieredStore(Store):
             self.stats.add("misses")
             return None
         self.stats.add("l2_hits")
-        self._l1("put", record)
+        with self._lock:
+            if self._generation(key) == seen:  # else a change landed during the L2 read: do not keep it
+                self._l1("put", record)
         return record
 
     def peek(self, key: str) -> Record | None:
@@ -83,24 +108,49 @@ class TieredStore(Store):
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
+        seen = self._generation(record.key)
+        stored = False
         try:
             self.l2.put(record)
-        except BackendError:
-            self._l1("delete", record.key)  # never leave L1 holding a value L2 did not take
-            raise
-        self._l1("put", record)
+            stored = True
+        finally:
+            with self._lock:
+                # Keep our value in L1 only if no other change to the key landed since our L2 write began:
+                # theirs may have reached L2 before ours and L1 after it. L2 failed: drop L1's copy, too.
+                if stored and self._generation(record.key) == seen:
+                    self._l1("put", record)
+                else:
+                    self._l1("delete", record.key)
+                self._changed(record.key)
 
     def delete(self, key: str) -> bool:
-        local = self._l1("delete", key)
-        return bool(self.l2.delete(key)) or bool(local)
+        try:
+            deleted = bool(self.l2.delete(key))
+        finally:
+            local = self._local(key, "delete", key)
+        return deleted or bool(local)
+
+    def _local(self, changed: str | None, action: str, *args: object) -> object:
+        """Run `action` on L1 and mark `changed` (every key when None) as changed, both under the lock."""
+        with self._lock:
+            result = self._l1(action, *args)
+            self._changed(changed)
+        return result
 
     def invalidate_local(self, key: str) -> bool:
         """Drop `key` from L1 only (another replica changed it in L2); True if L1 held it."""
-        return bool(self._l1("delete", key))
+        return bool(self._local(key, "delete", key))
+
+    def purge_local(self, where: Match) -> int:
+        """Drop the L1 entries matching `where` only (another replica purged them from L2); how many."""
+        if not isinstance(where, Match) or where.empty:
+            raise ConfigError("`where` must be a Match with at least one field; use `clear_local()`")
+        count = self._local(None, "purge", where)
+        return count if isinstance(count, int) else 0
 
     def clear_local(self) -> None:
         """Drop all of L1 (e.g. after a pub/sub reconnect, when invalidations may have been missed)."""
-        self._l1("clear")
+        self._local(None, "clear")
 
     def scan(self, where: Match | None = None) -> Iterator[Record]:
         return self.l2.scan(where)
@@ -108,16 +158,22 @@ class TieredStore(Store):
     def purge(self, where: Match) -> int:
         if not isinstance(where, Match) or where.empty:
             raise ConfigError("`where` must be a Match with at least one field; use `clear()` to delete all")
-        self._l1("purge", where)
-        return self.l2.purge(where)
+        try:
+            return self.l2.purge(where)
+        finally:  # after L2, so no read of L2 from before the purge can refill L1 (see the module docstring)
+            self._local(None, "purge", where)
 
     def clear(self) -> int:
-        self._l1("clear")
-        return self.l2.clear()
+        try:
+            return self.l2.clear()
+        finally:
+            self._local(None, "clear")
 
     def expire(self) -> int:
-        self._l1("expire")
-        return self.l2.expire()
+        try:
+            return self.l2.expire()
+        finally:
+            self._local(None, "expire")
 
     def __len__(self) -> int:
         return len(self.l2)
