@@ -299,6 +299,7 @@ def store_report(store: Store) -> dict[str, Any]:
         "oldest_age_s": None if oldest is None else now - oldest,
         "newest_age_s": None if newest is None else now - newest,
         "corrupt_reads": store.stats.corrupt_reads,
+        "unknown_key_reads": store.stats.unknown_key_reads,  # sealed under a key this keyring lacks
     }
     for group, rows in groups.items():
         report[group] = {

@@ -133,6 +133,24 @@ def test_encrypted_store_rotate_reencrypts_old_records() -> None:
     assert only_new.get("a") is not None and only_new.get("a").value == b"alpha"  # type: ignore[union-attr]
 
 
+def test_encrypted_store_leaves_records_sealed_under_a_key_it_lacks() -> None:
+    """A replica still on the old keyring (a rolling rotation) or given a wrong one misses on another's
+    records, counts them, and deletes nothing: the replicas holding the key still read them."""
+    inner = MemoryStore(clock=ManualClock())
+    rotated = EncryptedStore(inner, Keyring({"k1": K1, "k2": K2}))  # k2 is its primary
+    rotated.put(Record(key="a", value=b"alpha", tenant="t"))
+    behind = EncryptedStore(inner, Keyring({"k1": K1}))
+    assert behind.get("a") is None and behind.peek("a") is None and list(behind.scan()) == []
+    assert behind.rotate() == 0
+    assert behind.stats.unknown_key_reads == 4 and behind.stats.corrupt_reads == 0
+    assert inner.peek("a") is not None and envelope_key_id(inner.peek("a").value) == "k2"  # type: ignore[union-attr]
+    got = rotated.get("a")
+    assert got is not None and got.value == b"alpha"
+    # Bytes that are no envelope at all are still corrupt, and still dropped.
+    inner.put(Record(key="b", value=b"plain bytes", tenant="t"))
+    assert behind.get("b") is None and behind.stats.corrupt_reads == 1 and inner.peek("b") is None
+
+
 def test_encrypted_store_undecryptable_record_is_a_counted_miss() -> None:
     inner = MemoryStore(clock=ManualClock())
     store = EncryptedStore(inner, Keyring({"k1": K1}))

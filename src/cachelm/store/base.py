@@ -167,6 +167,7 @@ class StoreStats:
     """Counters a store keeps about itself (process-local)."""
 
     corrupt_reads: int = 0
+    unknown_key_reads: int = 0  # `EncryptedStore`: sealed under a key id its keyring lacks (left in place)
     errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -5,8 +5,12 @@ key). The metadata — tenant, user, tags, model, timestamps, hit count — stay
 store, because purges by tenant/user/tag/model run inside the backend (SQL DELETE, Redis index sets). Do not
 put secrets in tags or user ids. Record keys are digests (`cachelm.keys`) and reveal no text.
 
-A record that fails to decrypt (tampered, moved to another key or tenant, unknown key id) reads as a miss:
-it is deleted and counted in ``stats.corrupt_reads``, which this wrapper shares with the inner store.
+A record that fails to decrypt (tampered, moved to another key or tenant) reads as a miss: it is deleted
+and counted in ``stats.corrupt_reads``, which this wrapper shares with the inner store. A record sealed
+under a key id this keyring does not hold also reads as a miss, counted in ``stats.unknown_key_reads``, but
+is left in place: in a shared store it is most likely another replica's, written after that replica got a
+new master key (a rolling rotation), or this process was given the wrong keyring, and deleting would let
+one misconfigured replica empty the store for all the others.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class EncryptedStore(Store):
     def _open(self, record: Record | None) -> Record | None:
         if record is None:
             return None
+        if self._foreign(record):
+            self.stats.add("unknown_key_reads")
+            return None
         try:
             plain = self.keyring.decrypt(record.value, tenant_id=record.tenant, record_key=record.key)
         except IntegrityError:
@@ -45,6 +52,13 @@ class EncryptedStore(Store):
                 self.inner.delete(record.key)
             return None
         return replace(record, value=plain)
+
+    def _foreign(self, record: Record) -> bool:
+        """Whether `record` is a well-formed envelope sealed under a key id this keyring lacks."""
+        try:
+            return envelope_key_id(record.value) not in self.keyring.key_ids
+        except IntegrityError:  # not an envelope at all: corrupt, for `_open` to drop
+            return False
 
     def _seal(self, record: Record) -> Record:
         sealed = self.keyring.encrypt(record.value, tenant_id=record.tenant, record_key=record.key)
@@ -85,7 +99,8 @@ class EncryptedStore(Store):
     def rotate(self) -> int:
         """Re-encrypt every record not sealed with the keyring's primary key; returns how many.
 
-        Run after adding a new master key, before removing an old one from the keyring.
+        Run after adding a new master key, before removing an old one from the keyring. Records sealed
+        under a key id this keyring lacks are left as they are (counted in ``stats.unknown_key_reads``).
         """
         rotated = 0
         for record in list(self.inner.scan()):
