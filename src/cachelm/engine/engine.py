@@ -278,7 +278,8 @@ class Engine:
         tenant_salt: bytes = DEFAULT_TENANT_SALT,
         result: GenerationResult | None = None,
     ) -> Iterator[TokenEvent]:
-        """Yield generated tokens one by one. New KV blocks are stored when the stream ends (or is closed).
+        """Yield generated tokens one by one. New KV blocks are stored when the stream ends (or is closed),
+        unless a decoding step failed (then the cache may hold some layers' KV of a token and not others').
 
         `result`, when given, is filled in as the stream runs (token ids, text, timings, finish reason).
         """
@@ -296,6 +297,10 @@ class Engine:
         if result is not None:
             result.num_prompt_tokens, result.num_cached_tokens = len(token_ids), state.num_cached_tokens
             result.first_logits = logits
+        # False while a forward runs: one that raises (out of memory, an interrupt) may leave the first
+        # layers holding the new token and the rest not, and storing that would file misaligned KV
+        # under the prompt's hashes for every later request.
+        consistent = True
         try:
             for index in range(params.max_new_tokens):
                 token = self._sample(logits, params, generator)
@@ -316,13 +321,16 @@ class Engine:
                 if index + 1 == params.max_new_tokens:
                     break
                 ids = torch.tensor([[token]], device=self.device)
+                consistent = False
                 logits = (
                     self.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
                     .logits[0, -1]
                     .float()
                 )
+                consistent = True
         finally:
-            self.store([*token_ids, *generated], state, tenant_salt=tenant_salt)
+            if consistent:
+                self.store([*token_ids, *generated], state, tenant_salt=tenant_salt)
             if result is not None:
                 result.token_ids = list(generated)
                 result.text = (

@@ -13,7 +13,8 @@ what brings the size ratio against fp16 above 1.9×.
 Size per element against fp16 (2 bytes), block of T tokens, value group G: int4 ``0.5 + (4/T + 4/G) / 2``
 bytes, so T = G = 64 gives 3.56×; int8 ``1 + (2/T + 2/G) / 2`` bytes, 1.94× at T = G = 64.
 
-Group sizes are not stored: the decoder reads them from the scale tensors' shapes.
+Group sizes are not stored: the decoder reads them from the scale tensors' shapes. A block the fp16 scales
+cannot describe (a value beyond ±65504, inf or nan) is stored raw by the quantised codecs (see `encode`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class _GroupedCodec:
     """Shared grouping logic of the quantised codecs (see the module docstring)."""
 
     bits: int
+    max_abs: float  # the largest |value| whose group statistics fp16 still holds
 
     def __init__(self, *, key_group: int = 64, value_group: int = 64) -> None:
         for arg, value in (("key_group", key_group), ("value_group", value_group)):
@@ -174,6 +176,11 @@ class _GroupedCodec:
         _check_block(block)
         gk, gv = self._groups(block)
         x = block.float()
+        # The scales (and int4 minima) are fp16: beyond `max_abs` they overflow, and one inf or nan poisons
+        # its whole group (a key channel over every token of the block) — nan where recompute is finite.
+        # Such blocks are rare: store them raw (exact; `codec_for` decodes by the block's codec name).
+        if x.numel() and not bool(x.abs().amax() <= self.max_abs):
+            return RawCodec().encode(block)
         t, n_layers, _, h, d = x.shape
         keys = x[:, :, 0].reshape(t // gk, gk, n_layers, h, d)  # (G, gk, L, H, D): per-channel groups
         values = x[:, :, 1].reshape(t, n_layers, h, d // gv, gv)  # (T, L, H, D/gv, gv): per-token groups
@@ -196,6 +203,8 @@ class _GroupedCodec:
         device: torch.device | str | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if encoded.codec != self.name:  # a block `encode` kept raw
+            return codec_for(encoded).decode(encoded, device=device, out=out)
         if out is not None:
             device = out.device
         dev = torch.device(device) if device is not None else encoded.device
@@ -232,6 +241,7 @@ class Int8Codec(_GroupedCodec):
     """Symmetric int8: one fp16 scale per group (keys per channel, values per token)."""
 
     bits = 8
+    max_abs = 65504.0 * 127  # scale = max |x| / 127
     _stat_names = ("scale",)
 
     def _quantise(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
@@ -248,6 +258,7 @@ class Int4Codec(_GroupedCodec):
     """Asymmetric int4: fp16 scale and minimum per group, two codes per byte along the channel axis."""
 
     bits = 4
+    max_abs = 65504.0  # the minimum itself is fp16; (max - min) / 15 stays far below the limit
     _stat_names = ("scale", "min")
 
     def _quantise(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:

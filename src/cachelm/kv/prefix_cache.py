@@ -18,10 +18,11 @@ everywhere it went (a block's hash alone does not say whose it is).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ import torch
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import BlockHash, ModelFingerprint, chain_block_hashes
-from cachelm.kv.codecs import Codec, EncodedBlock, codec_for
+from cachelm.kv.codecs import Codec, EncodedBlock, codec_for, dtype_name
 from cachelm.kv.layout import KVLayout
 from cachelm.kv.tiers import RedisTier, Tier
 
@@ -40,6 +41,14 @@ def owner_tag(tenant_salt: bytes) -> str:
     if not isinstance(tenant_salt, bytes):
         raise ConfigError(f"`tenant_salt` must be bytes, got {type(tenant_salt).__name__}")
     return hashlib.sha256(b"cachelm/kv-owner/v1\0" + tenant_salt).hexdigest()[:32]
+
+
+def layout_tag(layout: KVLayout) -> bytes:
+    """32 bytes that differ between layouts (shape, dtype, sliding windows): folded into every block hash."""
+    shape = [layout.num_layers, layout.num_kv_heads, layout.head_dim, dtype_name(layout.dtype)]
+    return hashlib.sha256(
+        b"cachelm/kv-layout/v1\0" + json.dumps([*shape, layout.sliding_windows]).encode()
+    ).digest()
 
 
 def _encoded(codec: Codec, kv: torch.Tensor, owner: str) -> EncodedBlock:
@@ -101,6 +110,11 @@ class KVPrefixCache:
             raise ConfigError("`tiers` must name at least one tier")
         self.layout = layout
         self.model = model
+        # The fingerprint names the model, but a caller-chosen `model_id` can name two differently shaped
+        # models (and a hand-made fingerprint may leave out the dtype): blocks of another layout must never
+        # answer under the same hash (a crash or, where shapes broadcast, a wrong tensor). A fixed-length
+        # prefix of the salt keeps the hashed bytes unambiguous.
+        self._layout_tag = layout_tag(layout)
         self.tiers = list(tiers)
         self.block_size = block_size
         self.write_through = write_through  # also copy every new block to every lower tier (persistence)
@@ -118,7 +132,10 @@ class KVPrefixCache:
 
     # ---- hashing and matching ------------------------------------------------------------------------
     def block_hashes(self, token_ids: Sequence[int], *, tenant_salt: bytes) -> list[BlockHash]:
-        return chain_block_hashes(token_ids, self.block_size, model=self.model, tenant_salt=tenant_salt)
+        if not isinstance(tenant_salt, bytes):
+            raise ConfigError(f"`tenant_salt` must be bytes, got {type(tenant_salt).__name__}")
+        salt = self._layout_tag + tenant_salt
+        return chain_block_hashes(token_ids, self.block_size, model=self.model, tenant_salt=salt)
 
     def match(self, token_ids: Sequence[int], *, tenant_salt: bytes) -> PrefixMatch:
         """The longest cached prefix of `token_ids`, at most ``len(token_ids) - 1`` tokens."""
@@ -185,9 +202,10 @@ class KVPrefixCache:
             if match.tiers[i] != 0:
                 promote.append((i, block.owner))
             loaded += 1
-        # Promote after reading everything: a promotion may evict a later block of this very prefix.
+        # Promote after reading everything, never evicting an earlier block of this prefix (see `store`).
         for i, owner in promote:
-            self._promote(match.hashes[i], out[i * bs : (i + 1) * bs], owner)
+            self._promote(match.hashes[i], out[i * bs : (i + 1) * bs], owner, keep=match.hashes[:i])
+        self._touch_first_last(match.hashes[:loaded], match.tiers)
         return out[: loaded * bs]
 
     def _blocks(self, match: PrefixMatch) -> Iterator[EncodedBlock | None]:
@@ -224,11 +242,22 @@ class KVPrefixCache:
             self.stats.tier_hits[tier.name] = self.stats.tier_hits.get(tier.name, 0) + 1
         return block
 
-    def _promote(self, block_hash: BlockHash, block: torch.Tensor, owner: str) -> None:
+    def _promote(
+        self, block_hash: BlockHash, block: torch.Tensor, owner: str, *, keep: Sequence[BlockHash]
+    ) -> None:
         top = self.tiers[0]
         # Clone: the slice belongs to the caller's prefix buffer, which the model's cache will own.
-        self._put(0, block_hash, _encoded(top.codec, block.clone(), owner))
-        self.stats.promoted_blocks += 1
+        if self._put(0, block_hash, _encoded(top.codec, block.clone(), owner), keep=frozenset(keep)):
+            self.stats.promoted_blocks += 1
+
+    def _touch_first_last(self, hashes: Sequence[BlockHash], tiers: Sequence[int] = ()) -> None:
+        """Mark a prefix's blocks used, its last block first: its first blocks become the most recently
+        used, so LRU takes a prefix from its end. Taking its first block would strand every later one
+        (unreachable, yet holding their bytes)."""
+        for i in reversed(range(len(hashes))):
+            self.tiers[0].touch(hashes[i])
+            if i < len(tiers) and tiers[i] > 0:
+                self.tiers[tiers[i]].touch(hashes[i])
 
     # ---- storing -------------------------------------------------------------------------------------
     def store(self, token_ids: Sequence[int], kv: torch.Tensor, *, tenant_salt: bytes, start: int = 0) -> int:
@@ -247,32 +276,49 @@ class KVPrefixCache:
         bs = self.block_size
         new = 0
         owner = owner_tag(tenant_salt)
-        for i, block_hash in enumerate(self.block_hashes(token_ids, tenant_salt=tenant_salt)):
+        hashes = self.block_hashes(token_ids, tenant_salt=tenant_salt)
+        # A block never evicts an earlier block of its own prompt: a prompt longer than the top tier keeps
+        # its first blocks there and hands the rest down (evicting the first ones would leave a prefix
+        # whose later blocks can never be reached, and the same prompt would miss on every repeat).
+        earlier: set[BlockHash] = set()
+        for i, block_hash in enumerate(hashes):
             lo, hi = i * bs - start, (i + 1) * bs - start
-            if lo < 0 or hi > kv.shape[0]:
-                continue
-            if self._find(block_hash) is not None:
-                self.tiers[0].touch(block_hash)
+            if lo < 0 or hi > kv.shape[0] or self._find(block_hash) is not None:
+                earlier.add(block_hash)
                 continue
             block = kv[lo:hi].clone()  # owned copy: `kv` may be a view of a live cache
-            self._put(0, block_hash, _encoded(self.tiers[0].codec, block, owner))
+            self._put(0, block_hash, _encoded(self.tiers[0].codec, block, owner), keep=earlier)
+            earlier.add(block_hash)
             if self.write_through:
                 stored = self.tiers[0].get(block_hash)
                 for lower in range(1, len(self.tiers)):
                     self._enqueue(lower - 1, block_hash, stored)
-            new += 1
+            if self._find(block_hash) is not None:  # not refused or failed everywhere
+                new += 1
+        self._touch_first_last(hashes)
         self.stats.stored_blocks += new
         return new
 
-    def _put(self, tier_index: int, block_hash: BlockHash, block: EncodedBlock) -> None:
+    def _put(
+        self,
+        tier_index: int,
+        block_hash: BlockHash,
+        block: EncodedBlock,
+        *,
+        keep: Collection[BlockHash] = (),
+    ) -> bool:
+        """Put `block` into one tier, demoting what it evicts; whether that tier now holds it. A block the
+        tier refuses (larger than its budget, or room only by evicting `keep`) goes to the next tier like
+        an evicted one."""
         try:
-            evicted = self.tiers[tier_index].put(block_hash, block)
+            evicted = self.tiers[tier_index].put(block_hash, block, keep=keep)
         except BackendError:
             self.stats.backend_errors += 1
-            return
+            return False
         for victim_hash, data in evicted:
-            if data is not None and victim_hash != block_hash:
+            if data is not None:
                 self._enqueue(tier_index, victim_hash, data)
+        return all(victim_hash != block_hash for victim_hash, _ in evicted)
 
     def _enqueue(self, from_tier: int, block_hash: BlockHash, block: EncodedBlock | None) -> None:
         if block is None or from_tier + 1 >= len(self.tiers):
@@ -296,8 +342,8 @@ class KVPrefixCache:
                     if block.codec != tier.codec.name:
                         decoded = codec_for(block).decode(block, device="cpu")
                         block = _encoded(tier.codec, decoded, block.owner)
-                    self._put(target, block_hash, block)
-                    self.stats.demoted_blocks += 1
+                    if self._put(target, block_hash, block):
+                        self.stats.demoted_blocks += 1
                 with self._inflight_lock:
                     self._inflight.pop(block_hash, None)
             except Exception:  # the worker must survive a bad block or a failing tier

@@ -6,7 +6,8 @@ A tier maps a `BlockHash` to an `EncodedBlock`. Contract (tested once for every 
   a corrupt stored block (checksum, truncation) is deleted, counted in ``corrupt`` and reported as a miss;
 - ``put`` stores a block and returns the blocks it evicted to stay within ``capacity_bytes``, least recently
   used first, with their data when ``keep_evicted`` is set (the prefix cache demotes them to the next tier);
-  a block larger than the whole budget is refused and returned as its own victim;
+  a block larger than the whole budget is refused and returned as its own victim, and so is one that
+  fits only by evicting a block in ``keep`` (the prefix cache protects the earlier blocks of a prefix);
 - disk and Redis tiers re-index what is already stored when opened, so a restart keeps the cache warm;
 - ``purge_owner`` deletes every block of one owner (a tenant's tag, kept with each block), including, in
   Redis, the blocks other processes stored for it: erasing a tenant reaches its KV too;
@@ -27,7 +28,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +72,14 @@ class Tier(ABC):
     @abstractmethod
     def _read(self, block_hash: BlockHash) -> EncodedBlock | None: ...
 
+    def _prepare(self, block_hash: BlockHash, block: EncodedBlock) -> tuple[EncodedBlock | bytes, int]:
+        """The form `_write` stores `block` in, and the bytes it will occupy in this tier: known before
+        anything is evicted, so the budget holds exactly (a file or a Redis value outweighs its tensors)."""
+        return block, block.nbytes
+
     @abstractmethod
-    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
-        """Store `block`; return the bytes it occupies in this tier."""
+    def _write(self, block_hash: BlockHash, block: EncodedBlock, stored: EncodedBlock | bytes) -> None:
+        """Store `block` (as `stored`, what `_prepare` made of it)."""
 
     @abstractmethod
     def _delete(self, block_hash: BlockHash) -> None: ...
@@ -125,18 +131,21 @@ class Tier(ABC):
             if block_hash in self._sizes:
                 self._sizes.move_to_end(block_hash)
 
-    def put(self, block_hash: BlockHash, block: EncodedBlock) -> Evicted:
-        """Store `block` under `block_hash`; return the evicted blocks, least recently used first."""
+    def put(self, block_hash: BlockHash, block: EncodedBlock, *, keep: Collection[BlockHash] = ()) -> Evicted:
+        """Store `block` under `block_hash`; return the evicted blocks, least recently used first.
+
+        Blocks in `keep` are never evicted for it: when only that would make room, `block` is refused
+        (returned as its own victim, nothing evicted)."""
         with self._lock:
             if block_hash in self._sizes:
                 self._sizes.move_to_end(block_hash)
                 return []
-            if block.nbytes > self.capacity_bytes:
+            stored, size = self._prepare(block_hash, block)
+            victims = self._victims(self.used_bytes + size - self.capacity_bytes, keep)
+            if victims is None:
                 return [(block_hash, block)]
-            evicted: Evicted = []
-            while self._sizes and self.used_bytes + block.nbytes > self.capacity_bytes:
-                evicted.append(self._evict_oldest())
-            size = self._write(block_hash, block)
+            evicted = [self._evict(victim) for victim in victims]
+            self._write(block_hash, block, stored)
             self._adopt(block_hash, size, block.owner)
             return evicted
 
@@ -165,8 +174,22 @@ class Tier(ABC):
         """Release resources (connections); stored data stays where the tier keeps it."""
 
     # ---- helpers -------------------------------------------------------------------------------------
+    def _victims(self, excess: int, keep: Collection[BlockHash]) -> list[BlockHash] | None:
+        """The least recently used blocks outside `keep` whose bytes cover `excess`; None when those
+        are not enough. O(blocks evicted + blocks kept that precede them)."""
+        victims: list[BlockHash] = []
+        for block_hash, size in self._sizes.items():
+            if excess <= 0:
+                break
+            if block_hash not in keep:
+                victims.append(block_hash)
+                excess -= size
+        return victims if excess <= 0 else None
+
     def _evict_oldest(self) -> tuple[BlockHash, EncodedBlock | None]:
-        block_hash = next(iter(self._sizes))
+        return self._evict(next(iter(self._sizes)))
+
+    def _evict(self, block_hash: BlockHash) -> tuple[BlockHash, EncodedBlock | None]:
         data: EncodedBlock | None = None
         if self.keep_evicted:
             try:
@@ -225,10 +248,8 @@ class MemoryTier(Tier):
     def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
         return self._blocks.get(block_hash)
 
-    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
-        stored = block.to(self.device, pin=self.pin)
-        self._blocks[block_hash] = stored
-        return stored.nbytes
+    def _write(self, block_hash: BlockHash, block: EncodedBlock, stored: EncodedBlock | bytes) -> None:
+        self._blocks[block_hash] = block.to(self.device, pin=self.pin)  # same tensors: same `nbytes`
 
     def _delete(self, block_hash: BlockHash) -> None:
         self._blocks.pop(block_hash, None)
@@ -247,6 +268,10 @@ class _BytesTier(Tier):
             if not isinstance(keyring, Keyring):
                 raise ConfigError(f"`keyring` must be a Keyring or None, got {type(keyring).__name__}")
         self.keyring = keyring
+
+    def _prepare(self, block_hash: BlockHash, block: EncodedBlock) -> tuple[EncodedBlock | bytes, int]:
+        data = self._to_stored(block_hash, block)
+        return data, len(data)
 
     def _to_stored(self, block_hash: BlockHash, block: EncodedBlock) -> bytes:
         data = to_bytes(block)
@@ -334,18 +359,17 @@ class DiskTier(_BytesTier):
             raise BackendError(f"disk tier read failed: {exc}") from exc
         return self._from_stored(block_hash, data)
 
-    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
+    def _write(self, block_hash: BlockHash, block: EncodedBlock, stored: EncodedBlock | bytes) -> None:
+        assert isinstance(stored, bytes)  # `_prepare` serialised it
         path = self._path(block_hash, block.owner)
-        data = self._to_stored(block_hash, block)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(exist_ok=True)
-            tmp.write_bytes(data)
+            tmp.write_bytes(stored)
             os.replace(tmp, path)  # atomic publish
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"disk tier write failed: {exc}") from exc
-        return len(data)
 
     def _delete(self, block_hash: BlockHash) -> None:
         self._path(block_hash).unlink(missing_ok=True)
@@ -448,14 +472,12 @@ class RedisTier(_BytesTier):
             return None
         return self._from_stored(block_hash, data)
 
-    def _write(self, block_hash: BlockHash, block: EncodedBlock) -> int:
-        data = self._to_stored(block_hash, block)
+    def _write(self, block_hash: BlockHash, block: EncodedBlock, stored: EncodedBlock | bytes) -> None:
         pipe = self.client.pipeline(transaction=True)  # the block and its owner's set entry, together
-        pipe.set(self._key(block_hash), data)
+        pipe.set(self._key(block_hash), stored)
         if block.owner:
             pipe.sadd(self._owner_key(block.owner), block_hash.hex())
         self._call("set", pipe.execute)
-        return len(data)
 
     def _delete(self, block_hash: BlockHash) -> None:
         pipe = self.client.pipeline(transaction=True)
