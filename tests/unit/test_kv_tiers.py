@@ -321,6 +321,34 @@ def test_a_block_not_sealed_with_this_keyring_is_a_counted_miss(
     assert not list(tmp_path.glob("*/*.safetensors"))
 
 
+@pytest.mark.parametrize("shared", ["disk", "redis"])
+def test_a_block_sealed_under_a_key_id_the_keyring_lacks_is_missed_and_left(
+    tmp_path: Path, shared: str, request: pytest.FixtureRequest
+) -> None:
+    """A process still on the old keyring (a rolling rotation) or given a wrong one must not delete what
+    the others sealed with a newer key: a counted miss, forgotten locally, left in place."""
+    k1 = os.urandom(32)
+    rotated, behind = Keyring({"k1": k1, "k2": os.urandom(32)}), Keyring({"k1": k1})  # k2 seals
+
+    def open_tier(keyring: Keyring) -> Tier:
+        if shared == "disk":
+            return _sealed_disk(tmp_path, keyring)
+        url, ns = request.getfixturevalue("redis_url"), request.getfixturevalue("namespace")
+        return RedisTier(url, namespace=ns, capacity_bytes=1 << 20, keyring=keyring)
+
+    writer = open_tier(rotated)
+    writer.put(_h(1), _block(1))
+    reader = open_tier(behind)
+    assert _h(1) in reader  # indexed on open
+    assert reader.get(_h(1)) is None
+    assert reader.unknown_key == 1 and reader.corrupt == 0 and _h(1) not in reader
+    again = open_tier(rotated)  # the block is still there for a process that holds k2
+    got = again.get(_h(1))
+    assert got is not None and torch.equal(got.tensors["kv"], _block(1).tensors["kv"])
+    if shared == "redis":
+        again.clear()
+
+
 def test_a_sealed_block_moved_to_another_hash_fails(tmp_path: Path) -> None:
     keyring = Keyring.generate()
     tier = _sealed_disk(tmp_path, keyring)

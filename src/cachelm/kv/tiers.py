@@ -14,7 +14,10 @@ A tier maps a `BlockHash` to an `EncodedBlock`. Contract (tested once for every 
 - a backend failure raises BackendError; the prefix cache turns it into a miss;
 - disk and Redis tiers given a `Keyring` keep every block sealed (AES-256-GCM, `cachelm.crypto`): the
   envelope is bound to its block hash, so a file or key copied under another hash fails; a block that is
-  not sealed with this keyring (written before encryption was turned on, or tampered) reads as corrupt.
+  not sealed with this keyring (written before encryption was turned on, or tampered) reads as corrupt. A
+  block sealed under a key id the keyring lacks is a miss counted in ``unknown_key`` and left where it is:
+  in a shared folder or Redis it is another process's, sealed after that one got a new master key (a
+  rolling rotation), and deleting it would let one misconfigured process empty the cache for all.
 
 Every tier is thread-safe (one lock each): the serving thread and the write-behind worker share them.
 The LRU is a small OrderedDict kept here rather than `cachelm.policy.LRUPolicy` so tiers need nothing but
@@ -48,6 +51,10 @@ Evicted = list[tuple[BlockHash, EncodedBlock | None]]
 KV_KEY_DOMAIN = "cachelm.kv"
 
 
+class _UnknownKey(IntegrityError):
+    """A well-formed envelope sealed under a key id this tier's keyring does not hold."""
+
+
 class Tier(ABC):
     """Byte-budgeted LRU bookkeeping shared by every tier; subclasses store the bytes."""
 
@@ -62,6 +69,7 @@ class Tier(ABC):
         self.keep_evicted = False  # set by the prefix cache when a lower tier receives demotions
         self.used_bytes = 0
         self.corrupt = 0
+        self.unknown_key = 0  # sealed blocks whose key id the keyring lacks: missed, never deleted
         self._sizes: OrderedDict[BlockHash, int] = OrderedDict()  # least recently used first
         self._stamps: dict[BlockHash, int] = {}  # which write a block is, so a read can tell it was replaced
         self._owners: dict[BlockHash, str] = {}  # the tenant tag of each block that has one
@@ -109,12 +117,15 @@ class Tier(ABC):
         corrupt = False
         try:
             block = self._read(block_hash)
+        except _UnknownKey:
+            block = None
+            self.unknown_key += 1  # forgotten here, left in place for the processes that hold the key
         except IntegrityError:
             block, corrupt = None, True
         with self._lock:
             if self._stamps.get(block_hash) != stamp:  # stored again or removed while it was read
                 return block
-            if block is None:  # vanished or corrupt: forget it
+            if block is None:  # vanished, corrupt or sealed under an unknown key: forget it
                 if corrupt:
                     self.corrupt += 1
                     self._delete(block_hash)
@@ -283,6 +294,10 @@ class _BytesTier(Tier):
         """The block stored as `data`; IntegrityError when it fails to open or to parse."""
         if self.keyring is None:
             return from_bytes(data)
+        from cachelm.crypto import envelope_key_id  # only sealed tiers need `cryptography`
+
+        if envelope_key_id(data) not in self.keyring.key_ids:  # IntegrityError if no envelope at all
+            raise _UnknownKey(f"block {block_hash.hex()} is sealed under a key this keyring lacks")
         opened = self.keyring.decrypt_to_buffer(
             data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}"
         )
