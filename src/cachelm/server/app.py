@@ -33,6 +33,7 @@ from cachelm.server.control import (
 )
 from cachelm.server.proxy import JSON, Call
 from cachelm.server.runtime import Runtime
+from cachelm.server.upstream import UpstreamError
 
 log = logging.getLogger("cachelm.server")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -203,7 +204,13 @@ def build_app(runtime: Runtime) -> Starlette:
             runtime.registry.authenticate(bearer(request))
         except TenantError as exc:
             return error_response(401, str(exc), kind="authentication_error", code="invalid_api_key")
-        return Response(orjson.dumps(await runtime.models()), media_type=JSON)
+        try:
+            listing = await runtime.models()
+        except UpstreamError as exc:
+            if exc.body:
+                return Response(exc.body, status_code=exc.status, media_type=JSON)
+            return error_response(exc.status, str(exc), kind="upstream_error")
+        return Response(orjson.dumps(listing), media_type=JSON)
 
     async def healthz(request: Request) -> Response:
         report = await runtime.health()

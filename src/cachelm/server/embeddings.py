@@ -168,8 +168,12 @@ def embeddings_handler(runtime: Runtime) -> Any:
             headers = {"x-request-id": request_id}
             if texts is None or control.bypass or control.refresh:
                 outcome = "bypass"
+                runtime.proxy.upstream_calls += 1
+                runtime.metrics.upstream_calls.labels("embeddings").inc()
                 status, answer = await runtime.upstream.post(
-                    "embeddings", orjson.dumps({k: v for k, v in body.items() if k != "cache"})
+                    "embeddings",
+                    orjson.dumps({k: v for k, v in body.items() if k != "cache"}),
+                    tenant=tenant.tenant_id,
                 )
                 response = Response(
                     answer,

@@ -30,7 +30,7 @@ from cachelm.server.control import CacheControl
 from cachelm.server.observability import ServerMetrics
 from cachelm.server.semantic_layer import SemanticLayer, same_answer
 from cachelm.server.shared import Invalidator, Lease, RedisLocks
-from cachelm.server.sse import StreamRecorder, frame, replay
+from cachelm.server.sse import DONE, StreamRecorder, frame, replay
 from cachelm.server.tenants import Tenant
 from cachelm.server.upstream import Upstream, UpstreamError
 
@@ -49,6 +49,7 @@ class Outcome:
     body: bytes  # what a non-streaming caller receives
     response: dict[str, Any] | None = None
     created: float | None = None  # set when the answer came from the store (another replica's flight)
+    storable: bool = True  # False: `response` is whole for its clients but must not be cached
 
 
 @dataclass(slots=True)
@@ -75,6 +76,16 @@ class Call:
     def include_usage(self) -> bool:
         options = self.body.get("stream_options")
         return isinstance(options, Mapping) and options.get("include_usage") is True
+
+    @property
+    def expected_choices(self) -> int:
+        """How many choices a whole answer has: ``n``, times the prompts of a batched legacy completion."""
+        n = self.body.get("n")
+        count = n if isinstance(n, int) else 1
+        prompt = self.body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+            count *= len(prompt)  # one prompt of token ids is a list of ints, a batch a list of lists
+        return count
 
     def upstream_body(self) -> bytes:
         """The body sent upstream: as received, minus cachelm's own ``cache`` field."""
@@ -149,7 +160,9 @@ class Proxy:
                 found = await self._semantic_lookup(call)
                 if found is not None:
                     return await self._serve_hit(call, found, "semantic-hit"), "semantic-hit"
-        return await self._miss(call), "miss"
+        response = await self._miss(call)
+        # A coalesced answer is the hit its header says (no upstream call of its own): count it as one.
+        return response, response.headers.get("x-cachelm-cache", "miss")
 
     def _semantic_on(self, call: Call) -> bool:
         wanted = call.control.semantic if call.control.semantic is not None else self.semantic_default
@@ -355,7 +368,7 @@ class Proxy:
                 if found is not None:
                     return self._emit(sink, found, call)
             outcome = await (self._compute_stream(call, sink) if sink is not None else self._compute(call))
-            if outcome.response is not None:
+            if outcome.response is not None and outcome.storable:
                 await self._store(key, call, outcome.response, lease)
                 if call.verify is not None:
                     await self._verify(call, outcome.response)
@@ -432,7 +445,7 @@ class Proxy:
         self.upstream_calls += 1
         self.metrics.upstream_calls.labels(call.endpoint).inc()
         started = time.perf_counter()
-        recorder = StreamRecorder(call.endpoint)
+        recorder = StreamRecorder(call.endpoint, expected_choices=call.expected_choices)
         sent = False
         # Ask for the usage chunk even when this client did not, so the stored answer carries token counts
         # (hits then credit them); the extra chunk is not forwarded to a client that did not ask for it.
@@ -443,18 +456,27 @@ class Proxy:
                 PATHS[call.endpoint], body, tenant=call.tenant.tenant_id
             ):
                 recorder.feed(payload)
-                if hide_usage and _usage_only(payload):
+                # `[DONE]` is held back until the stream is known to be whole: the SDK stops reading at
+                # it, so an error event sent after it would never reach the client.
+                if payload == DONE or (hide_usage and _usage_only(payload)):
                     continue
                 sink.put_nowait(frame(payload))
                 sent = True
+            response = recorder.response() if recorder.complete else None
         except UpstreamError as exc:
             failed = Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
             # Before the first event the client still gets a plain HTTP error; after it, an error event
             # (the OpenAI SDK raises on it), so a cut stream is never mistaken for a short answer.
             sink.put_nowait(frame(error_body(str(exc))) if sent else failed)
             return failed
+        except Exception as exc:  # anything else (a bug, a client library's surprise) must end the
+            # client's stream with an error too, not with a clean end it would take for a whole answer.
+            log.error("stream failed", exc_info=exc)
+            failed = Outcome(status=502, body=error_body(f"upstream stream failed: {type(exc).__name__}"))
+            sink.put_nowait(frame(failed.body) if sent else failed)
+            return failed
         self.cache.metrics.observe_compute("exact", time.perf_counter() - started)
-        if not recorder.complete:
+        if response is None:
             if not sent:
                 failed = Outcome(status=502, body=error_body("upstream sent an empty stream"))
                 sink.put_nowait(failed)
@@ -462,8 +484,8 @@ class Proxy:
             incomplete = error_body("upstream stream ended before it was complete")
             sink.put_nowait(frame(incomplete))  # the client must not take a truncated answer for a whole one
             return Outcome(status=502, body=incomplete)
-        response = recorder.response()
-        return Outcome(status=200, body=orjson.dumps(response), response=response)
+        sink.put_nowait(frame(DONE))
+        return Outcome(status=200, body=orjson.dumps(response), response=response, storable=recorder.whole)
 
     async def _store(self, key: str, call: Call, response: dict[str, Any], lease: Lease | None) -> None:
         if lease is not None and not await lease.holds():

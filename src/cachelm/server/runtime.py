@@ -194,7 +194,7 @@ class Runtime:
         if isinstance(key, str):
             tiered.invalidate_local(key)
         elif isinstance(tenant, str) and not message.get("all"):
-            tiered.l1.purge(Match(tenant=tenant, user=user if isinstance(user, str) else None))
+            tiered.purge_local(Match(tenant=tenant, user=user if isinstance(user, str) else None))
         else:
             tiered.clear_local()
 
@@ -235,19 +235,20 @@ class Runtime:
         return report
 
     async def models(self) -> dict[str, Any]:
-        """The upstream's model list, remembered for a minute."""
+        """The upstream's model list, remembered for a minute. A failing upstream raises `UpstreamError`
+        and is not remembered: an empty list would hide the failure, and keep hiding it after a recovery."""
         now = time.monotonic()
         if self._models is not None and now - self._models[0] < 60:
             return self._models[1]
-        listing: dict[str, Any] = {"object": "list", "data": []}
         getter = getattr(self.upstream, "get", None)
         if getter is not None:
+            status, body = await getter("models")
+            if status != 200:
+                raise UpstreamError(f"upstream answered {status}", status=status, body=body)
             try:
-                status, body = await getter("models")
-                if status == 200:
-                    listing = orjson.loads(body)
-            except (UpstreamError, orjson.JSONDecodeError):
-                pass
+                listing: dict[str, Any] = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise UpstreamError("upstream answered with invalid JSON") from None
         else:
             listing = await self.upstream.models()  # type: ignore[attr-defined]
         self._models = (now, listing)

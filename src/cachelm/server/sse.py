@@ -1,9 +1,11 @@
 """Server-sent events: record a streamed answer into one response object, and replay one as a stream.
 
 A miss that streams is forwarded chunk by chunk while `StreamRecorder` collects the chunks. The recorded
-answer is stored only when the stream was *complete*: the upstream sent ``[DONE]``, every choice has a
-``finish_reason``, and no chunk carried an ``error``. A hit is stored as the ordinary (non-streaming)
-response object, so either kind of request can be answered from it; `replay` turns it back into chunks.
+answer is stored only when the stream was *whole*: the upstream sent ``[DONE]``, each of the ``n``
+choices asked for has a ``finish_reason``, and no chunk carried an ``error`` or a malformed field. A hit
+is stored as the ordinary (non-streaming) response object, so either kind of request can be answered from
+it; `replay` turns it back into chunks. Both keep everything of a choice that a client may have asked for:
+content, refusal, tool calls, the legacy ``function_call``, and logprobs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ def frame(payload: bytes) -> bytes:
 
 
 class StreamRecorder:
-    """Collects the chunks of one streamed completion (``chat.completions`` or ``completions``)."""
+    """Collects the chunks of one streamed completion (``chat.completions`` or ``completions``) that asked
+    for `expected_choices` choices (``n``; times the prompts of a batched legacy completion)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, *, expected_choices: int = 1) -> None:
         self.endpoint = endpoint
+        self.expected_choices = expected_choices
         self.done = False
         self.error = False
         self._head: dict[str, Any] | None = None
@@ -51,17 +55,31 @@ class StreamRecorder:
         if chunk.get("usage"):
             self._usage = chunk["usage"]
         for choice in chunk["choices"]:
-            if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+            # Checked before merging: a chunk of the wrong shape must fail the stream (reported to the
+            # client, never cached), not raise out of the flight after the client saw a clean end.
+            if not _well_formed(choice, chat=self.endpoint != "completions"):
                 self.error = True
                 return
             self._merge(choice)
 
     def _merge(self, choice: dict[str, Any]) -> None:
         slot = self._choices.setdefault(
-            choice.get("index", 0), {"text": [], "role": None, "tools": {}, "finish": None}
+            choice.get("index", 0),
+            {
+                "text": [],
+                "role": None,
+                "refusal": [],
+                "tools": {},
+                "function": None,
+                "logprobs": {},
+                "finish": None,
+            },
         )
         if choice.get("finish_reason") is not None:
             slot["finish"] = choice["finish_reason"]
+        for name, items in (choice.get("logprobs") or {}).items():
+            if isinstance(items, list):  # chat: content/refusal; legacy: tokens, token_logprobs, …
+                slot["logprobs"].setdefault(name, []).extend(items)
         if self.endpoint == "completions":
             slot["text"].append(choice.get("text") or "")
             return
@@ -69,6 +87,12 @@ class StreamRecorder:
         slot["role"] = delta.get("role") or slot["role"]
         if delta.get("content"):
             slot["text"].append(delta["content"])
+        if delta.get("refusal"):
+            slot["refusal"].append(delta["refusal"])
+        if delta.get("function_call"):
+            function = slot["function"] = slot["function"] or {"name": "", "args": []}
+            function["name"] += delta["function_call"].get("name") or ""
+            function["args"].append(delta["function_call"].get("arguments") or "")
         for call in delta.get("tool_calls") or []:
             tool = slot["tools"].setdefault(
                 call.get("index", 0), {"id": None, "type": "function", "name": "", "args": []}
@@ -80,13 +104,21 @@ class StreamRecorder:
 
     @property
     def complete(self) -> bool:
-        """True when the stream ended with ``[DONE]``, without errors, every choice finished."""
+        """True when the stream ended with ``[DONE]``, without errors, every choice it sent finished: the
+        client has the whole answer the upstream gave."""
         return (
             self.done
             and not self.error
             and bool(self._choices)
             and all(slot["finish"] is not None for slot in self._choices.values())
         )
+
+    @property
+    def whole(self) -> bool:
+        """`complete`, with each of the choices asked for (indices ``0..expected_choices-1``): only then is it
+        stored. A complete stream with fewer choices is passed on as it came but not cached: an upstream
+        that ignores ``n`` and one that dropped a choice look alike here."""
+        return self.complete and set(self._choices) == set(range(self.expected_choices))
 
     def response(self) -> dict[str, Any]:
         """The recorded answer as a non-streaming response object. Only meaningful when `complete`."""
@@ -96,8 +128,17 @@ class StreamRecorder:
         for index in sorted(self._choices):
             slot = self._choices[index]
             text = "".join(slot["text"])
+            logprobs = slot["logprobs"] or None
             if chat:
                 message: dict[str, Any] = {"role": slot["role"] or "assistant", "content": text or None}
+                if slot["refusal"]:
+                    message["refusal"] = "".join(slot["refusal"])
+                if slot["function"] is not None:
+                    function = slot["function"]
+                    message["function_call"] = {
+                        "name": function["name"],
+                        "arguments": "".join(function["args"]),
+                    }
                 if slot["tools"]:
                     message["tool_calls"] = [
                         {
@@ -108,11 +149,16 @@ class StreamRecorder:
                         for _, tool in sorted(slot["tools"].items())
                     ]
                 choices.append(
-                    {"index": index, "message": message, "finish_reason": slot["finish"], "logprobs": None}
+                    {
+                        "index": index,
+                        "message": message,
+                        "finish_reason": slot["finish"],
+                        "logprobs": logprobs,
+                    }
                 )
             else:
                 choices.append(
-                    {"index": index, "text": text, "finish_reason": slot["finish"], "logprobs": None}
+                    {"index": index, "text": text, "finish_reason": slot["finish"], "logprobs": logprobs}
                 )
         out: dict[str, Any] = {
             "id": head.get("id"),
@@ -126,6 +172,43 @@ class StreamRecorder:
         if self._usage is not None:
             out["usage"] = self._usage
         return out
+
+
+def _str_or_none(mapping: dict[str, Any], *names: str) -> bool:
+    return all(isinstance(mapping.get(name), str | None) for name in names)
+
+
+def _well_formed(choice: Any, *, chat: bool) -> bool:
+    """Whether a streamed `choice` has the shape `StreamRecorder` merges (fields it reads, of their types)."""
+    if not isinstance(choice, dict) or not _str_or_none(choice, "finish_reason"):
+        return False
+    index, logprobs = choice.get("index", 0), choice.get("logprobs")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return False
+    if logprobs is not None and not isinstance(logprobs, dict):
+        return False
+    if not chat:
+        return _str_or_none(choice, "text")
+    delta = choice.get("delta")
+    if delta is None:
+        return True
+    if not isinstance(delta, dict) or not _str_or_none(delta, "role", "content", "refusal"):
+        return False
+    calls, function = delta.get("tool_calls"), delta.get("function_call")
+    if function is not None and not (
+        isinstance(function, dict) and _str_or_none(function, "name", "arguments")
+    ):
+        return False
+    if calls is None:
+        return True
+    return isinstance(calls, list) and all(
+        isinstance(call, dict)
+        and isinstance(call.get("index", 0), int)
+        and _str_or_none(call, "id")
+        and isinstance(call.get("function") or {}, dict)
+        and _str_or_none(call.get("function") or {}, "name", "arguments")
+        for call in calls
+    )
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -150,24 +233,32 @@ def replay(endpoint: str, response: dict[str, Any], *, include_usage: bool = Fal
     if response.get("system_fingerprint"):
         head["system_fingerprint"] = response["system_fingerprint"]
 
-    def chunk(index: int, body: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": index, **body, "finish_reason": finish, "logprobs": None}
+    def chunk(index: int, body: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        choice = {"index": index, **body, "finish_reason": finish, "logprobs": logprobs}
         return frame(orjson.dumps({**head, "choices": [choice]}))
 
     for choice in response.get("choices") or []:
         index = int(choice.get("index", 0))
+        # Logprobs belong to the whole text: a choice that has them is replayed in one piece, with them.
+        logprobs = choice.get("logprobs") or None
         if chat:
             message = choice.get("message") or {}
+            content = message.get("content") or ""
             yield chunk(index, {"delta": {"role": message.get("role", "assistant"), "content": ""}})
-            for piece in _pieces(message.get("content") or ""):
-                yield chunk(index, {"delta": {"content": piece}})
+            for piece in _pieces(content) if logprobs is None else [content]:
+                yield chunk(index, {"delta": {"content": piece}}, logprobs=logprobs)
+            if message.get("refusal"):
+                yield chunk(index, {"delta": {"refusal": message["refusal"]}})
+            if message.get("function_call"):
+                yield chunk(index, {"delta": {"function_call": message["function_call"]}})
             if message.get("tool_calls"):
                 calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
                 yield chunk(index, {"delta": {"tool_calls": calls}})
             yield chunk(index, {"delta": {}}, choice.get("finish_reason") or "stop")
         else:
-            for piece in _pieces(choice.get("text") or ""):
-                yield chunk(index, {"text": piece})
+            text = choice.get("text") or ""
+            for piece in _pieces(text) if logprobs is None else [text]:
+                yield chunk(index, {"text": piece}, logprobs=logprobs)
             yield chunk(index, {"text": ""}, choice.get("finish_reason") or "stop")
     if include_usage and response.get("usage") is not None:
         yield frame(orjson.dumps({**head, "choices": [], "usage": response["usage"]}))

@@ -10,11 +10,14 @@ an HTTP upstream ignores it.
   ``UpstreamError`` with the status the client should see (502, or 504 for a timeout).
 - ``stream(path, body)`` → an async iterator over SSE ``data:`` payloads (bytes, ``[DONE]`` included). An
   error status before the first event raises ``UpstreamError`` carrying the upstream's status and body; a
-  stream cut mid-way raises ``UpstreamError`` from the iterator, so the caller knows it is incomplete.
+  stream cut mid-way raises ``UpstreamError`` from the iterator, so the caller knows it is incomplete. The
+  read timeout bounds the wait for each *data* line (504): keep-alive comments alone do not hold a stream
+  open, since the proxy's flight for that key would never end and every identical request would join it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -128,9 +131,15 @@ class AiohttpUpstream:
                         status=response.status,
                         body=await response.read(),
                     )
+                last_data = time.monotonic()
                 async for line in response.content:
                     if line.startswith(b"data:"):
                         yield line[5:].strip()
+                        last_data = time.monotonic()
+                    elif time.monotonic() - last_data > self._timeouts[1]:
+                        raise UpstreamError(
+                            "upstream stream timed out: no data, only keep-alives", status=504
+                        )
         except TimeoutError as exc:
             raise UpstreamError("upstream stream timed out", status=504) from exc
         except aiohttp.ClientError as exc:
@@ -163,6 +172,7 @@ class HTTPUpstream:
         if read_timeout <= 0 or connect_timeout <= 0:
             raise ConfigError(f"timeouts must be > 0, got {connect_timeout!r}/{read_timeout!r}")
         self.name = base_url.rstrip("/")
+        self._read_timeout = read_timeout
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -205,9 +215,13 @@ class HTTPUpstream:
                     status=response.status_code,
                     body=await response.aread(),
                 )
+            last_data = time.monotonic()
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
                     yield line[5:].strip().encode()
+                    last_data = time.monotonic()
+                elif time.monotonic() - last_data > self._read_timeout:
+                    raise UpstreamError("upstream stream timed out: no data, only keep-alives", status=504)
         except httpx.TimeoutException as exc:
             raise UpstreamError(f"upstream stream timed out: {type(exc).__name__}", status=504) from exc
         except httpx.HTTPError as exc:
