@@ -316,6 +316,9 @@ def test_bad_arguments(raw: openai.OpenAI, cache: ExactCache) -> None:
         cached(raw, object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="`tenant`"):
         cached(raw, cache, tenant="")
+    for ttl in (0, -1, float("inf"), float("nan"), True):  # inf: an expiry no store can hold
+        with pytest.raises(ConfigError, match="`ttl` must be a finite number"):
+            cached(raw, cache, ttl=ttl)
 
 
 # -- stream assembly and replay (pure functions shared with the proxy) ------------------------------------

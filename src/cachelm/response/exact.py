@@ -85,7 +85,8 @@ def encode_response(response: Mapping[str, Any]) -> bytes:
         raise ConfigError(f"`response` must be JSON-serialisable: {exc}") from None
 
 
-def _check_ttl(ttl: float | None, name: str = "ttl") -> None:
+def check_ttl(ttl: float | None, name: str = "ttl") -> None:
+    """Raise ConfigError unless `ttl` is None (never expires) or a finite number of seconds > 0."""
     # Finite: an infinite TTL makes an infinite expiry, which no store can hold (None means "never").
     if ttl is not None and (
         isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
@@ -118,7 +119,7 @@ class ExactCache:
     ) -> None:
         if not isinstance(store, Store):
             raise ConfigError(f"`store` must be a cachelm Store, got {type(store).__name__}")
-        _check_ttl(default_ttl, "default_ttl")
+        check_ttl(default_ttl, "default_ttl")
         if not isinstance(key_secret, bytes):
             raise ConfigError(f"`key_secret` must be bytes, got {type(key_secret).__name__}")
         self.backend = store  # not `store`: that name is the write method
@@ -240,7 +241,7 @@ class ExactCache:
     ) -> str | None:
         """Store `response` as the answer to `request`; returns its key, or None when it was not stored
         (a sampled request without `allow_sampled`, an error or incomplete answer, or a store failure)."""
-        _check_ttl(ttl)
+        check_ttl(ttl)
         if not self.eligible(request, allow_sampled=allow_sampled):
             return None
         key = self.key_for(request, tenant=tenant, endpoint=endpoint)
@@ -371,7 +372,7 @@ class ExactCache:
     ) -> tuple[str | None, Response | None]:
         """Shared start of (a)get_or_compute: ``(None, None)`` when the request is not cacheable, else its
         key and the cached answer (None on a miss)."""
-        _check_ttl(ttl)
+        check_ttl(ttl)
         if not self.eligible(request, allow_sampled=allow_sampled):
             return None, None
         key = self.key_for(request, tenant=tenant, endpoint=endpoint)

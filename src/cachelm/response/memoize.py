@@ -35,7 +35,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.metrics import CacheMetrics
-from cachelm.response.exact import ExactCache
+from cachelm.response.exact import ExactCache, check_ttl
 from cachelm.response.singleflight import AsyncSingleFlight, SingleFlight
 from cachelm.store.base import Match, Record, Store
 
@@ -243,10 +243,7 @@ def memoize(
         raise ConfigError(
             f"`store_or_cache` must be a Store or an ExactCache, got {type(store_or_cache).__name__}"
         )
-    if ttl is not None and (
-        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
-    ):
-        raise ConfigError(f"`ttl` must be a finite number of seconds > 0 or None, got {ttl!r}")
+    check_ttl(ttl)
     if namespace is not None and (not isinstance(namespace, str) or not namespace):
         raise ConfigError(f"`namespace` must be a non-empty string, got {namespace!r}")
     if key is not None and not callable(key):

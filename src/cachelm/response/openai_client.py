@@ -33,7 +33,7 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cachelm.errors import CacheLMError, ConfigError
-from cachelm.response.exact import LAYER, ExactCache
+from cachelm.response.exact import LAYER, ExactCache, check_ttl
 from cachelm.response.streaming import assemble_chat, assemble_completion, chat_chunks, completion_chunks
 from cachelm.store.base import DEFAULT_TENANT
 
@@ -401,8 +401,7 @@ def cached(
         raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
     if isinstance(tags, str):
         raise ConfigError(f"`tags` must be an iterable of strings, not a string: {tags!r}")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0):
-        raise ConfigError(f"`ttl` must be a number of seconds > 0 or None, got {ttl!r}")
+    check_ttl(ttl)
     settings = _Settings(
         cache=cache, tenant=tenant, user=user, tags=tuple(tags), ttl=ttl, allow_sampled=allow_sampled
     )
