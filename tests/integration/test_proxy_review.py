@@ -159,6 +159,37 @@ def test_streamed_refusal_is_recorded_and_served_by_hits(
     assert upstream.count(CHAT) == 1
 
 
+def test_streamed_reasoning_content_is_recorded_and_served_by_hits(
+    proxy: ProxyThread, upstream: ScriptedUpstream
+) -> None:
+    """Reasoning servers (DeepSeek, vLLM) stream it in `reasoning_content`: a hit must carry it too."""
+    reasoning = "The user asks for 6 x 7. Six sevens are forty-two."
+    upstream.streams["six times seven"] = [
+        chunk({"role": "assistant", "content": "", "reasoning_content": reasoning[:20]}),
+        chunk({"reasoning_content": reasoning[20:]}),
+        chunk({"content": "42"}),
+        chunk({}, finish="stop"),
+    ]
+    c = client(proxy)
+    request = chat("six times seven")
+
+    def streamed() -> tuple[str, str]:
+        parts = [
+            ch.delta for part in c.chat.completions.create(**request, stream=True) for ch in part.choices
+        ]
+        return "".join(getattr(d, "reasoning_content", None) or "" for d in parts), "".join(
+            d.content or "" for d in parts
+        )
+
+    assert streamed() == (reasoning, "42")
+    raw = c.chat.completions.with_raw_response.create(**request)
+    assert raw.headers["x-cachelm-cache"] == "hit"
+    message = raw.parse().choices[0].message
+    assert (getattr(message, "reasoning_content", None), message.content) == (reasoning, "42")
+    assert streamed() == (reasoning, "42")  # replayed from the cache
+    assert upstream.count(CHAT) == 1
+
+
 TOKENS = ["Par", "is", " is", " the", " capital"]
 
 

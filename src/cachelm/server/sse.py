@@ -5,7 +5,8 @@ answer is stored only when the stream was *whole*: the upstream sent ``[DONE]``,
 choices asked for has a ``finish_reason``, and no chunk carried an ``error`` or a malformed field. A hit
 is stored as the ordinary (non-streaming) response object, so either kind of request can be answered from
 it; `replay` turns it back into chunks. Both keep everything of a choice that a client may have asked for:
-content, refusal, tool calls, the legacy ``function_call``, and logprobs.
+content, refusal, tool calls, the legacy ``function_call``, logprobs, and a provider's own string fields
+(``reasoning_content``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class StreamRecorder:
                 "tools": {},
                 "function": None,
                 "logprobs": {},
+                "extra": {},
                 "finish": None,
             },
         )
@@ -93,6 +95,9 @@ class StreamRecorder:
             function = slot["function"] = slot["function"] or {"name": "", "args": []}
             function["name"] += delta["function_call"].get("name") or ""
             function["args"].append(delta["function_call"].get("arguments") or "")
+        for name, value in delta.items():  # e.g. `reasoning_content` (DeepSeek, vLLM): kept, not dropped
+            if name not in _DELTA_FIELDS and isinstance(value, str) and value:
+                slot["extra"].setdefault(name, []).append(value)
         for call in delta.get("tool_calls") or []:
             tool = slot["tools"].setdefault(
                 call.get("index", 0), {"id": None, "type": "function", "name": "", "args": []}
@@ -131,6 +136,8 @@ class StreamRecorder:
             logprobs = slot["logprobs"] or None
             if chat:
                 message: dict[str, Any] = {"role": slot["role"] or "assistant", "content": text or None}
+                for name, parts in slot["extra"].items():
+                    message[name] = "".join(parts)
                 if slot["refusal"]:
                     message["refusal"] = "".join(slot["refusal"])
                 if slot["function"] is not None:
@@ -172,6 +179,12 @@ class StreamRecorder:
         if self._usage is not None:
             out["usage"] = self._usage
         return out
+
+
+# Delta and message fields handled by name; any other non-empty string field of a delta (a provider's
+# `reasoning_content`, say) is concatenated into the message under its name, and replayed before the answer.
+_DELTA_FIELDS = frozenset({"role", "content", "refusal", "function_call", "tool_calls"})
+_MESSAGE_FIELDS = _DELTA_FIELDS
 
 
 def _str_or_none(mapping: dict[str, Any], *names: str) -> bool:
@@ -245,6 +258,9 @@ def replay(endpoint: str, response: dict[str, Any], *, include_usage: bool = Fal
             message = choice.get("message") or {}
             content = message.get("content") or ""
             yield chunk(index, {"delta": {"role": message.get("role", "assistant"), "content": ""}})
+            for name, value in message.items():  # a reasoning text and the like come before the answer
+                if name not in _MESSAGE_FIELDS and isinstance(value, str) and value:
+                    yield chunk(index, {"delta": {name: value}})
             for piece in _pieces(content) if logprobs is None else [content]:
                 yield chunk(index, {"delta": {"content": piece}}, logprobs=logprobs)
             if message.get("refusal"):
