@@ -48,6 +48,15 @@ class ScriptedUpstream(OpenAIUpstream):
         super().__init__()
         self.streams: dict[str, list[Any]] = {}
         self.answers: dict[str, dict[str, Any]] = {}
+        self.embedding_answers: dict[str, dict[str, Any]] = {}  # by the first input text
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        inputs = body.get("input")
+        first = inputs if isinstance(inputs, str) else (inputs or [""])[0]
+        if isinstance(first, str) and first in self.embedding_answers:
+            return JSONResponse(self.embedding_answers[first])
+        return await super()._embeddings(request)
 
     async def _chat(self, request: Request) -> Response:
         body, fault = await self._receive(request)
@@ -297,6 +306,27 @@ def test_a_failed_model_listing_is_not_remembered(tmp_path: Path) -> None:
             assert [m.id for m in c.models.list().data] == ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
         finally:
             upstream.stop()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}],  # one vector for two inputs
+        [{"object": "embedding", "index": i, "embedding": "AAA"} for i in range(2)],  # base64 of 2 bytes
+    ],
+    ids=["too-few", "bad-base64"],
+)
+def test_a_wrong_embeddings_answer_is_a_502_and_caches_nothing(
+    proxy: ProxyThread, upstream: ScriptedUpstream, data: list[dict[str, Any]]
+) -> None:
+    upstream.embedding_answers["alpha"] = {"object": "list", "data": data, "model": "m", "usage": {}}
+    c = client(proxy)
+    with pytest.raises(openai.APIStatusError) as info:
+        c.embeddings.create(model="text-embedding-3-small", input=["alpha", "beta"])
+    assert info.value.status_code == 502  # the upstream's fault, not an internal error
+    del upstream.embedding_answers["alpha"]
+    raw = c.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["alpha", "beta"])
+    assert raw.headers["x-cachelm-cache"] == "miss" and len(raw.parse().data) == 2
 
 
 # -- metrics agree with what clients are told ----------------------------------------------------------------

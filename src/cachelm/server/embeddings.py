@@ -54,7 +54,10 @@ def decode_data(data: Any) -> np.ndarray:
     for item in sorted(data, key=lambda d: d.get("index", 0) if isinstance(d, dict) else 0):
         vector = item.get("embedding") if isinstance(item, dict) else None
         if isinstance(vector, str):
-            rows.append(np.frombuffer(base64.b64decode(vector), dtype="<f4"))
+            try:  # not base64, or not a whole number of float32s: the upstream's fault (502), not ours
+                rows.append(np.frombuffer(base64.b64decode(vector, validate=True), dtype="<f4"))
+            except ValueError:
+                raise UpstreamError("upstream embeddings answer has an invalid base64 `embedding`") from None
         elif isinstance(vector, list):
             rows.append(np.asarray(vector, dtype=np.float32))
         else:
@@ -100,7 +103,10 @@ class EmbeddingsService:
             raise UpstreamError("upstream answered with invalid JSON") from None
         usage = answer.get("usage") if isinstance(answer, dict) else None
         tokens = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
-        return decode_data(answer.get("data") if isinstance(answer, dict) else None), int(tokens or 0)
+        vectors = decode_data(answer.get("data") if isinstance(answer, dict) else None)
+        if vectors.shape[0] != len(texts):
+            raise UpstreamError(f"upstream answered {vectors.shape[0]} embeddings for {len(texts)} inputs")
+        return vectors, int(tokens or 0)
 
     async def embed(
         self, body: dict[str, Any], texts: list[str], tenant: str, user: str = ""
