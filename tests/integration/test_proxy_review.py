@@ -340,6 +340,24 @@ def _sample(proxy: ProxyThread, name: str, **labels: str) -> float:
     return 0.0
 
 
+def test_a_stream_is_counted_with_the_status_it_ended_with(
+    proxy: ProxyThread, upstream: ScriptedUpstream
+) -> None:
+    """A stream's headers say 200 before it runs; the request metric waits for its end."""
+    upstream.streams["cut short"] = [chunk({"role": "assistant", "content": "Half"}), {"choices": "x"}]
+    upstream.streams["whole"] = [chunk({"role": "assistant", "content": "All"}), chunk({}, finish="stop")]
+    series = "cachelm_server_requests_total"
+    labels = {"endpoint": "chat.completions", "cache": "miss"}
+    failed = _sample(proxy, series, status="502", **labels)
+    ok = _sample(proxy, series, status="200", **labels)
+    c = client(proxy)
+    with pytest.raises(openai.APIError):
+        list(c.chat.completions.create(**chat("cut short"), stream=True))
+    list(c.chat.completions.create(**chat("whole"), stream=True))
+    assert _sample(proxy, series, status="502", **labels) == failed + 1
+    assert _sample(proxy, series, status="200", **labels) == ok + 1
+
+
 def test_embeddings_forwarded_uncached_count_as_upstream_calls(
     proxy: ProxyThread, upstream: ScriptedUpstream
 ) -> None:

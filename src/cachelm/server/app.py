@@ -14,13 +14,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cachelm.errors import ConfigError, TenantError
@@ -164,31 +164,53 @@ def completion_handler(runtime: Runtime, endpoint: str) -> Handler:
             )
         except ConfigError as exc:  # a value keys.py cannot canonicalise (non-finite number, …)
             response = error_response(400, str(exc), kind="invalid_request_error", request_id=request_id)
-        elapsed = time.perf_counter() - start
-        status = response.status_code
-        metrics.observe(
-            endpoint,
-            outcome,
-            status,
-            elapsed,
-            tokens=call.saved_tokens if call else 0,
-            cost=call.saved_cost if call else 0.0,
-        )
-        if runtime.access_log is not None:
-            runtime.access_log.write(
-                {
-                    "msg": "request",
-                    "request_id": request_id,
-                    "tenant": tenant_id,
-                    "endpoint": endpoint,
-                    "cache": outcome,
-                    "status": status,
-                    "ms": round(1000 * elapsed, 3),
-                },
+
+        def record(status: int) -> None:
+            elapsed = time.perf_counter() - start
+            metrics.observe(
+                endpoint,
+                outcome,
+                status,
+                elapsed,
+                tokens=call.saved_tokens if call else 0,
+                cost=call.saved_cost if call else 0.0,
             )
+            if runtime.access_log is not None:
+                runtime.access_log.write(
+                    {
+                        "msg": "request",
+                        "request_id": request_id,
+                        "tenant": tenant_id,
+                        "endpoint": endpoint,
+                        "cache": outcome,
+                        "status": status,
+                        "ms": round(1000 * elapsed, 3),
+                    },
+                )
+
+        if isinstance(response, StreamingResponse):  # recorded when the stream ends, as it ended
+            response.body_iterator = _recorded(response.body_iterator, record)
+        else:
+            record(response.status_code)
         return response
 
     return handle
+
+
+async def _recorded(frames: AsyncIterable[Any], record: Callable[[int], None]) -> AsyncIterator[Any]:
+    """`frames`, then `record` with the stream's real status: its headers said 200 before it ran, but an
+    error event ends a failed stream (502), and a client that went away before the end is a 499 (nginx's
+    "client closed request"). Latency is then the whole stream's, as for a non-streaming answer."""
+    status = 499
+    try:
+        async for chunk in frames:
+            if isinstance(chunk, bytes) and chunk.startswith(b'data: {"error"'):
+                status = 502
+            yield chunk
+        if status == 499:
+            status = 200
+    finally:
+        record(status)
 
 
 def build_app(runtime: Runtime) -> Starlette:
