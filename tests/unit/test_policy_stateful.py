@@ -269,7 +269,8 @@ class RefTTL(RefLRU):
             self.deadlines.pop(k, None)
         if key in self.items:
             self.deadlines[key] = (now + self.ttl, self.tick())
-        return [k for k, _ in expired] + evicted
+        # The key being rewritten is not reported expired: a caller would drop the value it is writing.
+        return [k for k, _ in expired if k != key] + evicted
 
     def access(self, key: str) -> None:
         if key not in self.deadlines:

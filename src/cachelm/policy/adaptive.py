@@ -262,7 +262,11 @@ class AdaptiveCostPolicy(_CostLRFU):
             or not 0 < sample_rate <= 1
         ):
             raise ConfigError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}")
-        if isinstance(window_factor, bool) or not isinstance(window_factor, int | float) or window_factor < 1:
+        if (
+            isinstance(window_factor, bool)
+            or not isinstance(window_factor, int | float)
+            or not window_factor >= 1  # also refuses NaN, which would make every score NaN
+        ):
             raise ConfigError(f"`window_factor` must be a number >= 1, got {window_factor!r}")
         self.sample_rate = float(sample_rate)
         self.window_factor = float(window_factor)

@@ -29,10 +29,11 @@ class Policy(ABC):
     def __init__(
         self, *, max_entries: int | None = None, max_bytes: int | None = None, timer: Clock = monotonic_clock
     ) -> None:
-        if max_entries is not None and max_entries <= 0:
-            raise ConfigError(f"`max_entries` must be > 0 or None, got {max_entries!r}")
-        if max_bytes is not None and max_bytes <= 0:
-            raise ConfigError(f"`max_bytes` must be > 0 or None, got {max_bytes!r}")
+        # An int is required, not just `> 0`: a NaN bound compares False to everything (a silently unbounded
+        # cache), and a str raised a bare TypeError.
+        for name, bound in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound <= 0):
+                raise ConfigError(f"`{name}` must be an int > 0 or None, got {bound!r}")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.timer = timer

@@ -70,9 +70,17 @@ class S3FIFOPolicy(EvictingPolicy):
         move_to_main_threshold: int = 1,
     ) -> None:
         super().__init__(max_entries=max_entries, max_bytes=max_bytes, timer=timer)
-        if not 0.0 < small_ratio < 1.0:
+        if (
+            isinstance(small_ratio, bool)
+            or not isinstance(small_ratio, int | float)
+            or not 0 < small_ratio < 1
+        ):
             raise ConfigError(f"`small_ratio` must be in (0, 1), got {small_ratio!r}")
-        if not 1 <= move_to_main_threshold <= _MAX_FREQ:
+        if (
+            isinstance(move_to_main_threshold, bool)
+            or not isinstance(move_to_main_threshold, int)
+            or not 1 <= move_to_main_threshold <= _MAX_FREQ
+        ):
             raise ConfigError(f"`move_to_main_threshold` must be in [1, 3], got {move_to_main_threshold!r}")
         self.small_ratio = small_ratio
         self.move_to_main_threshold = move_to_main_threshold

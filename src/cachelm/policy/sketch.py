@@ -29,7 +29,9 @@ class FrequencySketch:
             raise ConfigError(f"`width` must be an int >= 16, got {width!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 8:
             raise ConfigError(f"`depth` must be an int in [1, 8], got {depth!r}")
-        if sample_size is not None and (not isinstance(sample_size, int) or sample_size < 1):
+        if sample_size is not None and (
+            isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1
+        ):
             raise ConfigError(f"`sample_size` must be an int >= 1 or None, got {sample_size!r}")
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise ConfigError(f"`max_count` must be an int >= 1, got {max_count!r}")

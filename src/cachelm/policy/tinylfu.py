@@ -59,6 +59,8 @@ class TinyLFUPolicy(Policy):
     ) -> None:
         if not isinstance(inner, Policy):
             raise ConfigError(f"`inner` must be a Policy, got {type(inner).__name__}")
+        if sketch is not None and not isinstance(sketch, FrequencySketch):
+            raise ConfigError(f"`sketch` must be a FrequencySketch or None, got {type(sketch).__name__}")
         if len(inner):
             raise ConfigError(f"`inner` must be empty, it tracks {len(inner)} keys")
         if window_ratio and isinstance(inner, TTLPolicy | TinyLFUPolicy):

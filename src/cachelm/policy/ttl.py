@@ -39,6 +39,8 @@ class TTLPolicy(Policy):
     ) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
             raise ConfigError(f"`ttl` must be a finite number of seconds > 0, got {ttl!r}")
+        if inner is not None and not isinstance(inner, Policy):
+            raise ConfigError(f"`inner` must be a Policy or None, got {type(inner).__name__}")
         if inner is None:
             inner = LRUPolicy(max_entries=max_entries, max_bytes=max_bytes, timer=timer)
         elif max_entries is not None or max_bytes is not None:
@@ -74,7 +76,9 @@ class TTLPolicy(Policy):
 
     def insert(self, key: str, size: int, cost: float = 1.0) -> list[str]:
         check_entry(key, size, cost)
-        evicted = self.expire()
+        # An expired `key` that is being rewritten is not reported: a caller drops every listed key, and
+        # would drop the value it is writing now (or see `key` twice when the rewrite is refused below).
+        evicted = [expired for expired in self.expire() if expired != key]
         for victim in self.inner.insert(key, size, cost):
             self._deadlines.pop(victim, None)
             evicted.append(victim)
