@@ -62,7 +62,17 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[Span
     except NotImplementedError as exc:
         raise ConfigError(f"`tokenizer` {type(tokenizer).__name__} cannot return character offsets") from exc
     ids = list(enc["input_ids"])
-    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    spans: list[Span] = []
+    read = 0  # end of the text tokens so far
+    for s, e in enc["offset_mapping"]:
+        start, end = int(s), int(e)
+        if end > start:
+            read = max(read, end)
+        else:
+            # Fast tokenizers report (0, 0) for every special their post-processor adds, an EOS after the
+            # text too; taken at its word, such an EOS would pass for a BOS (and be read first).
+            start = end = max(start, read)
+        spans.append((start, end))
     return ids, spans
 
 
@@ -149,7 +159,10 @@ def align_causal(
     def read_at(b: int) -> int | None:
         if b not in stable:
             j = index.last_ending_by(b)
-            ids, _ = encode_with_offsets(sharer_tokenizer, text[:b])
+            ids, prefix_spans = encode_with_offsets(sharer_tokenizer, text[:b])
+            if j is not None:
+                # Specials a tokenizer appends after the text (EOS) are not in the whole text's tokens there.
+                ids = ids[: 1 + max((k for k, (s, e) in enumerate(prefix_spans) if e > s), default=-1)]
             # Specials before the first text token (BOS) count as read at every boundary.
             last = j if j is not None else len(ids) - 1
             stable[b] = last if last >= 0 and ids == s_ids[: last + 1] else None

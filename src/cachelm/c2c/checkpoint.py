@@ -96,6 +96,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{str(p)!r} is not a safetensors file: {exc}") from exc
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not a C2C fuser checkpoint (format {meta.get('format')!r})")
+    # Callers index these keys and parse `train`: a damaged header must fail here, as a CheckpointError.
+    missing = [key for key in ("config", "receiver", "sharer") if key not in meta]
+    if missing:
+        raise CheckpointError(f"fuser checkpoint {str(p)!r} lacks metadata {missing}")
+    try:
+        train = json.loads(meta.get("train", "{}"))
+    except ValueError as exc:
+        raise CheckpointError(f"fuser checkpoint {str(p)!r} has malformed `train` metadata: {exc}") from exc
+    if not isinstance(train, dict):
+        raise CheckpointError(f"fuser checkpoint {str(p)!r} has `train` metadata that is not a JSON object")
     return meta
 
 
@@ -119,7 +129,10 @@ def load_fuser(
                 f"checkpoint {str(path)!r} was trained for {side} {meta.get(side, '')[:16]}…, "
                 f"but the {side} given is {given[:16]}…"
             )
-    config = FuserConfig.from_json(meta["config"])
+    try:
+        config = FuserConfig.from_json(meta["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a malformed fuser config: {exc}") from exc
     fuser = C2CFuser(config)
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     try:

@@ -7,6 +7,7 @@ from its file alone and checked against the models it is loaded into.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -108,10 +109,15 @@ class FuserConfig:
             if not (0 <= r < self.receiver.num_layers) or not (0 <= s < self.sharer.num_layers) or r in seen:
                 raise ConfigError(f"`layer_map` has an invalid or repeated pair {pair!r}")
             seen.add(r)
-        if self.hidden_dim < 1 or self.mlp_layers < 1:
+        sizes = (self.hidden_dim, self.mlp_layers)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
             raise ConfigError(
-                f"`hidden_dim` and `mlp_layers` must be ≥ 1, got {self.hidden_dim!r}, {self.mlp_layers!r}"
+                f"`hidden_dim` and `mlp_layers` must be ints ≥ 1, got {self.hidden_dim!r}, "
+                f"{self.mlp_layers!r}"
             )
+        gate = self.gate_init
+        if isinstance(gate, bool) or not isinstance(gate, int | float) or not math.isfinite(gate):
+            raise ConfigError(f"`gate_init` must be a finite number, got {gate!r}")
         if self.token_alignment not in get_args(TokenAlignment):
             raise ConfigError(
                 f"`token_alignment` must be one of {list(get_args(TokenAlignment))}, "
@@ -138,6 +144,8 @@ class FuserConfig:
         """Inverse of `to_json`; raises ConfigError on malformed input."""
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError(f"a JSON object is needed, got {type(raw).__name__}")
             return cls(
                 receiver=ModelShape(**raw.pop("receiver")),
                 sharer=ModelShape(**raw.pop("sharer")),

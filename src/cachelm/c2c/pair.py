@@ -26,6 +26,7 @@ from cachelm.c2c.config import (
 from cachelm.c2c.fuser import C2CFuser
 from cachelm.c2c.runtime import C2CPipeline
 from cachelm.engine.loader import file_sha256
+from cachelm.errors import CheckpointError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +147,15 @@ def load_checkpoint(path: str | Path, receiver: LoadedModel, sharer: LoadedModel
     receiver's device.
     """
     device = next(receiver.model.parameters()).device
-    return load_fuser(
+    fuser = load_fuser(
         path, receiver_fingerprint=receiver.fingerprint, sharer_fingerprint=sharer.fingerprint, device=device
     )
+    # The fingerprints do not cover the stored config: a damaged one must fail here, not at the first fuse.
+    for side, model in (("receiver", receiver), ("sharer", sharer)):
+        stored = getattr(fuser.config, side)
+        if stored != model.shape:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was built for a {side} of shape {stored}, "
+                f"but the {side} given has {model.shape}"
+            )
+    return fuser

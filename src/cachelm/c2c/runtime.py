@@ -113,6 +113,12 @@ def _layers(cache: DynamicCache) -> list[Any]:
     return list(cache.layers)
 
 
+def _check_prompts(prompts: Any) -> None:
+    # A bare str is a sequence of str as well: each of its characters would silently become a prompt.
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"`prompts` must be a non-empty list of str, got {prompts!r:.80}")
+
+
 def _pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -199,8 +205,7 @@ class C2CPipeline:
 
     def prepare(self, prompts: Sequence[str]) -> ContextBatch:
         """Tokenise and align `prompts` (each must give the receiver at least two tokens)."""
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"`prompts` must be a non-empty list of str, got {prompts!r:.80}")
+        _check_prompts(prompts)
         r_rows, lasts, sh_rows, sh_pos, aligns = [], [], [], [], []
         for prompt in prompts:
             ids, spans = encode_with_offsets(self.receiver_tokenizer, prompt)
@@ -264,7 +269,8 @@ class C2CPipeline:
         token ids, the sharer's tokens of the same text, and their causal alignment. `last_token` is each
         row's last receiver token; `context_lengths` counts every real token."""
         assert self.fuser is not None
-        if not prompts or len(prompts) != len(continuations):
+        _check_prompts(prompts)
+        if len(prompts) != len(continuations):
             raise ConfigError("`continuations` must give one token list per prompt")
         r_rows, lasts, sh_rows, sh_pos, aligns = [], [], [], [], []
         for prompt, cont in zip(prompts, continuations, strict=True):
@@ -404,7 +410,8 @@ class C2CPipeline:
 
     def option_suffixes(self, options: Sequence[Sequence[str]]) -> tuple[list[int], list[list[int]]]:
         """Every (prompt index, option token ids) pair in order, each option read as " " + option."""
-        if any(len(o) == 0 for o in options):
+        # A str item is a sequence too: its characters would be scored as the options.
+        if isinstance(options, str) or any(isinstance(o, str) or len(o) == 0 for o in options):
             raise ConfigError("`options` must give one non-empty list of options per prompt")
         rows, suffixes = [], []
         for q, opts in enumerate(options):
@@ -426,8 +433,7 @@ class C2CPipeline:
         Returns (log-probs (P, L) float32, mask (P, L)), zero where the mask is 0; the fuser's gradients
         are kept when it is in training mode.
         """
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"`prompts` must be a non-empty list of str, got {prompts!r:.80}")
+        _check_prompts(prompts)
         if len(rows) != len(suffixes) or not suffixes or any(len(s) == 0 for s in suffixes):
             raise ConfigError("`suffixes` must be a non-empty list of non-empty token lists, one per row")
         if any(not 0 <= q < len(prompts) for q in rows):
