@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cachelm.errors import BackendError, ConfigError
-from cachelm.governance.journal import RequestLog
+from cachelm.governance.journal import LoggedRequest, RequestLog
 from cachelm.governance.vectors import entries_for_response_key
 from cachelm.response.exact import ENDPOINTS, ExactCache
 from cachelm.semantic.cache import SemanticCache, entry_id_for
@@ -69,10 +69,11 @@ class BadAnswerReport:
     neighbours_searched: bool  # False when no vector of the bad entry was available (no semantic layer…)
 
 
-def _embed(semantic: SemanticCache, text: str, tenant: str) -> np.ndarray:
-    """The vector `semantic` would index for `text` (through its embedding cache when it has one)."""
+def _embed(semantic: SemanticCache, text: str, tenant: str, user: str) -> np.ndarray:
+    """The vector `semantic` would index for `text` (through its embedding cache when it has one; a
+    vector cached on the way belongs to `user`, the answer's, so that user's erasure takes it)."""
     if isinstance(semantic.embedder, EmbeddingCache):
-        return semantic.embedder.embed(text, tenant=tenant)[0]
+        return semantic.embedder.embed(text, tenant=tenant, user=user)[0]
     return np.asarray(semantic.embedder.embed([text])[0], dtype=np.float32)
 
 
@@ -168,6 +169,7 @@ class Governance:
             raise ConfigError(f"`similarity` must be a number in [-1, 1], got {similarity!r}")
         if not (math.isfinite(similarity) and -1.0 <= similarity <= 1.0):
             raise ConfigError(f"`similarity` must be a number in [-1, 1], got {similarity!r}")
+        logged = None
         if isinstance(target, Mapping):
             request: Mapping[str, Any] | None = target
             key = self.exact.key_for(target, tenant=tenant, endpoint=endpoint)
@@ -177,7 +179,7 @@ class Governance:
             request = None if logged is None else logged.request
         else:
             raise ConfigError(f"`target` must be a response key or a request mapping, got {target!r}")
-        seeds = self._seed_entries(key, request, tenant)
+        seeds = self._seed_entries(key, request, tenant, self._owner(key, tenant, logged, request))
         feedback = 0
         if self.semantic is not None:
             for entry_id, _ctx, _vec in seeds:
@@ -189,7 +191,10 @@ class Governance:
         if self.semantic is not None:
             self.semantic.index.remove([n.entry_id for n in removed])
             self.semantic.remove_keys(tenant, keys)
-            self.semantic.rule.forget([n.entry_id for n in removed])
+            # The seeds too: a seed no longer indexed (already removed as another answer's neighbour) was
+            # vetoed above and is in no `removed` entry; its question's next answer must start clean.
+            forgotten = [n.entry_id for n in removed] + [entry_id for entry_id, _ctx, _vec in seeds]
+            self.semantic.rule.forget(list(dict.fromkeys(forgotten)))
         return BadAnswerReport(
             tenant=tenant,
             response_key=key,
@@ -199,8 +204,23 @@ class Governance:
             neighbours_searched=bool(seeds),
         )
 
+    def _owner(
+        self, key: str, tenant: str, logged: LoggedRequest | None, request: Mapping[str, Any] | None
+    ) -> str:
+        """The user the bad answer's question belongs to: the logged one, else the stored answer's (if it
+        is `tenant`'s), else the request's own ``user`` field."""
+        if logged is not None:
+            return logged.user
+        if self.semantic is None or request is None:
+            return ""
+        answer = self.exact.backend.peek(key)
+        if answer is not None and answer.tenant == tenant:
+            return answer.user
+        owner = request.get("user")
+        return owner if isinstance(owner, str) else ""
+
     def _seed_entries(
-        self, key: str, request: Mapping[str, Any] | None, tenant: str
+        self, key: str, request: Mapping[str, Any] | None, tenant: str, user: str
     ) -> list[tuple[str, str, np.ndarray]]:
         """``(entry_id, context_key, vector)`` of the bad answer's semantic entries."""
         semantic = self.semantic
@@ -210,7 +230,7 @@ class Governance:
             query = semantic.query(request, tenant=tenant)
             if query is None or not query.text.strip():
                 return []
-            vector = _embed(semantic, query.text, tenant)
+            vector = _embed(semantic, query.text, tenant, user)
             return [(entry_id_for(query), query.context_key, vector)]
         return [(e.entry_id, e.context_key, e.vector) for e in entries_for_response_key(
             semantic.index, tenant, key

@@ -419,7 +419,9 @@ class RefreshJob:
         try:
             gov.log.remember(logged.request, record, endpoint=logged.endpoint)
             if gov.semantic is not None and logged.endpoint != "embeddings":
-                gov.semantic.add(logged.request, tenant=logged.tenant, response_key=key)
+                # The answer's user owns the question vector a re-embedding caches (erasure).
+                user = logged.user or None
+                gov.semantic.add(logged.request, tenant=logged.tenant, response_key=key, user=user)
         except BaseException:
             self._undo(key, logged.tenant)
             raise

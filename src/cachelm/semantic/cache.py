@@ -92,6 +92,18 @@ class _Pending:
     sampled: bool
 
 
+def unit_vector(vector: np.ndarray) -> np.ndarray:
+    """`vector` as float32 scaled to unit length (a zero vector stays zero; non-finite is left for the
+    index to refuse). Similarities are inner products, so only unit vectors make them cosines in [-1, 1]:
+    an `Embedder` that skips its normalisation would otherwise score unrelated texts far above any
+    threshold. A vector already unit up to float32 rounding is returned as it is (same scores as before)."""
+    out = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(out)) if out.ndim == 1 else 0.0
+    if norm > 0.0 and np.isfinite(norm) and abs(norm - 1.0) > 1e-4:
+        out = out / np.float32(norm)
+    return out
+
+
 def entry_id_for(query: SemanticQuery) -> str:
     """Deterministic id of an entry: the same turn in the same context is one entry (re-adding replaces)."""
     h = hashlib.sha256(b"semantic-entry\x00" + query.context_key.encode() + b"\x00" + query.text.encode())
@@ -193,7 +205,7 @@ class SemanticCache:
         """`search` with the embedding and context key already computed (evaluation, batch paths)."""
         self.stats.add("lookups")
         try:
-            found = self.index.search(vector, tenant=tenant, context_key=context_key, k=1)
+            found = self.index.search(unit_vector(vector), tenant=tenant, context_key=context_key, k=1)
         except BackendError:
             self.stats.add("errors")
             self.stats.add("misses")
@@ -272,7 +284,7 @@ class SemanticCache:
             tenant=tenant,
             context_key=context_key,
             response_key=response_key,
-            vector=np.asarray(vector, dtype=np.float32),
+            vector=unit_vector(vector),
             created=self.clock(),
         )
         self.index.add([entry])

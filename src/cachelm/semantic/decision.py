@@ -115,7 +115,11 @@ class StaticThreshold:
     name = "static"
 
     def __init__(self, threshold: float) -> None:
-        if not isinstance(threshold, float | int) or not -1.0 <= threshold <= 1.0:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, float | int)
+            or not -1.0 <= threshold <= 1.0
+        ):
             raise ConfigError(f"`threshold` must be a number in [-1, 1], got {threshold!r}")
         self.threshold = float(threshold)
 
@@ -204,18 +208,29 @@ def calibrate_threshold(
     precision is >= `target_precision` (with `alpha`, whose Clopper–Pearson lower bound at level 1 − alpha
     is); the highest-recall such threshold.
     """
-    s = np.asarray(similarities, dtype=np.float64)
+    try:
+        s = np.asarray(similarities, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError("`similarities` must be numbers") from None
     y = np.asarray(labels)
     if s.ndim != 1 or s.shape != y.shape or s.size == 0:
         raise ConfigError(
             f"`similarities` and `labels` must be equal-length 1-D arrays, got {s.shape}, {y.shape}"
         )
+    if not np.all(np.isfinite(s)):  # a NaN sorts last and would be calibrated as the lowest score
+        raise ConfigError("`similarities` must be finite (NaN or infinity found)")
     if not set(np.unique(y).tolist()) <= {0, 1}:
         raise ConfigError("`labels` must be 0 or 1")
     if objective not in ("f1", "precision"):
         raise ConfigError(f"`objective` must be 'f1' or 'precision', got {objective!r}")
+    if isinstance(target_precision, bool) or not isinstance(target_precision, float | int):
+        raise ConfigError(f"`target_precision` must be a number in (0, 1), got {target_precision!r}")
     if not 0 < target_precision < 1:
         raise ConfigError(f"`target_precision` must be in (0, 1), got {target_precision!r}")
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, float | int) or not 0 < alpha < 1
+    ):
+        raise ConfigError(f"`alpha` must be None or a number in (0, 1), got {alpha!r}")
     c = threshold_curve(s, y)
     tp, fp, fn = c["tp"].astype(float), c["fp"].astype(float), c["fn"].astype(float)
     precision = tp / np.maximum(tp + fp, 1)
@@ -293,13 +308,27 @@ class BoundedErrorConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("delta", "alpha", "explore_rate", "floor", "grid_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, float | int):
+                raise ConfigError(f"`{name}` must be a number, got {value!r}")
+        for name in ("window", "frequency_window", "refit_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"`{name}` must be an int, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"`seed` must be an int or None, got {self.seed!r}")
         checks = {
             "delta": 0 < self.delta < 1,
             "alpha": 0 < self.alpha < 1,
             "explore_rate": 0 < self.explore_rate <= 1,
-            "floor": -1 <= self.floor < 1,
             "grid_step": 0 < self.grid_step < 0.5,
+            # The grid starts at 1 - grid_step: a floor above it leaves no threshold to certify, ever.
+            "floor": -1 <= self.floor <= 1 - self.grid_step,
             "window": self.window >= 10,
+            # An empty lookup window never refits: the policy would silently never serve.
+            "frequency_window": self.frequency_window >= 1,
+            "refit_every": self.refit_every >= 1,
         }
         for name, ok in checks.items():
             if not ok:

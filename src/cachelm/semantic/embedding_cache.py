@@ -9,7 +9,7 @@ store. The tenant is part of the key so one tenant cannot learn from hit timing 
 embedded a text; pass the same tenant everywhere to share vectors deliberately.
 
 Values: the vector as little-endian float32 bytes, prefixed by its dimension (uint32). A value whose length
-or dimension does not match the embedder is treated as a miss and overwritten.
+or dimension does not match the embedder, or that holds NaN or infinity, is treated as a miss and overwritten.
 
 Failures: a store that raises `BackendError` turns into misses (counted in `stats.errors`); the vectors are
 still computed, so an embedding request never fails because of the cache.
@@ -49,10 +49,11 @@ def encode_vector(vector: np.ndarray) -> bytes:
 
 
 def decode_vector(value: bytes, dim: int) -> np.ndarray | None:
-    """The vector in `value`, or None when it is not a `dim`-dimensional encoding."""
+    """The vector in `value`, or None when it is not a `dim`-dimensional encoding of finite numbers."""
     if len(value) != _HEADER.size + 4 * dim or _HEADER.unpack_from(value)[0] != dim:
         return None
-    return np.frombuffer(value, dtype="<f4", offset=_HEADER.size).astype(np.float32)
+    vector = np.frombuffer(value, dtype="<f4", offset=_HEADER.size).astype(np.float32)
+    return vector if np.all(np.isfinite(vector)) else None  # corrupt bytes: a miss, then rewritten
 
 
 @dataclass(frozen=True, kw_only=True)

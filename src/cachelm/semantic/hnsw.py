@@ -246,12 +246,24 @@ class GraphPartition:
                 (int(key), 1.0 - float(d)) for key, d in zip(matches.keys, matches.distances, strict=True)
             ]
         if self.backend == "hnswlib":
-            labels, dists = self.graph.knn_query(query.reshape(1, -1), k=k)
+            try:
+                labels, dists = self.graph.knn_query(query.reshape(1, -1), k=k)
+            except RuntimeError:
+                # hnswlib raises when deleted elements crowd out the k asked for (k near the live count,
+                # e.g. `mark_bad`'s exhaustive neighbour search): then every live vector is scored.
+                return self._exact_search(query, k)
             return [(int(key), 1.0 - float(d)) for key, d in zip(labels[0], dists[0], strict=True)]
         wanted = min(k + len(self._dead), self.graph.ntotal)
         sims, labels = self.graph.search(query.reshape(1, -1), wanted)
         hits = [(int(key), float(s)) for key, s in zip(labels[0], sims[0], strict=True) if key >= 0]
         return [(key, s) for key, s in hits if key not in self._dead][:k]
+
+    def _exact_search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The top `k` live labels by exact inner product (stable on ties, like `FlatPartition`)."""
+        live = sorted(self._labels)
+        scores = self.vectors_of(live) @ query  # (n,)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(live[i], float(scores[i])) for i in top]
 
     def save(self, path: Path) -> None:
         if self.backend == "usearch":
@@ -444,6 +456,8 @@ class HNSWIndex(PartitionedIndex):
     def _open_vector(self, blob: bytes, tenant: str, entry_id: str) -> np.ndarray | None:
         """The stored vector, or None when it cannot be read (not sealed as it should be, tampered,
         truncated)."""
+        if not isinstance(blob, bytes):  # a corrupt row: SQLite keeps whatever type was written
+            return None
         try:
             raw = (
                 blob
@@ -466,17 +480,20 @@ class HNSWIndex(PartitionedIndex):
         ).fetchall()
         for label, entry_id, tenant, ctx, rkey, created, blob in rows:
             vector = self._open_vector(blob, tenant, entry_id)
-            if vector is None:
+            try:
+                if vector is None:
+                    raise ConfigError("unreadable vector")
+                entry = IndexEntry(
+                    entry_id=entry_id,
+                    tenant=tenant,
+                    context_key=ctx,
+                    response_key=rkey,
+                    vector=vector,
+                    created=created,
+                )
+            except ConfigError:  # one corrupt row is one lost entry, not an index that cannot open
                 unreadable.append(label)
                 continue
-            entry = IndexEntry(
-                entry_id=entry_id,
-                tenant=tenant,
-                context_key=ctx,
-                response_key=rkey,
-                vector=vector,
-                created=created,
-            )
             by_part.setdefault(entry.partition, []).append((label, entry))
         if unreadable and len(unreadable) == len(rows) and self.keyring is not None:
             # Every entry failing means the wrong keys, not tampering: refuse rather than delete them all.
@@ -489,9 +506,12 @@ class HNSWIndex(PartitionedIndex):
             self._db.executemany("DELETE FROM entries WHERE label=?", [(x,) for x in unreadable])
         (next_label,) = self._db.execute("SELECT value FROM meta WHERE key='next_label'").fetchone()
         manifest = self._read_manifest()
+        stale_snapshots: list[PartitionKey] = []
         for key, items in by_part.items():
             graph = (
-                self._load_graph(key, items, manifest) if len(items) >= self.config.min_graph_size else None
+                self._load_graph(key, items, manifest, stale_snapshots)
+                if len(items) >= self.config.min_graph_size
+                else None
             )
             if graph is not None:
                 self._partitions[key] = graph
@@ -501,6 +521,9 @@ class HNSWIndex(PartitionedIndex):
                 else:  # the graph already holds the vector: only the maps are filled
                     self._index_meta(label, entry)
         self._next_label = max(self._next_label, int(next_label))
+        # A snapshot older than a removal (a crash in between) still holds the removed vectors on disk.
+        if stale_snapshots:
+            self._removed_from(stale_snapshots)
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
@@ -516,7 +539,11 @@ class HNSWIndex(PartitionedIndex):
         return manifest
 
     def _load_graph(
-        self, key: PartitionKey, items: list[tuple[int, IndexEntry]], manifest: dict[str, Any]
+        self,
+        key: PartitionKey,
+        items: list[tuple[int, IndexEntry]],
+        manifest: dict[str, Any],
+        stale_snapshots: list[PartitionKey],
     ) -> GraphPartition:
         live = {label: entry.vector for label, entry in items}
         info = manifest.get("partitions", {}).get(_partition_file_id(key))
@@ -540,8 +567,11 @@ class HNSWIndex(PartitionedIndex):
             return graph
         stale = [label for label in graph.labels if label not in live]
         fresh = [label for label in live if label not in graph.labels]
-        for label in stale:
-            graph.remove(label)
+        if stale:
+            # Removed after the snapshot: scrubbed, not merely marked deleted, so that no later snapshot
+            # writes their vectors again (erasure); the stale snapshot itself is dropped by the caller.
+            graph.remove_many(stale)
+            stale_snapshots.append(key)
         if fresh:
             graph.add_many(fresh, np.stack([live[label] for label in fresh]))
         self.recovery["reconciled" if stale or fresh else "loaded"] += 1

@@ -103,6 +103,8 @@ def check_query(vector: np.ndarray, dim: int, k: int, tenant: str, context_key: 
     query = np.asarray(vector, dtype=np.float32).reshape(-1)
     if query.shape[0] != dim:
         raise ConfigError(f"`vector` must have {dim} dimensions, got {query.shape[0]}")
+    if not np.all(np.isfinite(query)):  # NaN scores would reach the decision rule as similarities
+        raise ConfigError("`vector` must be finite (it holds NaN or infinity)")
     return query
 
 
@@ -219,6 +221,9 @@ class PartitionedIndex:
 
     def add(self, entries: Sequence[IndexEntry]) -> None:
         items = check_entries(entries, self._dim)
+        # One id named twice in a batch: the last wins, as a later `add` would (and as pgvector's upsert
+        # does). Labelling both would leave the first in memory with no id pointing at it: unremovable.
+        items = list({entry.entry_id: entry for entry in items}.values())
         with self._lock:
             labelled = []
             for entry in items:
