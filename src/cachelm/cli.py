@@ -24,8 +24,13 @@ which only an import without a keyring into a store read with the same keys can 
 ``/admin/purge`` and ``/admin/erase`` do; with the proxy running on that index it fails before deleting
 anything (erase through the proxy then, or pass ``--no-semantic``).
 
+A ``sqlite://`` store named by ``--store`` or ``$CACHELM_STORE`` must exist, except for ``import`` (which
+creates it): a mistyped path is an error, not an empty cache. Only the embedded default is created on use.
+
 Environment variables are read here only (STYLE.md). Errors are one line on stderr; the exit status is 2
-for bad input (unknown store URL, unreadable file, malformed JSONL line), 1 when the store fails.
+for bad input (unknown store URL, missing store file, unreadable file, malformed JSONL line), 1 when the
+store fails, 130 when interrupted (Ctrl-C), 141 without a message when the reader of standard output goes
+away (``cachelm export | head``), as for a tool that SIGPIPE ends.
 """
 
 from __future__ import annotations
@@ -84,11 +89,23 @@ def parse_duration(text: str) -> float:
     return float(found.group(1)) * _UNITS[found.group(2)]
 
 
+def _name(flag: str) -> Callable[[str], str]:
+    """An argparse type: a non-empty name. ``--user "$U"`` with U unset would otherwise select every entry
+    stored without a user, which for `purge` is most of the cache."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"`{flag}` must not be empty (purge everything with --all)")
+        return text
+
+    return parse
+
+
 def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tenant", help="only entries of this tenant")
-    p.add_argument("--user", help="only entries stored for this user")
-    p.add_argument("--tag", help="only entries carrying this tag")
-    p.add_argument("--model", help="only entries answered by this model")
+    p.add_argument("--tenant", type=_name("--tenant"), help="only entries of this tenant")
+    p.add_argument("--user", type=_name("--user"), help="only entries stored for this user")
+    p.add_argument("--tag", type=_name("--tag"), help="only entries carrying this tag")
+    p.add_argument("--model", type=_name("--model"), help="only entries answered by this model")
     p.add_argument(
         "--older-than", type=parse_duration, metavar="AGE", help="only entries older than AGE (7d…)"
     )
@@ -109,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     semantic = _semantic_options()
     p = sub.add_parser(
-        "purge", parents=[store, semantic], help="delete entries by tenant, user, tag, model or age"
-    )
+        "purge", parents=[store, semantic], help="delete entries by tenant, user, tag, model or age",
+        allow_abbrev=False,  # argparse would take `--a` for `--all`: deleting everything needs the full word
+    )  # fmt: skip
     _filters(p)
     p.add_argument("--all", action="store_true", help="delete every entry")
 
@@ -218,11 +236,16 @@ def cmd_refresh(args: argparse.Namespace, out: IO[str]) -> int:
     return run(args, out)
 
 
-def _open(url: str | None) -> Store:
+def _open(url: str | None, *, create: bool = False) -> Store:
+    """Open the store `url` names (None: the default). A named SQLite file must exist unless `create`."""
     from cachelm.store.url import open_store
 
+    named = url or os.environ.get("CACHELM_STORE")
     url = url or default_store_url()
     if (db := sqlite_file(url)) is not None:
+        if named and not create and not Path(db).exists():
+            # Opening would create an empty store (and its folders): a typo would read as an empty cache.
+            raise UsageError(f"no store at {db!r}: the file does not exist (`cachelm import` creates one)")
         # The embedded default lives under ~/.cache, which may not exist yet on a fresh machine.
         with contextlib.suppress(OSError):
             Path(db).parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +351,7 @@ def cmd_purge(args: argparse.Namespace, out: IO[str]) -> int:
 
 def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
     where = _match(args)
+    _refuse_store_files(args.out, args.store or default_store_url())
     with _open(args.store) as store, _output(args.out, out) as fp:
         count = _cache(store).export_jsonl(fp, None if where.empty else where)
     print(f"exported {count} entries", file=sys.stderr)
@@ -335,10 +359,27 @@ def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_import(args: argparse.Namespace, out: IO[str]) -> int:
-    with _input(args.file) as fp, _open(args.store) as store:
+    with _input(args.file) as fp, _open(args.store, create=True) as store:
         count = _cache(store).import_jsonl(fp)
     out.write(f"imported {count} entries\n")
     return 0
+
+
+def _refuse_store_files(path: str, url: str) -> None:
+    """`--out` must not name a file of the SQLite store being exported: opening it for writing would
+    truncate the database (or its WAL, or its semantic index) under the open store."""
+    db = sqlite_file(url)
+    if path == "-" or db is None:
+        return
+    base = Path(db).resolve()
+    own = {
+        Path(f"{base}{suffix}{tail}")
+        for suffix in ("", ".semantic.sqlite")
+        for tail in ("", "-wal", "-shm", "-journal")
+    }
+    target = Path(path).resolve()
+    if target in own or Path(f"{base}.semantic.hnsw") in target.parents:
+        raise UsageError(f"`--out` {path!r} is a file of the store being exported; write to another file")
 
 
 @contextlib.contextmanager
@@ -426,9 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in PASSTHROUGH:
-            return run_passthrough(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args, sys.stdout)
+            code = run_passthrough(argv[0], argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            code = COMMANDS[args.command](args, sys.stdout)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
+        return code
     except (UsageError, ConfigError) as exc:
         print(f"cachelm: error: {exc}", file=sys.stderr)
         return 2
@@ -438,6 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CacheLMError as exc:
         print(f"cachelm: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`| head`): say nothing, and keep the interpreter's final flush from failing too.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("cachelm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Protocol
+
+from cachelm.errors import ConfigError
 
 
 class Clock(Protocol):
@@ -26,6 +29,6 @@ class ManualClock:
         return self.now
 
     def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"`seconds` must be >= 0, got {seconds!r}")
+        if not 0 <= seconds < math.inf:  # also refuses nan, which would stick: every later time is nan
+            raise ConfigError(f"`seconds` must be a finite number >= 0, got {seconds!r}")
         self.now += seconds

@@ -80,6 +80,7 @@ class Demo:
         self.out = out
         self.model = LocalModel()
         self.store = SQLiteStore(workdir / "cache.db")
+        self.store.clear()  # a kept folder from an earlier run: its answers would turn misses into hits
         self.cache = ExactCache(self.store, metrics=CacheMetrics())
         self.failures: list[str] = []
 
@@ -161,6 +162,7 @@ class Demo:
         path = self.workdir / "export.jsonl"
         path.write_text(dump.getvalue(), encoding="utf-8")
         with SQLiteStore(self.workdir / "copy.db") as copy_store:
+            copy_store.clear()  # as cache.db: start from an empty copy
             copy = ExactCache(copy_store)
             with path.open(encoding="utf-8") as fp:
                 imported = copy.import_jsonl(fp)
@@ -213,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
+        try:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"`--keep` must be a folder, got {str(args.keep)!r}: {exc.strerror}")
         return Demo(args.keep, sys.stdout).run()
     with tempfile.TemporaryDirectory(prefix="cachelm-demo-") as tmp:
         return Demo(Path(tmp), sys.stdout).run()

@@ -13,7 +13,9 @@ whitespace is *not* normalised, because a changed space can change a model's ans
 Which fields change the answer? Every field of the request does, except those in ``IGNORED_FIELDS``
 (transport and bookkeeping: ``stream``, ``user``, ``metadata``…). Unknown fields are therefore part of the
 key: a new upstream parameter can cost a hit but can never serve a wrong answer. Fields absent from the
-request and fields sent with their documented default (``DEFAULTS``) give the same key.
+request and fields sent with their documented default (``DEFAULTS``) give the same key. The OpenAI SDK's
+``extra_body`` (parameters it sends in the body: ``top_k``, ``guided_json``…) is part of the key as a
+field of its own; an empty one is absent.
 
 Keys never contain raw text: only the digest leaves this module.
 
@@ -53,7 +55,6 @@ IGNORED_FIELDS: frozenset[str] = frozenset(
         "timeout",
         "extra_headers",
         "extra_query",
-        "extra_body",
         "cache",  # cachelm's own per-request cache control
     }
 )
@@ -144,6 +145,8 @@ def _normalise_value(value: Any, depth: int = 0) -> Any:
                 raise _Unencodable(exc.reason, f"[{i}]{exc.path}") from None
         return items
     if isinstance(value, str | int | float):  # subclasses (e.g. str enums) encode as their base type
+        if isinstance(value, int):  # not via float: an int beyond 2**53 would round into another int
+            return int.__index__(value)
         return _normalise_value(str.__str__(value) if isinstance(value, str) else float(value))
     raise _Unencodable(f"must be JSON-serialisable, got {type(value).__name__}")
 
@@ -179,10 +182,14 @@ def canonical_request(request: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"`request` must be a mapping, got {type(request).__name__}")
     out: dict[str, Any] = {}
     for field, value in request.items():
+        if not isinstance(field, str):  # as nested keys: json would write 1 as "1", orjson would refuse it
+            raise ConfigError(f"`request` keys must be strings, got {field!r}")
         if field in IGNORED_FIELDS or value is None:
             continue
         norm = _normalise(value, field)
         if field in DEFAULTS and norm == DEFAULTS[field] and type(norm) is type(DEFAULTS[field]):
+            continue
+        if field == "extra_body" and norm == {}:  # the SDK sends nothing for it
             continue
         out[field] = norm
     return out
@@ -192,7 +199,11 @@ def tenant_salt(tenant_id: str, secret: bytes = b"") -> bytes:
     """A per-tenant salt: HMAC-SHA256(secret, tenant_id). Equal requests of two tenants never share a key."""
     if not isinstance(tenant_id, str) or not tenant_id:
         raise ConfigError(f"`tenant_id` must be a non-empty string, got {tenant_id!r}")
-    return hmac.new(secret, tenant_id.encode(), hashlib.sha256).digest()
+    try:
+        name = tenant_id.encode()
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no bytes to salt with
+        raise ConfigError(f"`tenant_id` must be valid Unicode text, got {tenant_id!r}") from None
+    return hmac.new(secret, name, hashlib.sha256).digest()
 
 
 def _digest(*parts: bytes) -> str:

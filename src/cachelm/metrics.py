@@ -66,6 +66,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 ALL_TENANTS = "*"  # the tenant label value when per-tenant labels are off
+MAX_PRICED_MODELS = 4096  # model ids whose resolved price is remembered (cleared when full)
 
 
 def nearest_rank(sorted_values: list[float], q: float) -> float:
@@ -239,6 +240,8 @@ class CacheMetrics:
             else max((m for m in self._prices if model.startswith(m)), key=len, default=None)
         )
         found = None if best is None else self._prices[best]
+        if len(self._price_of) >= MAX_PRICED_MODELS:  # model ids come from requests: keep the memo bounded
+            self._price_of.clear()
         self._price_of[model] = found
         return found
 
