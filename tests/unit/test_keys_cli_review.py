@@ -265,3 +265,19 @@ def test_a_manual_clock_refuses_a_non_finite_step() -> None:
         with pytest.raises(ConfigError, match="`seconds`"):
             clock.advance(bad)
     assert clock() == 5.0  # nan stuck: every later time was nan
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--port", "99999"], "`--port` must be in [0, 65535]"),
+        (["--port", "-1"], "`--port` must be in [0, 65535]"),
+        (["--log-level", "LOUD"], "invalid choice: 'loud'"),
+        (["--hash-key", ""], "`--hash-key` must not be empty"),
+    ],
+    ids=["port-too-large", "port-negative", "log-level", "empty-hash-key"],
+)
+def test_serve_refuses_bad_options_before_starting(argv: list[str], needle: str) -> None:
+    """Each once started the server (loading the model) or failed after it with a traceback."""
+    done = cachelm("serve", "--upstream", "http://127.0.0.1:9/v1", *argv)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr

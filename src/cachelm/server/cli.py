@@ -26,10 +26,22 @@ def default_store_url() -> str:
     return f"sqlite:///{root / 'responses.db'}"
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (0 lets the system choose). Checked here: uvicorn would fail only
+    after the model and stores were loaded, or wrap 99999 silently."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`--port` must be an integer, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"`--port` must be in [0, 65535], got {port}")
+    return port
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachelm serve", description="OpenAI-compatible caching proxy.")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080)
     p.add_argument(
         "--upstream",
         default=LOCAL_UPSTREAM,
@@ -64,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--upstream-timeout", type=float, default=120.0)
     p.add_argument("--lease-ms", type=int, default=10_000, help="cross-replica lock lease")
-    p.add_argument("--log-level", default="info")
+    levels = ["debug", "info", "warning", "error", "critical"]
+    p.add_argument("--log-level", default="info", type=str.lower, choices=levels)
     p.add_argument("--no-access-log", action="store_true")
     p.add_argument(
         "--no-stream-usage",
@@ -114,8 +127,11 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the proxy until interrupted; returns the exit status (2 for a configuration error)."""
-    args = parser().parse_args(argv)
-    if args.hash_key:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.hash_key is not None:  # "" too: an empty key must not fall through to starting the server
+        if not args.hash_key:
+            p.error("`--hash-key` must not be empty")
         print(hash_key(args.hash_key))
         return 0
     import uvicorn
