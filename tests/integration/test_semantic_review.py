@@ -515,3 +515,22 @@ def test_mark_bad_in_a_large_paraphrase_partition_removes_every_neighbour() -> N
     assert sorted(n.entry_id for n in report.entries) == sorted(e.entry_id for e in live)
     assert len(index) == 0
     index.close()
+
+
+class _FailingModel(HashingEmbedder):
+    """A real embedder whose model fails the way torch does (a CUDA out-of-memory is a RuntimeError)."""
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        raise RuntimeError("CUDA out of memory")
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["bare", "embedding-cache"])
+def test_a_failing_embedder_is_a_miss_and_a_backend_error_not_a_crash(cached: bool) -> None:
+    """The serving path handles BackendError (a miss, a counter); torch's RuntimeError failed requests."""
+    model = _FailingModel(dim=DIM)
+    embedder = EmbeddingCache(MemoryStore(), model) if cached else model
+    cache = SemanticCache(embedder=embedder, index=FlatIndex(DIM), rule=StaticThreshold(0.9))
+    assert cache.lookup(chat("what is the capital of France?"), tenant="t") is None
+    assert cache.stats.errors == 1
+    with pytest.raises(BackendError, match="embedder failed: RuntimeError"):
+        cache.add(chat("what is the capital of France?"), tenant="t", response_key="r1")

@@ -171,10 +171,17 @@ class SemanticCache:
         return SemanticQuery(text=query.text, context_key=digest.hexdigest())
 
     def _embed(self, text: str, tenant: str, request: Mapping[str, Any], user: str | None) -> np.ndarray:
-        if isinstance(self.embedder, EmbeddingCache):  # a vector it stores belongs to the request's user
-            owner = request.get("user") if user is None else user
-            return self.embedder.embed(text, tenant=tenant, user=owner if isinstance(owner, str) else "")[0]
-        return np.asarray(self.embedder.embed([text])[0], dtype=np.float32)
+        """The question's vector. A failing model (torch's RuntimeError, out of memory, a missing file) is
+        translated to `BackendError` here, so the serving path treats it as a failing tier: a miss and a
+        counter, never a failed request."""
+        try:
+            if isinstance(self.embedder, EmbeddingCache):  # a vector it stores belongs to the request's user
+                owner = request.get("user") if user is None else user
+                owner = owner if isinstance(owner, str) else ""
+                return self.embedder.embed(text, tenant=tenant, user=owner)[0]
+            return np.asarray(self.embedder.embed([text])[0], dtype=np.float32)
+        except (RuntimeError, MemoryError, OSError) as exc:
+            raise BackendError(f"embedder failed: {type(exc).__name__}: {exc}") from exc
 
     def _region(self, tenant: str) -> str:
         return tenant if self._region_mode == "tenant" else "global"
