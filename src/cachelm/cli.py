@@ -242,6 +242,9 @@ def _open(url: str | None, *, create: bool = False) -> Store:
 
     named = url or os.environ.get("CACHELM_STORE")
     url = url or default_store_url()
+    if url.split("://", 1)[0].lower() == "memory":
+        # It would live and die with this one command: an import would be thrown away, a purge see nothing.
+        raise UsageError("a memory:// store lasts only as long as this command: name a sqlite:// or redis://")
     if (db := sqlite_file(url)) is not None:
         if named and not create and not Path(db).exists():
             # Opening would create an empty store (and its folders): a typo would read as an empty cache.

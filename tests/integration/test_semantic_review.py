@@ -534,3 +534,22 @@ def test_a_failing_embedder_is_a_miss_and_a_backend_error_not_a_crash(cached: bo
     assert cache.stats.errors == 1
     with pytest.raises(BackendError, match="embedder failed: RuntimeError"):
         cache.add(chat("what is the capital of France?"), tenant="t", response_key="r1")
+
+
+@pytest.mark.parametrize("kind", ["flat", "pgvector"])
+def test_a_single_id_string_is_refused_not_read_as_its_characters(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """`remove("e1")` removed entries "e" and "1"; the ids must come as a list."""
+    if kind == "flat":
+        index: VectorIndex = FlatIndex(DIM)
+    else:
+        index = PgVectorIndex(request.getfixturevalue("pg_url"), DIM, table=request.getfixturevalue("table"))
+    vectors = unit(2, seed=5)
+    index.add([entry("e", vectors[0], rkey="r"), entry("1", vectors[1], rkey="1")])
+    with pytest.raises(ConfigError, match="`entry_ids` must be an iterable of str"):
+        index.remove("e1")
+    with pytest.raises(ConfigError, match="`response_keys` must be an iterable of str"):
+        index.remove_response_keys("t", "r1")
+    assert len(index) == 2
+    index.close()

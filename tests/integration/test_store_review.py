@@ -333,3 +333,10 @@ def test_redis_connection_killed_between_calls_is_one_miss(redis_url: str, names
     finally:
         store.clear()
         store.close()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/cache", "unix:///tmp/redis.sock?db=two"])
+def test_a_redis_database_that_is_not_a_number_is_refused(url: str) -> None:
+    """redis-py read "/cache" as database 0: another database than the one meant, without a word."""
+    with pytest.raises(ConfigError, match="the database must be a number"):
+        RedisStore.from_url(url)

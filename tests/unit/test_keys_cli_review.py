@@ -281,3 +281,10 @@ def test_serve_refuses_bad_options_before_starting(argv: list[str], needle: str)
     """Each once started the server (loading the model) or failed after it with a traceback."""
     done = cachelm("serve", "--upstream", "http://127.0.0.1:9/v1", *argv)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["import", "-"], ["stats"], ["purge", "--tenant", "acme"]])
+def test_a_memory_store_is_refused_by_every_command(command: list[str]) -> None:
+    """`import --store memory://` reported "imported N" and kept nothing."""
+    done = cachelm(*command, "--store", "memory://", input='{"x": 1}\n')
+    assert done.returncode == 2 and "memory:// store lasts only as long as this command" in done.stderr

@@ -108,6 +108,12 @@ def check_query(vector: np.ndarray, dim: int, k: int, tenant: str, context_key: 
     return query
 
 
+def check_names(names: Iterable[str], name: str) -> None:
+    """Refuse a bare str where ids are listed: it is iterable too, and its characters would be the ids."""
+    if isinstance(names, str | bytes):
+        raise ConfigError(f"`{name}` must be an iterable of str, not one {type(names).__name__}: {names!r}")
+
+
 def check_entries(entries: Sequence[IndexEntry], dim: int) -> list[IndexEntry]:
     out = list(entries)
     for i, entry in enumerate(out):
@@ -277,6 +283,7 @@ class PartitionedIndex:
             return meta.partition, meta.response_key
 
     def remove(self, entry_ids: Iterable[str]) -> int:
+        check_names(entry_ids, "entry_ids")
         with self._lock:
             labels = [self._labels[e] for e in entry_ids if e in self._labels]
             return self._remove_labels(labels)
@@ -287,6 +294,7 @@ class PartitionedIndex:
             return self._remove_labels(labels)
 
     def remove_response_keys(self, tenant: str, response_keys: Iterable[str]) -> int:
+        check_names(response_keys, "response_keys")
         with self._lock:
             labels = [lab for key in response_keys for lab in self._by_response.get((tenant, key), ())]
             return self._remove_labels(labels)

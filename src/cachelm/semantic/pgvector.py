@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cachelm.errors import BackendError, ConfigError
-from cachelm.semantic.index import IndexEntry, Neighbor, check_entries, check_query
+from cachelm.semantic.index import IndexEntry, Neighbor, check_entries, check_names, check_query
 
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,50}")
 RECONNECT_INTERVAL_S = 1.0  # while the server is down, at most one connection attempt a second
@@ -223,6 +223,7 @@ class PgVectorIndex:
         return sorted(found, key=lambda n: -n.similarity)
 
     def remove(self, entry_ids: Iterable[str]) -> int:
+        check_names(entry_ids, "entry_ids")
         ids = list(dict.fromkeys(entry_ids))
         if not ids:
             return 0
@@ -235,6 +236,7 @@ class PgVectorIndex:
         return int(deleted.rowcount)
 
     def remove_response_keys(self, tenant: str, response_keys: Iterable[str]) -> int:
+        check_names(response_keys, "response_keys")
         keys = list(dict.fromkeys(response_keys))
         if not keys:
             return 0

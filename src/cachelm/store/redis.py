@@ -199,6 +199,10 @@ class RedisStore(Store):
         for name, value in timeouts.items():
             if value <= 0:
                 raise ConfigError(f"`{name}` must be > 0 seconds, got {value!r}")
+        # redis-py reads a path that is not a number ("/cache") as database 0: another database than meant.
+        db = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else query.get("db", "")
+        if db and not db.isdigit():
+            raise ConfigError(f"`url` {url!r}: the database must be a number, got {db!r}")
         # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path", which redis-py rejects.
         base = url.split("?", 1)[0]
         clean = f"{base}?{urlencode(query)}" if query else base
