@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,6 +355,13 @@ def test_a_stream_is_counted_with_the_status_it_ended_with(
     with pytest.raises(openai.APIError):
         list(c.chat.completions.create(**chat("cut short"), stream=True))
     list(c.chat.completions.create(**chat("whole"), stream=True))
+    # Recorded as the server's stream generator finishes, just after the client read its end: poll.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        _sample(proxy, series, status="502", **labels),
+        _sample(proxy, series, status="200", **labels),
+    ) != (failed + 1, ok + 1):
+        time.sleep(0.02)
     assert _sample(proxy, series, status="502", **labels) == failed + 1
     assert _sample(proxy, series, status="200", **labels) == ok + 1
 
