@@ -188,14 +188,15 @@ def test_a_malformed_jsonl_line_is_reported_with_its_number(
     [
         (["stats", "--store", "bogus://x"], "unknown scheme 'bogus'"),
         (["stats", "--store", "not a url"], "`url` must look like scheme://"),
-        (["import", "--store", "memory://", "/no/such/file.jsonl"], "cannot read '/no/such/file.jsonl'"),
-        (["export", "--store", "memory://", "--out", "/no/such/dir/x.jsonl"], "cannot write"),
+        (["import", "--store", "{store}", "/no/such/file.jsonl"], "cannot read '/no/such/file.jsonl'"),
+        (["export", "--store", "{store}", "--out", "/no/such/dir/x.jsonl"], "cannot write"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = run(argv, capsys)
+    SQLiteStore(tmp_path / "s.db").close()  # a store that exists: the error must be the file's
+    code, _, err = run([a.format(store=f"sqlite:///{tmp_path}/s.db") for a in argv], capsys)
     assert code == 2
     assert message in err and err.startswith("cachelm: error: ") and err.count("\n") == 1
 
@@ -203,7 +204,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
 def test_an_unreadable_binary_file_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     binary = tmp_path / "dump.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    code, _, err = run(["import", "--store", "memory://", str(binary)], capsys)
+    code, _, err = run(["import", "--store", f"sqlite:///{tmp_path}/s.db", str(binary)], capsys)
     assert code == 2 and "not UTF-8" in err
 
 
