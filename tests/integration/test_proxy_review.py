@@ -420,3 +420,15 @@ def test_a_stream_kept_alive_without_data_times_out_and_frees_its_key(
         assert raw.headers["x-cachelm-cache"] == "miss" and "x-cachelm-coalesced" not in raw.headers
         assert raw.parse().choices[0].message.content == f"Echo from {MODEL}: stalls"
         assert upstream.count(CHAT) == 2
+
+
+def test_healthz_never_shows_the_upstream_s_credentials(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """/healthz answers anyone: an upstream URL carrying a user, a password or a query key must not leak."""
+    base = upstream.base_url.replace("http://", "http://svc:s3cret-pass@") + "?key=s3cret-query"
+    config = ServerConfig(upstream=base, store_url=f"sqlite:///{tmp_path}/cache.db", access_log=False)
+    with ProxyThread(config, upstream=AiohttpUpstream(base.split("?")[0], read_timeout=5)) as proxy:
+        health = httpx.get(proxy.url + "/healthz").text
+        assert "s3cret" not in health and "svc" not in health
+        assert upstream.base_url.split("//")[1] in health  # host, port and path are still shown
+        answer = client(proxy).chat.completions.create(**chat("still reachable?"))
+        assert answer.choices[0].message.content  # requests still go to the URL as given

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -63,6 +64,17 @@ def http_upstream(
     return AiohttpUpstream(base_url, api_key=api_key, read_timeout=read_timeout)
 
 
+def public_url(url: str) -> str:
+    """`url` without credentials or query (``https://user:key@host/v1?k=…`` → ``https://host/v1``): what
+    `/healthz` and the logs show of the upstream, to anyone who can reach them."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal goes back in brackets
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class AiohttpUpstream:
     """An OpenAI-compatible endpoint over HTTP with a pooled `aiohttp.ClientSession` (made on first use,
     inside the serving event loop)."""
@@ -80,7 +92,8 @@ class AiohttpUpstream:
             raise ConfigError(f"`upstream` must be an http(s) URL, got {base_url!r}")
         if read_timeout <= 0 or connect_timeout <= 0:
             raise ConfigError(f"timeouts must be > 0, got {connect_timeout!r}/{read_timeout!r}")
-        self.name = base_url.rstrip("/")
+        self._base = base_url.rstrip("/")
+        self.name = public_url(self._base)
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -104,7 +117,7 @@ class AiohttpUpstream:
         import aiohttp
 
         try:
-            async with self._client().post(f"{self.name}/{path}", data=body) as response:
+            async with self._client().post(f"{self._base}/{path}", data=body) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:
             raise UpstreamError("upstream timed out", status=504) from exc
@@ -115,7 +128,7 @@ class AiohttpUpstream:
         import aiohttp
 
         try:
-            async with self._client().get(f"{self.name}/{path}") as response:
+            async with self._client().get(f"{self._base}/{path}") as response:
                 return response.status, await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
@@ -124,7 +137,7 @@ class AiohttpUpstream:
         import aiohttp
 
         try:
-            async with self._client().post(f"{self.name}/{path}", data=body) as response:
+            async with self._client().post(f"{self._base}/{path}", data=body) as response:
                 if response.status != 200:
                     raise UpstreamError(
                         f"upstream answered {response.status}",
@@ -171,13 +184,14 @@ class HTTPUpstream:
             raise ConfigError(f"`upstream` must be an http(s) URL, got {base_url!r}")
         if read_timeout <= 0 or connect_timeout <= 0:
             raise ConfigError(f"timeouts must be > 0, got {connect_timeout!r}/{read_timeout!r}")
-        self.name = base_url.rstrip("/")
+        self._base = base_url.rstrip("/")
+        self.name = public_url(self._base)
         self._read_timeout = read_timeout
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._client = httpx.AsyncClient(
-            base_url=self.name + "/",
+            base_url=self._base + "/",
             headers=headers,
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
