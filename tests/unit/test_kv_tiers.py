@@ -404,3 +404,18 @@ def test_a_block_replaced_during_a_read_is_kept(tmp_path: Path, corrupt: bool) -
     assert _h(1) in tier and tier.corrupt == 0  # ... but the new copy is neither forgotten nor deleted
     got = tier.get(_h(1))
     assert got is not None and torch.equal(got.tensors["kv"], _block(2).tensors["kv"])
+
+
+def test_a_block_stored_under_two_names_is_indexed_once(tmp_path: Path) -> None:
+    """Processes sharing a folder can leave one block with and without its owner tag: the reopened tier
+    counted it twice (a budget never freed); it keeps the newest file and removes the older."""
+    DiskTier(tmp_path, capacity_bytes=1 << 20).put(_h(1), _block(1))
+    old = next(tmp_path.glob("*/*.safetensors"))
+    newer = old.with_name(f"{_h(1).hex()}.aa.safetensors")  # the same block, written again with its owner
+    newer.write_bytes(old.read_bytes())
+    os.utime(old, (1, 1))
+    reopened = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    assert len(reopened) == 1 and reopened.used_bytes == newer.stat().st_size
+    assert not old.exists() and newer.exists()
+    got = reopened.get(_h(1))
+    assert got is not None and torch.equal(got.tensors["kv"], _block(1).tensors["kv"])

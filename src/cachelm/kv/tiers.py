@@ -212,6 +212,7 @@ class Tier(ABC):
         return block_hash, data
 
     def _adopt(self, block_hash: BlockHash, size: int, owner: str = "") -> None:
+        self.used_bytes -= self._sizes.get(block_hash, 0)  # adopted again: its old size no longer counts
         self._sizes[block_hash] = size
         self._stamps[block_hash] = next(self._writes)
         if owner:
@@ -359,7 +360,15 @@ class DiskTier(_BytesTier):
                 continue
             found.append((st.st_mtime, block_hash, st.st_size, owner))
         found.sort(key=lambda item: item[0])
-        self._index((block_hash, size, owner) for _, block_hash, size, owner in found)
+        # One block under two names (written with and without its owner tag, by processes sharing the
+        # folder): the newest is indexed, the older file is the same block and goes.
+        newest = {block_hash: owner for _, block_hash, _, owner in found}
+        for _, block_hash, _, owner in found:
+            if newest[block_hash] != owner:
+                self._path(block_hash, owner).unlink(missing_ok=True)
+        self._index(
+            (block_hash, size, owner) for _, block_hash, size, owner in found if newest[block_hash] == owner
+        )
 
     def _read(self, block_hash: BlockHash) -> EncodedBlock | None:
         path = self._path(block_hash)
