@@ -206,6 +206,8 @@ async def _recorded(frames: AsyncIterable[Any], record: Callable[[int], None]) -
         async for chunk in frames:
             if isinstance(chunk, bytes) and chunk.startswith(b'data: {"error"'):
                 status = 502
+            elif isinstance(chunk, bytes) and chunk.startswith(b"data: [DONE]") and status == 499:
+                status = 200  # whole: a client that leaves right after reading it is no 499
             yield chunk
         if status == 499:
             status = 200
