@@ -138,6 +138,31 @@ def _check_text(name: str, text: object) -> None:
             raise ConfigError(f"`{name}` must be valid Unicode (no lone surrogates), got {text!r}") from None
 
 
+class Generations:
+    """Change counters for keys, for a reader that works outside its owner's lock: it takes `of(key)`
+    before its unlocked read and compares again under the lock; a different value means a change to that
+    key (or to all keys) landed meanwhile, so what it read may be stale. Keys share 256 striped counters
+    (a change to one key rarely invalidates another's read). Callers bump under their own lock."""
+
+    _STRIPES = 256
+
+    def __init__(self) -> None:
+        self._keys = [0] * self._STRIPES
+        self._all = 0
+
+    def of(self, key: str) -> tuple[int, int]:
+        return self._all, self._keys[hash(key) % self._STRIPES]
+
+    def bump(self, *keys: str) -> None:
+        """Mark each of `keys` changed."""
+        for key in keys:
+            self._keys[hash(key) % self._STRIPES] += 1
+
+    def bump_all(self) -> None:
+        """Mark every key changed (purge, clear, expire)."""
+        self._all += 1
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Match:
     """A filter over record metadata; unset fields match anything. All set fields must match."""

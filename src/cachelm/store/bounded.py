@@ -28,14 +28,12 @@ forgetting a miss would untrack one just written. Backend failures propagate as 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from cachelm.errors import ConfigError
 from cachelm.policy.base import Policy
 from cachelm.policy.ttl import TTLPolicy
-from cachelm.store.base import Match, Record, Store
-
-_STRIPES = 256
+from cachelm.store.base import Generations, Match, Record, Store
 
 
 def unit_cost(record: Record) -> float:
@@ -72,10 +70,7 @@ class BoundedStore(Store):
         self.url = inner.url
         self.evictions = 0
         self._lock = threading.RLock()
-        # Change counters, bumped under the lock: per stripe of keys (put, delete) and for all keys (purge,
-        # clear, expire). `get` compares its key's pair around its unlocked read.
-        self._changes = [0] * _STRIPES
-        self._bulk_changes = 0
+        self._generations = Generations()  # bumped under the lock; `get` compares around its unlocked read
         self._rebuild(replay_hits)
 
     def _rebuild(self, replay_hits: int) -> None:
@@ -89,32 +84,24 @@ class BoundedStore(Store):
     def _track(self, record: Record) -> list[str]:
         """Insert `record` into the policy and delete what it evicts from the inner store (lock held)."""
         evicted = self.policy.insert(record.key, record.size, self.cost(record))
-        self._bump(evicted)
+        self._generations.bump(*evicted)
         for key in evicted:
             self.inner.delete(key)
         self.evictions += len(evicted)
         return evicted
 
-    def _changed(self, key: str) -> tuple[int, int]:
-        return self._bulk_changes, self._changes[hash(key) % _STRIPES]
-
-    def _bump(self, keys: Iterable[str]) -> None:
-        """Count a change to each of `keys` (lock held)."""
-        for key in keys:
-            self._changes[hash(key) % _STRIPES] += 1
-
     def get(self, key: str) -> Record | None:
-        seen = self._changed(key)
+        seen = self._generations.of(key)
         record = self.inner.get(key)
         with self._lock:
-            if self._changed(key) != seen:  # a change overlapped the read: what was read may be gone
+            if self._generations.of(key) != seen:  # a change overlapped the read: what was read may be gone
                 return record
             if record is None:
                 self.policy.remove(key)
             elif key in self.policy:
                 self.policy.access(key)
                 if key not in self.policy:  # the policy dropped it on access (a TTL ran out): a miss
-                    self._bump((key,))
+                    self._generations.bump(key)
                     self.inner.delete(key)
                     return None
             else:
@@ -129,7 +116,7 @@ class BoundedStore(Store):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
         with self._lock:
             evicted = self.policy.insert(record.key, record.size, self.cost(record))
-            self._bump((record.key, *evicted))
+            self._generations.bump(record.key, *evicted)
             self.evictions += len(evicted)
             try:
                 if record.key not in evicted:
@@ -144,7 +131,7 @@ class BoundedStore(Store):
 
     def delete(self, key: str) -> bool:
         with self._lock:
-            self._bump((key,))
+            self._generations.bump(key)
             self.policy.remove(key)
             return self.inner.delete(key)
 
@@ -155,7 +142,7 @@ class BoundedStore(Store):
         if not isinstance(where, Match) or where.empty:
             raise ConfigError("`where` must be a Match with at least one field; use `clear()` to delete all")
         with self._lock:
-            self._bulk_changes += 1
+            self._generations.bump_all()
             keys = [r.key for r in self.inner.scan(where)]
             count = self.inner.purge(where)
             for key in keys:
@@ -164,7 +151,7 @@ class BoundedStore(Store):
 
     def clear(self) -> int:
         with self._lock:
-            self._bulk_changes += 1
+            self._generations.bump_all()
             count = self.inner.clear()
             for key in list(self.policy):
                 self.policy.remove(key)
@@ -173,7 +160,7 @@ class BoundedStore(Store):
     def expire(self) -> int:
         """Delete expired records (the store's `expires`, and a `TTLPolicy`'s deadlines); O(n)."""
         with self._lock:
-            self._bulk_changes += 1
+            self._generations.bump_all()
             count = 0
             if isinstance(self.policy, TTLPolicy):
                 count += sum(1 for key in self.policy.expire() if self.inner.delete(key))

@@ -27,9 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Match, Record, Store, StoreStats
-
-_STRIPES = 256  # generation counters: a change to one key rarely blocks the L1 fill of another
+from cachelm.store.base import Generations, Match, Record, Store, StoreStats
 
 
 @dataclass(kw_only=True)
@@ -57,18 +55,14 @@ class TieredStore(Store):
         self.stats: TieredStats = TieredStats()
         self.url = l2.url
         self._lock = threading.Lock()  # orders L1 writes against generation bumps
-        self._generations = [0] * _STRIPES
-        self._epoch = 0  # bumped by changes to many keys (purge, clear, expire)
-
-    def _generation(self, key: str) -> tuple[int, int]:
-        return self._epoch, self._generations[hash(key) % _STRIPES]
+        self._generations = Generations()
 
     def _changed(self, key: str | None) -> None:
         """Mark `key` (every key when None) changed in L2; called with the lock held."""
         if key is None:
-            self._epoch += 1
+            self._generations.bump_all()
         else:
-            self._generations[hash(key) % _STRIPES] += 1
+            self._generations.bump(key)
 
     def _l1(self, action: str, *args: object) -> object:
         try:
@@ -83,7 +77,7 @@ class TieredStore(Store):
         if isinstance(record, Record):
             self.stats.add("l1_hits")
             return record
-        seen = self._generation(key)
+        seen = self._generations.of(key)
         try:
             record = self.l2.get(key)
         except BackendError:
@@ -95,7 +89,7 @@ class TieredStore(Store):
             return None
         self.stats.add("l2_hits")
         with self._lock:
-            if self._generation(key) == seen:  # else a change landed during the L2 read: do not keep it
+            if self._generations.of(key) == seen:  # else a change landed during the L2 read: do not keep it
                 self._l1("put", record)
         return record
 
@@ -108,7 +102,7 @@ class TieredStore(Store):
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
-        seen = self._generation(record.key)
+        seen = self._generations.of(record.key)
         stored = False
         try:
             self.l2.put(record)
@@ -117,7 +111,7 @@ class TieredStore(Store):
             with self._lock:
                 # Keep our value in L1 only if no other change to the key landed since our L2 write began:
                 # theirs may have reached L2 before ours and L1 after it. L2 failed: drop L1's copy, too.
-                if stored and self._generation(record.key) == seen:
+                if stored and self._generations.of(record.key) == seen:
                     self._l1("put", record)
                 else:
                     self._l1("delete", record.key)
