@@ -341,7 +341,9 @@ class OpenAIUpstream:
     def _error(status: int) -> Response:
         kind = "rate_limit_exceeded" if status == 429 else "server_error"
         body = {"error": {"message": f"injected fault: HTTP {status}", "type": kind, "code": kind}}
-        return JSONResponse(body, status_code=status)
+        # As OpenAI answers a rate limit: when to retry, and the limits behind it.
+        limited = {"retry-after": "7", "retry-after-ms": "7000", "x-ratelimit-remaining-requests": "0"}
+        return JSONResponse(body, status_code=status, headers=limited if status == 429 else None)
 
     def _stream(self, chunks: Iterator[dict[str, Any]], fault: Fault) -> Response:
         async def events() -> AsyncIterator[bytes]:

@@ -432,3 +432,30 @@ def test_healthz_never_shows_the_upstream_s_credentials(upstream: ScriptedUpstre
         assert upstream.base_url.split("//")[1] in health  # host, port and path are still shown
         answer = client(proxy).chat.completions.create(**chat("still reachable?"))
         assert answer.choices[0].message.content  # requests still go to the URL as given
+
+
+@pytest.mark.parametrize("client_class", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("path", ["miss", "stream-miss", "bypass", "stream-bypass", "embeddings"])
+def test_a_rate_limit_reaches_the_client_with_its_retry_headers(
+    upstream: ScriptedUpstream, tmp_path: Path, client_class: str, path: str
+) -> None:
+    """The OpenAI SDK waits as `retry-after(-ms)` says; the proxy dropped those headers (and the body on a
+    bypass), so clients retried on their own schedule. Nothing of the refusal is cached."""
+    with serve(upstream, tmp_path, _client_class(client_class)) as proxy:
+        c = client(proxy)
+        upstream.inject("status=429")
+        bypass = {"x-cachelm-bypass": "on"} if "bypass" in path else {}
+        with pytest.raises(openai.RateLimitError) as info:
+            if path == "embeddings":
+                c.embeddings.create(model="text-embedding-3-small", input=["limited"])
+            elif path.startswith("stream"):
+                list(c.chat.completions.create(**chat("limited"), stream=True, extra_headers=bypass))
+            else:
+                c.chat.completions.create(**chat("limited"), extra_headers=bypass)
+        headers = info.value.response.headers
+        assert (headers["retry-after"], headers["retry-after-ms"]) == ("7", "7000")
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        assert info.value.code == "rate_limit_exceeded"  # the upstream's own body
+        if path != "embeddings":
+            raw = c.chat.completions.with_raw_response.create(**chat("limited"))
+            assert raw.headers["x-cachelm-cache"] == "miss"  # the 429 was not stored

@@ -232,7 +232,7 @@ def build_app(runtime: Runtime) -> Starlette:
             listing = await runtime.models()
         except UpstreamError as exc:
             if exc.body:
-                return Response(exc.body, status_code=exc.status, media_type=JSON)
+                return Response(exc.body, status_code=exc.status, media_type=JSON, headers=exc.headers)
             return error_response(exc.status, str(exc), kind="upstream_error")
         return Response(orjson.dumps(listing), media_type=JSON)
 

@@ -214,6 +214,7 @@ def embeddings_handler(runtime: Runtime) -> Any:
                 exc.body or orjson.dumps({"error": {"message": str(exc), "type": "upstream_error"}}),
                 status_code=exc.status,
                 media_type=JSON,
+                headers={"x-request-id": request_id, **exc.headers},
             )
         except BackendError as exc:
             response = error_response(

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -50,6 +50,7 @@ class Outcome:
     response: dict[str, Any] | None = None
     created: float | None = None  # set when the answer came from the store (another replica's flight)
     storable: bool = True  # False: `response` is whole for its clients but must not be cached
+    headers: dict[str, str] = field(default_factory=dict)  # an upstream error's retry-after & co.
 
 
 @dataclass(slots=True)
@@ -271,7 +272,10 @@ class Proxy:
                 )
             except UpstreamError as exc:
                 return Response(
-                    error_body(str(exc)), status_code=exc.status, media_type=JSON, headers=headers
+                    exc.body or error_body(str(exc)),
+                    status_code=exc.status,
+                    media_type=JSON,
+                    headers={**headers, **exc.headers},
                 )
             return Response(body, status_code=status, media_type=JSON, headers=headers)
         events = self.upstream.stream(path, call.upstream_body(), tenant=call.tenant.tenant_id)
@@ -279,7 +283,10 @@ class Proxy:
             first = await anext(events)
         except UpstreamError as exc:
             return Response(
-                exc.body or error_body(str(exc)), status_code=exc.status, media_type=JSON, headers=headers
+                exc.body or error_body(str(exc)),
+                status_code=exc.status,
+                media_type=JSON,
+                headers={**headers, **exc.headers},
             )
         except StopAsyncIteration:
             return Response(
@@ -331,7 +338,9 @@ class Proxy:
         if first is None:  # cannot happen for a flight that ran: it always emits or fails
             return Response(error_body("empty stream"), status_code=502, media_type=JSON, headers=headers)
         if isinstance(first, Outcome):
-            return Response(first.body, status_code=first.status, media_type=JSON, headers=headers)
+            return Response(
+                first.body, status_code=first.status, media_type=JSON, headers={**headers, **first.headers}
+            )
         return StreamingResponse(
             _drain(first, reader), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
         )
@@ -357,7 +366,9 @@ class Proxy:
             return StreamingResponse(
                 _iterate(frames), media_type="text/event-stream", headers={**headers, **SSE_HEADERS}
             )
-        return Response(outcome.body, status_code=outcome.status, media_type=JSON, headers=headers)
+        return Response(
+            outcome.body, status_code=outcome.status, media_type=JSON, headers={**headers, **outcome.headers}
+        )
 
     async def _lead(self, key: str, call: Call, sink: Broadcast | None) -> Outcome:
         """Compute the answer once (across replicas when shared), store it if cacheable, report it."""
@@ -430,7 +441,7 @@ class Proxy:
                 PATHS[call.endpoint], call.upstream_body(), tenant=call.tenant.tenant_id
             )
         except UpstreamError as exc:
-            return Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
+            return Outcome(status=exc.status, body=exc.body or error_body(str(exc)), headers=exc.headers)
         self.cache.metrics.observe_compute("exact", time.perf_counter() - started)
         if status != 200:
             return Outcome(status=status, body=body)
@@ -464,7 +475,7 @@ class Proxy:
                 sent = True
             response = recorder.response() if recorder.complete else None
         except UpstreamError as exc:
-            failed = Outcome(status=exc.status, body=exc.body or error_body(str(exc)))
+            failed = Outcome(status=exc.status, body=exc.body or error_body(str(exc)), headers=exc.headers)
             # Before the first event the client still gets a plain HTTP error; after it, an error event
             # (the OpenAI SDK raises on it), so a cut stream is never mistaken for a short answer.
             sink.put_nowait(frame(error_body(str(exc))) if sent else failed)

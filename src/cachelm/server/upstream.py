@@ -5,9 +5,12 @@ An upstream answers two calls:
 `tenant` is passed along for upstreams that keep per-tenant state (the local engine's KV prefix cache);
 an HTTP upstream ignores it.
 
-- ``post(path, body)`` → ``(status, body bytes)``: a non-streaming call. A non-2xx status is *returned*
-  (the proxy passes it through and never caches it); transport failures (refused, timeout, reset) raise
-  ``UpstreamError`` with the status the client should see (502, or 504 for a timeout).
+- ``post(path, body)`` → ``(status, body bytes)``: a non-streaming call. An HTTP upstream's error status
+  raises ``UpstreamError`` carrying that status, its body and the headers a client backs off by
+  (``retry-after``, ``retry-after-ms``, ``x-ratelimit-*``: the proxy passes them on, so the OpenAI SDK
+  waits as the upstream asked; the local engine returns its refusals); transport failures (refused,
+  timeout, reset) raise ``UpstreamError`` with the status the client should see (502, or 504 for a
+  timeout). Nothing that is not a 200 is ever cached.
 - ``stream(path, body)`` → an async iterator over SSE ``data:`` payloads (bytes, ``[DONE]`` included). An
   error status before the first event raises ``UpstreamError`` carrying the upstream's status and body; a
   stream cut mid-way raises ``UpstreamError`` from the iterator, so the caller knows it is incomplete. The
@@ -18,7 +21,7 @@ an HTTP upstream ignores it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,12 +31,33 @@ from cachelm.errors import BackendError, ConfigError
 
 
 class UpstreamError(BackendError):
-    """The upstream failed; `status` and `body` are what the client is told."""
+    """The upstream failed; `status`, `body` and `headers` are what the client is told."""
 
-    def __init__(self, message: str, *, status: int = 502, body: bytes | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        self.headers = dict(headers or {})
+
+
+def passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an upstream error that tell a client when to retry (rate limits, overload)."""
+    return {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower() in ("retry-after", "retry-after-ms") or name.lower().startswith("x-ratelimit-")
+    }
+
+
+def _refused(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    return UpstreamError(f"upstream answered {status}", status=status, body=body, headers=passed_on(headers))
 
 
 class Upstream(Protocol):
@@ -118,7 +142,10 @@ class AiohttpUpstream:
 
         try:
             async with self._client().post(f"{self._base}/{path}", data=body) as response:
-                return response.status, await response.read()
+                answer = await response.read()
+                if response.status != 200:
+                    raise _refused(response.status, answer, response.headers)
+                return response.status, answer
         except TimeoutError as exc:
             raise UpstreamError("upstream timed out", status=504) from exc
         except aiohttp.ClientError as exc:
@@ -139,11 +166,7 @@ class AiohttpUpstream:
         try:
             async with self._client().post(f"{self._base}/{path}", data=body) as response:
                 if response.status != 200:
-                    raise UpstreamError(
-                        f"upstream answered {response.status}",
-                        status=response.status,
-                        body=await response.read(),
-                    )
+                    raise _refused(response.status, await response.read(), response.headers)
                 last_data = time.monotonic()
                 async for line in response.content:
                     if line.startswith(b"data:"):
@@ -205,6 +228,8 @@ class HTTPUpstream:
             raise UpstreamError(f"upstream timed out: {type(exc).__name__}", status=504) from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise _refused(response.status_code, response.content, response.headers)
         return response.status_code, response.content
 
     async def get(self, path: str) -> tuple[int, bytes]:
@@ -224,11 +249,7 @@ class HTTPUpstream:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
         try:
             if response.status_code != 200:
-                raise UpstreamError(
-                    f"upstream answered {response.status_code}",
-                    status=response.status_code,
-                    body=await response.aread(),
-                )
+                raise _refused(response.status_code, await response.aread(), response.headers)
             last_data = time.monotonic()
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
