@@ -553,3 +553,18 @@ def test_a_single_id_string_is_refused_not_read_as_its_characters(
         index.remove_response_keys("t", "r1")
     assert len(index) == 2
     index.close()
+
+
+def test_a_closed_persisted_index_refuses_changes_it_could_not_keep(tmp_path: Path) -> None:
+    """An `add` after `close` went to memory only and was lost without a word at the next open."""
+    vectors = unit(2, seed=6)
+    index = HNSWIndex(DIM, path=tmp_path / "cache.db")
+    index.add([entry("kept", vectors[0], rkey="r0")])
+    index.close()
+    with pytest.raises(BackendError, match="is closed"):
+        index.add([entry("lost", vectors[1], rkey="r1")])
+    with pytest.raises(BackendError, match="is closed"):
+        index.remove(["kept"])
+    again = HNSWIndex(DIM, path=tmp_path / "cache.db")
+    assert len(again) == 1 and again.get("kept") is not None and again.get("lost") is None
+    again.close()

@@ -360,6 +360,7 @@ class HNSWIndex(PartitionedIndex):
             )
         self.keyring = keyring
         self._db: sqlite3.Connection | None = None
+        self._closed = False  # a persisted index after `close`: changes would live in memory only
         self._mutations = 0
         # corrupt: entries whose stored vector could not be read (tampered, truncated): deleted on open
         self.recovery: dict[str, int] = {"loaded": 0, "rebuilt": 0, "reconciled": 0, "corrupt": 0}
@@ -577,7 +578,12 @@ class HNSWIndex(PartitionedIndex):
         self.recovery["reconciled" if stale or fresh else "loaded"] += 1
         return graph
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError(f"semantic index {self._base} is closed: the change would not be kept")
+
     def _journal_add(self, labelled: Sequence[tuple[int, IndexEntry]]) -> None:
+        self._check_open()
         if self._db is None:
             return
         rows = [
@@ -607,6 +613,7 @@ class HNSWIndex(PartitionedIndex):
         )
 
     def _journal_remove(self, labels: Sequence[int]) -> None:
+        self._check_open()
         if self._db is None:
             return
         self._write(
@@ -710,6 +717,8 @@ class HNSWIndex(PartitionedIndex):
         if self._db is None:
             return
         self.flush()
-        self._db.close()
-        self._db = None
+        with self._lock:  # an `add` running meanwhile finishes first; later ones are refused
+            self._closed = True
+            self._db.close()
+            self._db = None
         self._lock_file.close()  # releases the flock
