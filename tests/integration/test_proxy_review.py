@@ -459,3 +459,23 @@ def test_a_rate_limit_reaches_the_client_with_its_retry_headers(
         if path != "embeddings":
             raw = c.chat.completions.with_raw_response.create(**chat("limited"))
             assert raw.headers["x-cachelm-cache"] == "miss"  # the 429 was not stored
+
+
+def test_embeddings_honour_ttl_tags_and_refresh(proxy: ProxyThread, upstream: ScriptedUpstream) -> None:
+    """The cache controls were accepted on /v1/embeddings and ignored: vectors kept no tag and no lifetime
+    (purge by tag missed them), and `refresh` only bypassed, leaving the old vectors in place."""
+    from cachelm.store import Match
+
+    c = client(proxy)
+    ask = {"model": "text-embedding-3-small", "input": ["tagged text", "other text"]}
+    c.embeddings.create(**ask, extra_headers={"x-cachelm-tags": "batch-7", "x-cachelm-ttl": "60"})
+    stored = list(proxy.runtime.store.scan(Match(tag="batch-7")))
+    assert len(stored) == 2
+    assert all(r.expires is not None and abs(r.expires - r.created - 60) < 1e-6 for r in stored)
+    calls = upstream.count("/v1/embeddings")
+    raw = c.embeddings.with_raw_response.create(**ask, extra_headers={"x-cachelm-refresh": "on"})
+    assert raw.headers["x-cachelm-cache"] == "miss" and upstream.count("/v1/embeddings") == calls + 1
+    refreshed = {r.key: r for r in proxy.runtime.store.scan(Match(tag="embedding"))}
+    assert all(refreshed[r.key].created > r.created for r in stored)  # overwritten, not left in place
+    again = c.embeddings.with_raw_response.create(**ask)
+    assert again.headers["x-cachelm-cache"] == "hit" and upstream.count("/v1/embeddings") == calls + 1

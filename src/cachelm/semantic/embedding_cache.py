@@ -22,6 +22,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import inf
 
 import numpy as np
 
@@ -109,21 +110,35 @@ class EmbeddingCache:
         return embedding_key(text, model_id=self.model_id, tenant=tenant)
 
     def embed_many(
-        self, texts: Sequence[str], *, tenant: str = DEFAULT_TENANT, user: str = ""
+        self,
+        texts: Sequence[str],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        user: str = "",
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        refresh: bool = False,
     ) -> EmbeddingBatch:
         """Vectors of `texts` in input order; cached ones read, the rest embedded in one batch and stored.
 
         A vector stored here is attributed to `user` (the one whose text put it there), so erasing that
-        user deletes it; a text another user of the tenant had already cached stays theirs.
+        user deletes it; a text another user of the tenant had already cached stays theirs. `ttl`
+        (seconds; default the cache's) and `tags` (besides "embedding") go with the vectors this call
+        stores; `refresh` embeds every text again and overwrites what was cached.
         """
         items = check_texts(texts)
         check_tenant(tenant)
         if not isinstance(user, str):
             raise ConfigError(f"`user` must be a string, got {type(user).__name__}")
+        finite = isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 < ttl < inf
+        if ttl is not None and not finite:
+            raise ConfigError(f"`ttl` must be None or a finite number of seconds > 0, got {ttl!r}")
+        if isinstance(tags, str) or not all(isinstance(tag, str) and tag for tag in tags):
+            raise ConfigError(f"`tags` must be a sequence of non-empty strings, got {tags!r}")
         keys = [self.key(t, tenant=tenant) for t in items]
         found: dict[str, np.ndarray] = {}
         errors = 0
-        for key in dict.fromkeys(keys):  # each distinct text read once
+        for key in () if refresh else dict.fromkeys(keys):  # each distinct text read once
             try:
                 record = self.store.get(key)
             except BackendError:
@@ -137,7 +152,7 @@ class EmbeddingCache:
             computed = self.embedder.embed(list(missing.values()))  # (m, dim)
             for (key, _text), vector in zip(missing.items(), computed, strict=True):
                 found[key] = vector
-                errors += self._put(key, tenant, user, vector)
+                errors += self._put(key, tenant, user, vector, ttl=ttl, tags=tags)
         hits = tuple(k not in missing for k in keys)
         self.stats.add(hits=sum(hits), misses=len(hits) - sum(hits), errors=errors)
         vectors = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
@@ -155,17 +170,20 @@ class EmbeddingCache:
         check_tenant(tenant)
         return self.store.purge(Match(tenant=tenant, tag="embedding", model=self.model_id))
 
-    def _put(self, key: str, tenant: str, user: str, vector: np.ndarray) -> int:
+    def _put(
+        self, key: str, tenant: str, user: str, vector: np.ndarray, *, ttl: float | None, tags: Sequence[str]
+    ) -> int:
         now = self.store.clock()
+        ttl = self.ttl if ttl is None else ttl
         record = Record(
             key=key,
             value=encode_vector(vector),
             tenant=tenant,
             user=user,
             model=self.model_id,
-            tags=frozenset({"embedding"}),
+            tags=frozenset({"embedding", *tags}),
             created=now,
-            expires=None if self.ttl is None else now + self.ttl,
+            expires=None if ttl is None else now + ttl,
         )
         try:
             self.store.put(record)

@@ -26,7 +26,14 @@ from starlette.responses import Response
 
 from cachelm.errors import BackendError, ConfigError, TenantError
 from cachelm.semantic.embedding_cache import EmbeddingCache
-from cachelm.server.control import RequestError, embedding_inputs, parse_control, request_user
+from cachelm.server.control import (
+    DEFAULT_CONTROL,
+    CacheControl,
+    RequestError,
+    embedding_inputs,
+    parse_control,
+    request_user,
+)
 from cachelm.server.proxy import JSON
 from cachelm.server.runtime import Runtime
 from cachelm.server.upstream import UpstreamError
@@ -109,9 +116,15 @@ class EmbeddingsService:
         return vectors, int(tokens or 0)
 
     async def embed(
-        self, body: dict[str, Any], texts: list[str], tenant: str, user: str = ""
+        self,
+        body: dict[str, Any],
+        texts: list[str],
+        tenant: str,
+        user: str = "",
+        control: CacheControl = DEFAULT_CONTROL,
     ) -> tuple[np.ndarray, int, int]:
-        """(vectors, hits, upstream prompt tokens) for `texts`; vectors stored are attributed to `user`."""
+        """(vectors, hits, upstream prompt tokens) for `texts`; vectors stored are attributed to `user`
+        and carry the request's `ttl` and `tags`; `refresh` recomputes them all and overwrites."""
         model_id = f"{body['model']}|dimensions={body.get('dimensions')}"
         cache = self.caches.get(model_id)
         if cache is not None:
@@ -122,7 +135,9 @@ class EmbeddingsService:
         if cache is None:  # vector size unknown until the upstream has answered once: compute everything
             vectors, spent[0] = await self._upstream(body, texts, tenant)
             embedder = UpstreamEmbedder(model_id, int(vectors.shape[1]))
-            cache = self.caches.setdefault(model_id, EmbeddingCache(self.runtime.store, embedder))
+            cache = self.caches.setdefault(
+                model_id, EmbeddingCache(self.runtime.store, embedder, ttl=self.runtime.config.default_ttl)
+            )
             while len(self.caches) > MAX_MODELS:
                 self.caches.popitem(last=False)
             primed = dict(zip(texts, vectors, strict=True))
@@ -142,15 +157,19 @@ class EmbeddingsService:
                     raise UpstreamError(f"upstream embedding size changed from {dim} to {vectors.shape[1]}")
                 return vectors
 
-        batch = await asyncio.to_thread(_embed_many, cache, texts, tenant, user, fetch)
+        batch = await asyncio.to_thread(_embed_many, cache, texts, tenant, user, fetch, control)
         return np.asarray(batch.vectors), 0 if first else batch.num_hits, spent[0]
 
 
-def _embed_many(cache: EmbeddingCache, texts: list[str], tenant: str, user: str, fetch: Any) -> Any:
+def _embed_many(
+    cache: EmbeddingCache, texts: list[str], tenant: str, user: str, fetch: Any, control: CacheControl
+) -> Any:
     embedder = cache.embedder
     assert isinstance(embedder, UpstreamEmbedder)
     embedder.local.fetch = fetch  # thread-local: concurrent requests run in different worker threads
-    return cache.embed_many(texts, tenant=tenant, user=user)
+    return cache.embed_many(
+        texts, tenant=tenant, user=user, ttl=control.ttl, tags=control.tags, refresh=control.refresh
+    )
 
 
 def embeddings_handler(runtime: Runtime) -> Any:
@@ -172,7 +191,7 @@ def embeddings_handler(runtime: Runtime) -> Any:
             if encoding not in ("float", "base64"):
                 raise RequestError(f"`encoding_format` must be 'float' or 'base64', got {encoding!r:.40}")
             headers = {"x-request-id": request_id}
-            if texts is None or control.bypass or control.refresh:
+            if texts is None or control.bypass:
                 outcome = "bypass"
                 runtime.proxy.upstream_calls += 1
                 runtime.metrics.upstream_calls.labels("embeddings").inc()
@@ -189,7 +208,7 @@ def embeddings_handler(runtime: Runtime) -> Any:
                 )
             else:
                 user = request_user(request.headers, body)
-                vectors, hits, tokens = await service.embed(body, texts, tenant.tenant_id, user)
+                vectors, hits, tokens = await service.embed(body, texts, tenant.tenant_id, user, control)
                 outcome = "hit" if hits == len(texts) else "miss"
                 answer_obj = {
                     "object": "list",
