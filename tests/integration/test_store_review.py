@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -340,3 +341,38 @@ def test_a_redis_database_that_is_not_a_number_is_refused(url: str) -> None:
     """redis-py read "/cache" as database 0: another database than the one meant, without a word."""
     with pytest.raises(ConfigError, match="the database must be a number"):
         RedisStore.from_url(url)
+
+
+class _ReaderWithAWriterBetween(RedisStore):
+    """A real RedisStore whose reads run `between` (once) after fetching a record and before judging it:
+    the moment another writer's put lands in a real race."""
+
+    between: Callable[[], object] | None = None
+
+    def _decode(self, key: str, fields: Any) -> Record | None:
+        record = super()._decode(key, fields)
+        hook, self.between = self.between, None
+        if hook is not None:
+            hook()
+        return record
+
+
+def test_redis_corrupt_read_keeps_a_record_written_meanwhile(redis_url: str, namespace: str) -> None:
+    """The reader that found `k` corrupt deleted it by key, and with it the fresh record another writer had
+    just put; now it deletes only the bytes it judged."""
+    reader = _ReaderWithAWriterBetween.from_url(redis_url, namespace=namespace)
+    writer = RedisStore.from_url(redis_url, namespace=namespace)
+    try:
+        writer.put(Record(key="k", value=b"old answer", tenant="acme"))
+        redis.Redis.from_url(redis_url).hset(reader._r("k"), "v", b"garbled bytes")  # fails its checksum
+        reader.between = lambda: writer.put(Record(key="k", value=b"fresh answer", tenant="acme"))
+        assert reader.get("k") is None and reader.stats.corrupt_reads == 1
+        fresh = writer.get("k")
+        assert fresh is not None and fresh.value == b"fresh answer"
+        assert [r.key for r in writer.scan(Match(tenant="acme"))] == ["k"]  # still indexed
+        redis.Redis.from_url(redis_url).hset(reader._r("k"), "v", b"garbled again")
+        assert reader.get("k") is None and writer.peek("k") is None  # no writer between: dropped
+    finally:
+        writer.clear()
+        reader.close()
+        writer.close()

@@ -85,10 +85,7 @@ return 1
 """
 )
 
-# KEYS: r, m. ARGV: pre, key. Returns 1 when a record (not yet expired by Redis) existed.
-_LUA_DELETE = (
-    _LUA_INDEX
-    + """
+_DELETE_BODY = """
 local live = redis.call('EXISTS', KEYS[1])
 local old = redis.call('GET', KEYS[2])
 if old then unindex(ARGV[1], ARGV[2], old) else
@@ -96,6 +93,26 @@ if old then unindex(ARGV[1], ARGV[2], old) else
 redis.call('DEL', KEYS[1], KEYS[2])
 return live
 """
+
+# KEYS: r, m. ARGV: pre, key. Returns 1 when a record (not yet expired by Redis) existed.
+_LUA_DELETE = _LUA_INDEX + _DELETE_BODY
+
+# KEYS: r, m. ARGV: pre, key, then the value, checksum and metadata a reader found corrupt, each as '1'
+# followed by the bytes, or '0' when absent. Deletes only while the record is still those bytes: a record
+# another writer put since the read is left alone.
+_LUA_DELETE_SAME = (
+    _LUA_INDEX
+    + """
+local function same(now, was)
+  if string.sub(was, 1, 1) == '0' then return not now end
+  return now == string.sub(was, 2)
+end
+local r = redis.call('HMGET', KEYS[1], 'v', 'c')
+if not (same(r[1], ARGV[3]) and same(r[2], ARGV[4]) and same(redis.call('GET', KEYS[2]), ARGV[5])) then
+  return 0
+end
+"""
+    + _DELETE_BODY
 )
 
 # KEYS: index sets to clean. ARGV: pre, keys... Forgets keys that have neither a value nor metadata; the
@@ -167,6 +184,7 @@ class RedisStore(Store):
         self._puts = 0
         self._put = client.register_script(_LUA_PUT)
         self._delete = client.register_script(_LUA_DELETE)
+        self._delete_same = client.register_script(_LUA_DELETE_SAME)
         self._get = client.register_script(_LUA_GET)
         self._sweep = client.register_script(_LUA_SWEEP)
         self._forget = client.register_script(_LUA_FORGET)
@@ -242,10 +260,19 @@ class RedisStore(Store):
             return None
         return decode_verified(key, bytes(value), meta_json, bytes(checksum), hit_count)
 
-    def _corrupt(self, key: str) -> None:
+    def _corrupt(self, key: str, value: Any, checksum: Any, meta: Any) -> None:
+        """Count a record that failed its checks and drop it, unless a writer replaced it since the read."""
         self.stats.add("corrupt_reads")
-        with contextlib.suppress(BackendError):  # the next reader finds it corrupt and retries the delete
-            self.delete(key)
+
+        def was(part: Any) -> bytes:
+            return b"0" if part is None else b"1" + bytes(part)
+
+        # A failure leaves it: the next reader finds it corrupt and retries the delete.
+        with contextlib.suppress(redis.RedisError):
+            self._delete_same(
+                keys=[self._r(key), self._m(key)],
+                args=[self.namespace, key, was(value), was(checksum), was(meta)],
+            )
 
     def get(self, key: str) -> Record | None:
         check_key(key)
@@ -257,7 +284,7 @@ class RedisStore(Store):
             return None
         record = self._decode(key, fields)
         if record is None:
-            self._corrupt(key)
+            self._corrupt(key, fields[0], fields[1], fields[3])
             return None
         return None if record.expired(self.clock()) else record
 
@@ -289,7 +316,7 @@ class RedisStore(Store):
                 continue
             record = self._decode(key, (value, checksum, hits, meta))
             if record is None:
-                self._corrupt(key)
+                self._corrupt(key, value, checksum, meta)
             elif not record.expired(now):
                 out.append(record)
         return out
