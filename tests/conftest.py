@@ -56,6 +56,16 @@ def pg_url() -> Iterator[str]:
     server.close()
 
 
+@pytest.fixture
+def table(pg_url: str, namespace: str) -> Iterator[str]:
+    """A pgvector table name of this test's own, dropped afterwards through a fresh connection."""
+    yield namespace
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {namespace}")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch CPU thread for a module of tiny-model tests, restored after it (`pytestmark =

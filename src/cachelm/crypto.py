@@ -16,7 +16,8 @@ Associated data binds the envelope to its place: (format, key id, tenant, record
 to another record key or tenant fails authentication, as does any flipped bit. A random 96-bit nonce per
 envelope is safe for about 2**32 encryptions per data key (NIST SP 800-38D); rotate the master key sooner.
 
-Failures to decrypt (unknown key id, wrong key, tampering, truncation) raise ``IntegrityError``.
+Failures to decrypt (unknown key id, wrong key, tampering, truncation) raise ``IntegrityError``; an unknown
+key id raises its subclass ``UnknownKeyError``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cachelm.errors import ConfigError, IntegrityError
+from cachelm.errors import ConfigError, IntegrityError, UnknownKeyError
 
 MAGIC = b"CLE1"
 NONCE_BYTES = 12
@@ -123,7 +124,7 @@ class Keyring:
         if aead is None:
             master = self._keys.get(key_id)
             if master is None:
-                raise IntegrityError(f"unknown key id {key_id!r}; this keyring holds {sorted(self._keys)}")
+                raise UnknownKeyError(f"unknown key id {key_id!r}; this keyring holds {sorted(self._keys)}")
             aead = AESGCM(derive_key(master, key_id=key_id, tenant_id=tenant_id))
             with self._lock:
                 if len(self._aead) >= _MAX_CACHED_DATA_KEYS:

@@ -6,6 +6,7 @@ Every error derives from one root, so ``except CacheLMError`` catches them all::
      ├── ConfigError        bad argument or setting (also a ValueError)
      ├── BackendError       a store, index or tier failed (server down, timeout, disk full)
      ├── IntegrityError     a stored record failed its checksum or could not be decrypted
+     │    └── UnknownKeyError  sealed under a key id this keyring does not hold (another's; not corrupt)
      ├── TenantError        unknown tenant, bad API key, or an access across tenants
      ├── CheckpointError    a model or fuser checkpoint does not match what it is loaded into
      └── TrainingError      a training run became numerically unsound (non-finite losses or gradients)
@@ -32,6 +33,11 @@ class BackendError(CacheLMError):
 
 class IntegrityError(CacheLMError):
     """A stored record is corrupt: checksum mismatch, truncated payload, or failed decryption."""
+
+
+class UnknownKeyError(IntegrityError):
+    """An envelope sealed under a key id the keyring lacks: most likely another replica's, sealed after it
+    got a new master key, so callers leave it in place rather than delete it as corrupt."""
 
 
 class TenantError(CacheLMError):

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.semantic import HashingEmbedder, PgVectorIndex, SemanticCache, StaticThreshold, VectorIndex
 from tests.unit.test_semantic_index import DIM, IndexContract, entry, unit
-
-
-@pytest.fixture
-def table(pg_url: str, namespace: str) -> Iterator[str]:
-    """A table name of this test's own, dropped afterwards through a fresh connection."""
-    yield namespace
-    cleanup = PgVectorIndex(pg_url, DIM, table=namespace)
-    cleanup.drop()
-    cleanup.close()
 
 
 class TestPgVectorContract(IndexContract):

@@ -41,6 +41,7 @@ from cachelm.store import MemoryStore
 from cachelm.store.base import Match
 from cachelm.store.sqlite import SQLiteStore
 from tests.at_rest import raw_bytes
+from tests.unit.test_governance import answer
 
 DIM = 16
 
@@ -57,22 +58,6 @@ def entry(entry_id: str, vector: np.ndarray, *, rkey: str, tenant: str = "t", ct
 def chat(text: str, *, system: str = "be brief") -> dict[str, Any]:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
     return {"model": "gpt-4o-mini", "temperature": 0, "messages": messages}
-
-
-def answer(request: dict[str, Any], *, version: str = "v1") -> dict[str, Any]:
-    text = request["messages"][-1]["content"]
-    return {
-        "object": "chat.completion",
-        "model": request["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": f"{version}: {text}"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
-    }
 
 
 # ---- index consistency: one `add` naming the same entry id twice ----------------------------------------
@@ -275,14 +260,6 @@ def test_one_corrupt_row_is_dropped_and_counted_not_a_refusal_to_open(tmp_path: 
 
 
 # ---- pgvector: a server that goes away or stalls is a miss, then service resumes --------------------------
-
-
-@pytest.fixture
-def table(pg_url: str, namespace: str) -> Iterator[str]:
-    yield namespace
-    cleanup = PgVectorIndex(pg_url, DIM, table=namespace)
-    cleanup.drop()
-    cleanup.close()
 
 
 def test_pgvector_reconnects_after_the_server_dropped_its_connection(pg_url: str, table: str) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cachelm.errors import BackendError, ConfigError, IntegrityError
+from cachelm.errors import BackendError, ConfigError, IntegrityError, UnknownKeyError
 from cachelm.keys import BlockHash
 from cachelm.kv.codecs import Codec, EncodedBlock, RawCodec, check_owner, from_bytes, to_bytes
 
@@ -49,10 +49,6 @@ Evicted = list[tuple[BlockHash, EncodedBlock | None]]
 # The data key of sealed KV blocks. Blocks carry no tenant of their own (their hashes are salted per tenant),
 # so one key domain covers them; the record key "kv:<hash>" keeps it apart from any response record.
 KV_KEY_DOMAIN = "cachelm.kv"
-
-
-class _UnknownKey(IntegrityError):
-    """A well-formed envelope sealed under a key id this tier's keyring does not hold."""
 
 
 class Tier(ABC):
@@ -117,7 +113,7 @@ class Tier(ABC):
         corrupt = False
         try:
             block = self._read(block_hash)
-        except _UnknownKey:
+        except UnknownKeyError:
             block = None
             self.unknown_key += 1  # forgotten here, left in place for the processes that hold the key
         except IntegrityError:
@@ -295,10 +291,6 @@ class _BytesTier(Tier):
         """The block stored as `data`; IntegrityError when it fails to open or to parse."""
         if self.keyring is None:
             return from_bytes(data)
-        from cachelm.crypto import envelope_key_id  # only sealed tiers need `cryptography`
-
-        if envelope_key_id(data) not in self.keyring.key_ids:  # IntegrityError if no envelope at all
-            raise _UnknownKey(f"block {block_hash.hex()} is sealed under a key this keyring lacks")
         opened = self.keyring.decrypt_to_buffer(
             data, tenant_id=KV_KEY_DOMAIN, record_key=f"kv:{block_hash.hex()}"
         )

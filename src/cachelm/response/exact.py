@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import is_sampled, request_key, tenant_salt
 from cachelm.metrics import CacheMetrics
 from cachelm.response.singleflight import AsyncSingleFlight, SingleFlight
-from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store
+from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_ttl
 
 LAYER = "exact"
 ENDPOINTS = ("chat.completions", "completions", "embeddings")  # OpenAI endpoints with a known answer shape
@@ -83,15 +82,6 @@ def encode_response(response: Mapping[str, Any]) -> bytes:
         return json.dumps(response, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"`response` must be JSON-serialisable: {exc}") from None
-
-
-def check_ttl(ttl: float | None, name: str = "ttl") -> None:
-    """Raise ConfigError unless `ttl` is None (never expires) or a finite number of seconds > 0."""
-    # Finite: an infinite TTL makes an infinite expiry, which no store can hold (None means "never").
-    if ttl is not None and (
-        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
-    ):
-        raise ConfigError(f"`{name}` must be a finite number of seconds > 0 or None, got {ttl!r}")
 
 
 def _check_str(value: Any, name: str, *, empty: bool = False) -> None:

@@ -35,9 +35,9 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.metrics import CacheMetrics
-from cachelm.response.exact import ExactCache, check_ttl
+from cachelm.response.exact import ExactCache
 from cachelm.response.singleflight import AsyncSingleFlight, SingleFlight
-from cachelm.store.base import Match, Record, Store
+from cachelm.store.base import Match, Record, Store, check_ttl
 
 P = ParamSpec("P")
 R = TypeVar("R")

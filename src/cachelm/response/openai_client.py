@@ -33,9 +33,9 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cachelm.errors import CacheLMError, ConfigError
-from cachelm.response.exact import LAYER, ExactCache, check_ttl
+from cachelm.response.exact import LAYER, ExactCache
 from cachelm.response.streaming import assemble_chat, assemble_completion, chat_chunks, completion_chunks
-from cachelm.store.base import DEFAULT_TENANT
+from cachelm.store.base import DEFAULT_TENANT, check_ttl
 
 T = TypeVar("T")
 

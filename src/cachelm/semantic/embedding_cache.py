@@ -22,14 +22,13 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from math import inf
 
 import numpy as np
 
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import KEY_SCHEMA_VERSION
 from cachelm.semantic.embedder import Embedder, Vectors, check_texts
-from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store
+from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_ttl
 
 _HEADER = struct.Struct("<I")  # dimension
 
@@ -130,9 +129,7 @@ class EmbeddingCache:
         check_tenant(tenant)
         if not isinstance(user, str):
             raise ConfigError(f"`user` must be a string, got {type(user).__name__}")
-        finite = isinstance(ttl, int | float) and not isinstance(ttl, bool) and 0 < ttl < inf
-        if ttl is not None and not finite:
-            raise ConfigError(f"`ttl` must be None or a finite number of seconds > 0, got {ttl!r}")
+        check_ttl(ttl)
         if isinstance(tags, str) or not all(isinstance(tag, str) and tag for tag in tags):
             raise ConfigError(f"`tags` must be a sequence of non-empty strings, got {tags!r}")
         keys = [self.key(t, tenant=tenant) for t in items]

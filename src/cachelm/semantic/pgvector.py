@@ -102,10 +102,7 @@ class PgVectorIndex:
             raise ConfigError("PgVectorIndex needs `pip install cachelm[postgres]`") from exc
         self._psycopg = psycopg
         self._register_vector = register_vector
-        try:
-            self._conn: Any = psycopg.connect(url, autocommit=True, connect_timeout=self._connect_timeout)
-        except psycopg.Error as exc:
-            raise BackendError(f"pgvector index {table}: {exc}") from exc
+        self._conn: Any = self._connect()
         try:
             self._conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             self._create(connectivity, expansion_add)
@@ -126,12 +123,16 @@ class PgVectorIndex:
         if bounded and self._timeout_ms is not None:
             conn.execute(f"SET statement_timeout = {self._timeout_ms}")
 
+    def _connect(self) -> Any:
+        """A new autocommit connection; BackendError when the server cannot be reached."""
+        try:
+            return self._psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout)
+        except self._psycopg.Error as exc:
+            raise BackendError(f"pgvector index {self.table}: {exc}") from exc
+
     def _open(self, *, bounded: bool) -> Any:
         """A new configured connection; BackendError when the server cannot be reached."""
-        try:
-            conn = self._psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout)
-        except self._psycopg.Error as exc:
-            raise BackendError(f"pgvector index {self.table}: connecting: {exc}") from exc
+        conn = self._connect()
         try:
             self._configure(conn, bounded=bounded)
         except self._psycopg.Error as exc:

@@ -33,6 +33,7 @@ from cachelm.server.control import (
 )
 from cachelm.server.proxy import JSON, Call
 from cachelm.server.runtime import Runtime
+from cachelm.server.sse import ends_stream
 from cachelm.server.upstream import UpstreamError
 
 log = logging.getLogger("cachelm.server")
@@ -204,9 +205,10 @@ async def _recorded(frames: AsyncIterable[Any], record: Callable[[int], None]) -
     status = 499
     try:
         async for chunk in frames:
-            if isinstance(chunk, bytes) and chunk.startswith(b'data: {"error"'):
+            done, failed = ends_stream(chunk) if isinstance(chunk, bytes) else (False, False)
+            if failed:
                 status = 502
-            elif isinstance(chunk, bytes) and chunk.startswith(b"data: [DONE]") and status == 499:
+            elif done and status == 499:
                 status = 200  # whole: a client that leaves right after reading it is no 499
             yield chunk
         if status == 499:

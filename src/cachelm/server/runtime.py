@@ -242,9 +242,7 @@ class Runtime:
             return self._models[1]
         getter = getattr(self.upstream, "get", None)
         if getter is not None:
-            status, body = await getter("models")
-            if status != 200:
-                raise UpstreamError(f"upstream answered {status}", status=status, body=body)
+            _, body = await getter("models")  # an error status raises, with its retry headers
             try:
                 listing: dict[str, Any] = orjson.loads(body)
             except orjson.JSONDecodeError:

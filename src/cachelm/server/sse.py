@@ -25,6 +25,11 @@ def frame(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+def ends_stream(event: bytes) -> tuple[bool, bool]:
+    """``(is [DONE], is an error event)`` for one frame made by `frame`."""
+    return event.startswith(b"data: " + DONE), event.startswith(b'data: {"error"')
+
+
 class StreamRecorder:
     """Collects the chunks of one streamed completion (``chat.completions`` or ``completions``) that asked
     for `expected_choices` choices (``n``; times the prompts of a batched legacy completion)."""
@@ -184,7 +189,6 @@ class StreamRecorder:
 # Delta and message fields handled by name; any other non-empty string field of a delta (a provider's
 # `reasoning_content`, say) is concatenated into the message under its name, and replayed before the answer.
 _DELTA_FIELDS = frozenset({"role", "content", "refusal", "function_call", "tool_calls"})
-_MESSAGE_FIELDS = _DELTA_FIELDS
 
 
 def _str_or_none(mapping: dict[str, Any], *names: str) -> bool:
@@ -259,7 +263,7 @@ def replay(endpoint: str, response: dict[str, Any], *, include_usage: bool = Fal
             content = message.get("content") or ""
             yield chunk(index, {"delta": {"role": message.get("role", "assistant"), "content": ""}})
             for name, value in message.items():  # a reasoning text and the like come before the answer
-                if name not in _MESSAGE_FIELDS and isinstance(value, str) and value:
+                if name not in _DELTA_FIELDS and isinstance(value, str) and value:
                     yield chunk(index, {"delta": {name: value}})
             for piece in _pieces(content) if logprobs is None else [content]:
                 yield chunk(index, {"delta": {"content": piece}}, logprobs=logprobs)

@@ -156,7 +156,10 @@ class AiohttpUpstream:
 
         try:
             async with self._client().get(f"{self._base}/{path}") as response:
-                return response.status, await response.read()
+                answer = await response.read()
+                if response.status != 200:
+                    raise _refused(response.status, answer, response.headers)
+                return response.status, answer
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
 
@@ -237,6 +240,8 @@ class HTTPUpstream:
             response = await self._client.get(path)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise _refused(response.status_code, response.content, response.headers)
         return response.status_code, response.content
 
     async def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]:

@@ -120,6 +120,15 @@ def record_from_meta(key: str, value: bytes, meta_json: str, hits: int = 0) -> R
     )
 
 
+def check_ttl(ttl: float | None, name: str = "ttl") -> None:
+    """Raise ConfigError unless `ttl` is None (never expires) or a finite number of seconds > 0."""
+    # Finite: an infinite TTL makes an infinite expiry, which no store can hold (None means "never").
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
+    ):
+        raise ConfigError(f"`{name}` must be a finite number of seconds > 0 or None, got {ttl!r}")
+
+
 def check_key(key: object) -> None:
     """Raise ConfigError unless `key` is a non-empty string with a UTF-8 form (what `Record.key` accepts)."""
     if not isinstance(key, str) or not key:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from cachelm.crypto import Keyring, envelope_key_id
-from cachelm.errors import BackendError, ConfigError, IntegrityError
+from cachelm.errors import BackendError, ConfigError, IntegrityError, UnknownKeyError
 from cachelm.store.base import Match, Record, Store
 
 
@@ -41,24 +41,17 @@ class EncryptedStore(Store):
     def _open(self, record: Record | None) -> Record | None:
         if record is None:
             return None
-        if self._foreign(record):
-            self.stats.add("unknown_key_reads")
-            return None
         try:
             plain = self.keyring.decrypt(record.value, tenant_id=record.tenant, record_key=record.key)
+        except UnknownKeyError:  # another replica's key, most likely: a miss, not ours to delete
+            self.stats.add("unknown_key_reads")
+            return None
         except IntegrityError:
             self.stats.add("corrupt_reads")
             with contextlib.suppress(BackendError):  # the next reader retries the delete
                 self.inner.delete(record.key)
             return None
         return replace(record, value=plain)
-
-    def _foreign(self, record: Record) -> bool:
-        """Whether `record` is a well-formed envelope sealed under a key id this keyring lacks."""
-        try:
-            return envelope_key_id(record.value) not in self.keyring.key_ids
-        except IntegrityError:  # not an envelope at all: corrupt, for `_open` to drop
-            return False
 
     def _seal(self, record: Record) -> Record:
         sealed = self.keyring.encrypt(record.value, tenant_id=record.tenant, record_key=record.key)
