@@ -1,7 +1,8 @@
-"""Fuser checkpoints: round trip, and refusal to load into a pair it was not trained for."""
+"""Fuser checkpoints: round trip, refusal to load into a pair it was not trained for, the tensor checksum."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from cachelm.c2c import pair
-from cachelm.c2c.checkpoint import model_fingerprint, read_metadata
+from cachelm.c2c.checkpoint import FORMAT, LEGACY_FORMAT, model_fingerprint, read_metadata
 from cachelm.errors import CheckpointError, ConfigError
+from cachelm.kv.codecs import checksum
 from tests.unit.test_c2c_support import (
     randomize,
     receiver_model,
@@ -98,3 +100,88 @@ def test_fingerprint_ignores_dtype_but_sees_weights_and_tokenizer() -> None:
         model.model.embed_tokens.weight[0, 0] += 1.0
     assert model_fingerprint(model, receiver_tokenizer()) != fp32
     assert model_fingerprint(receiver_model(), sharer_tokenizer()) != fp32
+
+
+# -- the tensor checksum: damaged bytes fail at load, legacy (format 1) files load unverified -------------
+
+
+def _with_metadata(path: Path, **changes: str | None) -> Path:
+    """Save `path` again, tensors unchanged, with metadata keys changed (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    return path
+
+
+def _flip_byte(path: Path, tensor: str) -> None:
+    """Flip the low bit of one byte in the middle of `tensor`'s data region (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(bytes(data[8 : 8 + header_len]))[tensor]["data_offsets"]
+    data[8 + header_len + (begin + end) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_saved_checkpoint_carries_the_checksum_of_its_stored_tensors(
+    models: tuple[Any, Any], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    path = tmp_path / "f.safetensors"
+    _saved(models, path)
+    meta = read_metadata(path)
+    assert meta["format"] == FORMAT
+    assert meta["xxh3_128"] == checksum(load_file(str(path)), "xxh3_128")
+    pair.load_checkpoint(path, *models)  # verified on load
+
+
+@pytest.mark.parametrize("tensor", ["gate_logits", "key_projectors.0.mlp.0.weight"])  # float32, bfloat16
+def test_a_flipped_byte_in_a_tensor_is_a_checkpoint_error(
+    models: tuple[Any, Any], tmp_path: Path, tensor: str
+) -> None:
+    path = tmp_path / "f.safetensors"
+    _saved(models, path)
+    _flip_byte(path, tensor)
+    read_metadata(path)  # the header is intact: only the bytes give the damage away
+    with pytest.raises(CheckpointError, match=r"f\.safetensors.*checksum"):  # loaded silently before
+        pair.load_checkpoint(path, *models)
+
+
+# A checksum field that is present is always checked, in the legacy format too.
+@pytest.mark.parametrize("format_tag", [FORMAT, LEGACY_FORMAT], ids=["current", "legacy"])
+@pytest.mark.parametrize("garbled", ["0" * 32, "not a digest", ""], ids=["zeros", "not-hex", "empty"])
+def test_a_garbled_checksum_field_is_a_checkpoint_error(
+    models: tuple[Any, Any], tmp_path: Path, format_tag: str, garbled: str
+) -> None:
+    path = tmp_path / "f.safetensors"
+    _saved(models, path)
+    _with_metadata(path, format=format_tag, xxh3_128=garbled)
+    with pytest.raises(CheckpointError, match=r"f\.safetensors.*xxh3_128 checksum"):
+        pair.load_checkpoint(path, *models)
+
+
+def test_a_current_checkpoint_without_its_checksum_is_refused(
+    models: tuple[Any, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "f.safetensors"
+    _saved(models, path)
+    _with_metadata(path, xxh3_128=None)
+    with pytest.raises(CheckpointError, match="lacks a checksum"):  # stripping it must not skip the check
+        read_metadata(path)
+
+
+def test_a_legacy_checkpoint_without_a_checksum_loads(models: tuple[Any, Any], tmp_path: Path) -> None:
+    path = tmp_path / "f.safetensors"
+    fuser = _saved(models, path)
+    _with_metadata(path, format=LEGACY_FORMAT, xxh3_128=None)  # as written before checksums
+    loaded = pair.load_checkpoint(path, *models)
+    for (name, a), b in zip(fuser.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -1,22 +1,30 @@
 """Fuser checkpoints: safetensors with metadata that ties them to one (receiver, sharer) pair.
 
 Metadata keys (all strings, as safetensors requires):
-  format            "cachelm-c2c-fuser/1"
+  format            "cachelm-c2c-fuser/2" (format 1: the same without a checksum)
   config            FuserConfig JSON (shapes, layer map, alignment, size)
   receiver, sharer  model fingerprints (see `model_fingerprint`)
   receiver_file_sha256, sharer_file_sha256   SHA-256 of the GGUF/weights file when known (else "")
   train             free-form JSON about the training run (data, steps, loss)
+  xxh3_128          XXH3-128 (hex) of the tensors' names, shapes, dtypes and bytes in name order
+                    (`cachelm.kv.codecs.checksum`, as KV blocks on disk; the key names the algorithm)
 
 A fingerprint identifies the *weights and tokenizer*, not a path: it hashes the architecture, the KV shape,
 the tokenizer vocabulary and a fixed sample of every parameter rounded to bfloat16 (so the same GGUF
 loaded as float32 on a CPU or bfloat16 on a GPU gives the same fingerprint). Loading a checkpoint into a
 different pair raises CheckpointError naming the side that differs.
+
+The checksum guards the tensor bytes against corruption (bit rot, a bad copy), not against an attacker, who
+could recompute it. Rule for a checkpoint without one: format 1 predates checksums and loads unverified (the
+committed checkpoints are format 1); a format-2 checkpoint without one is refused. A checksum that is present
+is always verified, in either format; a mismatch (damaged tensors or a garbled field) is a CheckpointError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +33,10 @@ import torch
 from cachelm.c2c.config import FuserConfig, ModelShape
 from cachelm.c2c.fuser import C2CFuser
 from cachelm.errors import CheckpointError, ConfigError
+from cachelm.kv.codecs import CHECKSUMS, checksum
 
-FORMAT = "cachelm-c2c-fuser/1"
+FORMAT = "cachelm-c2c-fuser/2"
+LEGACY_FORMAT = "cachelm-c2c-fuser/1"  # written before checksums: loads without one
 _SAMPLE = 256  # parameter values hashed per tensor: enough to tell models apart, cheap for large ones
 
 
@@ -73,6 +83,7 @@ def save_fuser(
         "receiver_file_sha256": receiver_file_sha256,
         "sharer_file_sha256": sharer_file_sha256,
         "train": json.dumps(train_info or {}, sort_keys=True),
+        CHECKSUMS[0]: checksum(tensors, CHECKSUMS[0]),
     }
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +105,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             meta = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
         raise CheckpointError(f"{str(p)!r} is not a safetensors file: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise CheckpointError(f"{str(p)!r} is not a C2C fuser checkpoint (format {meta.get('format')!r})")
     # Callers index these keys and parse `train`: a damaged header must fail here, as a CheckpointError.
     missing = [key for key in ("config", "receiver", "sharer") if key not in meta]
     if missing:
         raise CheckpointError(f"fuser checkpoint {str(p)!r} lacks metadata {missing}")
+    # Without this a stripped checksum field would pass a damaged format-2 file as unverified.
+    if meta["format"] == FORMAT and not any(a in meta for a in CHECKSUMS):
+        raise CheckpointError(f"fuser checkpoint {str(p)!r} lacks a checksum (one of {list(CHECKSUMS)})")
     try:
         train = json.loads(meta.get("train", "{}"))
     except ValueError as exc:
@@ -107,6 +121,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if not isinstance(train, dict):
         raise CheckpointError(f"fuser checkpoint {str(p)!r} has `train` metadata that is not a JSON object")
     return meta
+
+
+def verify_tensors(path: str | Path, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check `tensors` (as stored, before any dtype change) against every checksum in `meta`, the metadata
+    `read_metadata` returned for `path`; CheckpointError naming `path` on a mismatch. A format-1 checkpoint
+    carries none and passes unchecked (`read_metadata` refuses a format-2 one without).
+    """
+    for algorithm in (a for a in CHECKSUMS if a in meta):
+        if checksum(tensors, algorithm) != meta[algorithm]:
+            raise CheckpointError(
+                f"fuser checkpoint {str(path)!r} failed its {algorithm} checksum: "
+                "its tensor bytes or the checksum field are damaged"
+            )
 
 
 def load_fuser(
@@ -118,7 +145,8 @@ def load_fuser(
 ) -> C2CFuser:
     """Rebuild the fuser stored at `path` (eval mode, float32) after checking it belongs to this pair.
 
-    Raises CheckpointError when the stored receiver or sharer fingerprint differs from the one given.
+    Raises CheckpointError when the stored receiver or sharer fingerprint differs from the one given, or the
+    tensors fail the checkpoint's checksum (`verify_tensors`).
     """
     from safetensors.torch import load_file
 
@@ -134,7 +162,9 @@ def load_fuser(
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed fuser config: {exc}") from exc
     fuser = C2CFuser(config)
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    stored = load_file(str(path))
+    verify_tensors(path, meta, stored)
+    state = {k: v.float() for k, v in stored.items()}
     try:
         fuser.load_state_dict(state)
     except RuntimeError as exc:
