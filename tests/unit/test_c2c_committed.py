@@ -1,5 +1,5 @@
 """The committed fusers belong to the packaged pair, in both directions (skipped where the packaged models are
-not pulled)."""
+not pulled); their files pass the load path's own checks without the models."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ def packaged_pair() -> tuple[Any, Any]:
     except ConfigError as exc:
         pytest.skip(f"packaged models not pulled: {exc}")
     return pair.load("smollm2"), pair.load("gemma3")
+
+
+@pytest.mark.parametrize("path", sorted(CHECKPOINTS.glob("*.safetensors")), ids=lambda p: p.stem)
+def test_committed_checkpoint_is_legacy_format_and_passes_the_integrity_check(path: Path) -> None:
+    """The committed files predate checksums (format 1, never rewritten): they must keep loading."""
+    from safetensors.torch import load_file
+
+    from cachelm.c2c.checkpoint import LEGACY_FORMAT, read_metadata, verify_tensors
+    from cachelm.c2c.config import FuserConfig
+    from cachelm.c2c.fuser import C2CFuser
+
+    meta = read_metadata(path)
+    assert meta["format"] == LEGACY_FORMAT and "xxh3_128" not in meta
+    stored = load_file(str(path))
+    verify_tensors(path, meta, stored)
+    C2CFuser(FuserConfig.from_json(meta["config"])).load_state_dict({k: v.float() for k, v in stored.items()})
 
 
 @pytest.mark.slow
