@@ -116,6 +116,20 @@ def test_replacing_a_record_resets_its_hits(backend: Backend) -> None:
     assert store.peek("k").hits == 0  # type: ignore[union-attr]
 
 
+def test_add_hits_adds_to_existing_records_only(backend: Backend) -> None:
+    store = backend.store()
+    store.put(rec(backend, "a"))
+    store.put(rec(backend, "b"))
+    store.get("a")
+    store.add_hits({"a": 5, "b": 2, "missing": 7})
+    store.add_hits({})
+    assert {r.key: r.hits for r in store.scan()} == {"a": 6, "b": 2}  # no record made for "missing"
+    assert store.peek("missing") is None and len(store) == 2
+    for bad in ({"a": 0}, {"a": -1}, {"a": True}, {"a": 1.5}, {"": 1}, [("a", 1)]):
+        with pytest.raises(ConfigError):
+            store.add_hits(bad)  # type: ignore[arg-type]
+
+
 def test_concurrent_threads_lose_no_hits_or_writes(backend: Backend) -> None:
     """Four threads share one store object: every hit is counted and every write lands whole."""
     store = backend.store()

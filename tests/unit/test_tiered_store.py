@@ -106,3 +106,43 @@ def test_bad_arguments() -> None:
         TieredStore(store, store)
     with pytest.raises(ConfigError, match="`record`"):
         TieredStore(MemoryStore(), store).put("nope")  # type: ignore[arg-type]
+
+
+def test_l1_hits_reach_l2_in_batches_before_scans_and_on_close(l2: Store) -> None:
+    tiered = TieredStore(l1(), l2, hit_flush=5)
+    tiered.put(rec("a"))
+    tiered.put(rec("b"))
+    for _ in range(3):
+        assert tiered.get("a") is not None  # L1 hits
+    assert l2.peek("a").hits == 0  # type: ignore[union-attr]  # pending, not written yet
+    assert tiered.get("b") is not None and tiered.get("b") is not None  # the fifth pending hit: a batch
+    assert {r.key: r.hits for r in l2.scan()} == {"a": 3, "b": 2}
+    tiered.get("a")
+    assert {r.key: r.hits for r in tiered.scan()} == {"a": 4, "b": 2}  # a scan writes the batch first
+    tiered.get("b")
+    tiered.put(rec("b", b"v2"))  # hits counted on the replaced record do not move to the new one
+    tiered.get("a")
+    tiered.delete("a")
+    tiered.put(rec("a", b"v3"))
+    assert tiered.flush_hits() == 0  # nothing left: both keys were rewritten
+    assert l2.peek("a").hits == 0 and l2.peek("b").hits == 0  # type: ignore[union-attr]
+
+
+def test_close_writes_the_pending_l1_hits(tmp_path: Path) -> None:
+    tiered = TieredStore(l1(), SQLiteStore(tmp_path / "l2.db"))
+    tiered.put(rec("a"))
+    tiered.get("a")
+    tiered.get("a")
+    tiered.close()
+    with SQLiteStore(tmp_path / "l2.db") as reopened:
+        assert reopened.peek("a").hits == 2  # type: ignore[union-attr]
+
+
+def test_l1_hits_are_dropped_when_l2_is_down_and_counted() -> None:
+    dead = RedisStore.from_url("redis://127.0.0.1:1/0", namespace="dead", socket_connect_timeout=0.2)
+    tiered = TieredStore(l1(), dead, hit_flush=2)
+    tiered.l1.put(rec("a"))
+    assert tiered.get("a") is not None and tiered.get("a") is not None  # the batch fails: still served
+    assert tiered.stats.l2_errors == 1 and tiered.flush_hits() == 0
+    with pytest.raises(ConfigError, match="hit_flush"):
+        TieredStore(l1(), MemoryStore(), hit_flush=0)

@@ -20,7 +20,7 @@ import json
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -245,6 +245,24 @@ class Store(ABC):
             if record.key == key:
                 return record
         return None
+
+    @staticmethod
+    def check_hits(counts: Mapping[str, int]) -> dict[str, int]:
+        """`counts` validated for `add_hits`: keys as `check_key` wants them, counts ints >= 1."""
+        if not isinstance(counts, Mapping):
+            raise ConfigError(f"`counts` must be a mapping of key → hits, got {type(counts).__name__}")
+        for key, n in counts.items():
+            check_key(key)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"hits to add must be ints >= 1, got {n!r} for {key!r}")
+        return dict(counts)
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        """Add ``counts[key]`` to the hit count of each record that exists (missing keys are skipped):
+        the hits a cache in front of this store served for it (`TieredStore`'s L1). Atomic per key
+        against concurrent `put`s; backends must override it (a read-modify-write could replace a record
+        another writer just put)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add hits")
 
     def purge(self, where: Match) -> int:
         """Delete every record matching `where`; returns how many were deleted."""

@@ -28,7 +28,7 @@ forgetting a miss would untrack one just written. Backend failures propagate as 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from cachelm.errors import ConfigError
 from cachelm.policy.base import Policy
@@ -110,6 +110,9 @@ class BoundedStore(Store):
 
     def peek(self, key: str) -> Record | None:
         return self.inner.peek(key)
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        self.inner.add_hits(counts)
 
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):

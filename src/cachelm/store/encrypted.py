@@ -16,7 +16,7 @@ one misconfigured replica empty the store for all the others.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 from cachelm.crypto import Keyring, envelope_key_id
@@ -59,6 +59,9 @@ class EncryptedStore(Store):
 
     def get(self, key: str) -> Record | None:
         return self._open(self.inner.get(key))
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        self.inner.add_hits(counts)  # keys and hit counts are not sealed
 
     def peek(self, key: str) -> Record | None:
         return self._open(self.inner.peek(key))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from cachelm.clock import Clock, wall_clock
 from cachelm.store.base import Match, Record, Store, check_key
@@ -30,6 +30,14 @@ class MemoryStore(Store):
                 return None
             self._records[key] = record.with_hits(record.hits + 1)
             return record
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        counts = self.check_hits(counts)
+        with self._lock:
+            for key, n in counts.items():
+                record = self._records.get(key)
+                if record is not None:
+                    self._records[key] = record.with_hits(record.hits + n)
 
     def peek(self, key: str) -> Record | None:
         check_key(key)

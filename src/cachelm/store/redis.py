@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -139,6 +139,15 @@ redis.call('HINCRBY', KEYS[1], 'h', 1)
 return {r[1], r[2], r[3], redis.call('GET', KEYS[2])}
 """
 
+# KEYS: r of each record. ARGV: hits to add to each. A key without a record is skipped (HINCRBY alone
+# would create a hash with nothing but a count).
+_LUA_ADD_HITS = """
+for i, r in ipairs(KEYS) do
+  if redis.call('EXISTS', r) == 1 then redis.call('HINCRBY', r, 'h', ARGV[i]) end
+end
+return 1
+"""
+
 # ARGV: pre, now_ms, limit. Unindexes keys whose expiry passed and whose value Redis already dropped.
 _LUA_SWEEP = (
     _LUA_INDEX
@@ -186,6 +195,7 @@ class RedisStore(Store):
         self._delete = client.register_script(_LUA_DELETE)
         self._delete_same = client.register_script(_LUA_DELETE_SAME)
         self._get = client.register_script(_LUA_GET)
+        self._add_hits = client.register_script(_LUA_ADD_HITS)
         self._sweep = client.register_script(_LUA_SWEEP)
         self._forget = client.register_script(_LUA_FORGET)
 
@@ -287,6 +297,15 @@ class RedisStore(Store):
             self._corrupt(key, fields[0], fields[1], fields[3])
             return None
         return None if record.expired(self.clock()) else record
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        counts = self.check_hits(counts)
+        if not counts:
+            return
+        try:
+            self._add_hits(keys=[self._r(key) for key in counts], args=list(counts.values()))
+        except redis.RedisError as exc:
+            raise self._error("add hits", exc) from exc
 
     def peek(self, key: str) -> Record | None:
         check_key(key)

@@ -41,7 +41,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,16 +312,26 @@ class SQLiteStore(Store):
             # Only while still expired: another writer may have put a fresh record since the read.
             self._delete_quietly("key = ? AND expires <= ?", [key, now], key)
             return None
+        pending = self._count_hits(key, 1)
+        return record.with_hits(record.hits + pending) if pending else record
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        """Counted like `get`'s hits (pending, flushed in a batch); a key without a row gains nothing."""
+        for key, n in self.check_hits(counts).items():
+            self._count_hits(key, n)
+
+    def _count_hits(self, key: str, n: int) -> int:
+        """Add `n` pending hits to `key` (flushing when due); the hits that were pending before."""
         with self._hits_lock:
             pending = self._pending_hits.get(key, 0)
-            self._pending_hits[key] = pending + 1
-            self._pending_total += 1
+            self._pending_hits[key] = pending + n
+            self._pending_total += n
             due = self._pending_total >= self.settings.hit_flush_threshold
             if self._flusher is None:
                 self._start_flusher()
         if due:
             self.flush_hits(raise_errors=False)
-        return record.with_hits(record.hits + pending) if pending else record
+        return pending
 
     def peek(self, key: str) -> Record | None:
         record = self._read(key, "peek")

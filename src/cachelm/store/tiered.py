@@ -15,15 +15,20 @@
   (a put drops L1's copy). Without this, a fill that read L2 before a delete or purge put the erased record
   back into L1, and two writers of one key could leave L1 holding the value L2 lost.
 
-L1 is typically ``BoundedStore(MemoryStore(), LRUPolicy(max_entries=...))``. Hit counts (`Record.hits`) in L2
-count L2 reads only: an L1 hit never reaches L2. Counters: ``stats.l1_hits``, ``l2_hits``, ``misses``.
+L1 is typically ``BoundedStore(MemoryStore(), LRUPolicy(max_entries=...))``. Hit counts (`Record.hits`) are
+L2's: an L2 read counts itself, and L1 hits are counted here and added to L2 in batches (`L2.add_hits`) once
+`hit_flush` of them are pending, before every `scan` (so a scan — a refresh's valuation, the entry browser —
+sees this process's hits), and on `close`. Pending hits of a key that is written or deleted are dropped (they
+belong to the old record). Other processes see a replica's L1 hits after its next batch; a crash loses at most
+one batch; a failing L2 loses that batch (counted in ``l2_errors``): counts are a value signal, not data.
+Counters: ``stats.l1_hits``, ``l2_hits``, ``misses``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from cachelm.errors import BackendError, ConfigError
@@ -44,18 +49,24 @@ class TieredStats(StoreStats):
 class TieredStore(Store):
     """`l1` in front of `l2`; see the module docstring."""
 
-    def __init__(self, l1: Store, l2: Store) -> None:
+    def __init__(self, l1: Store, l2: Store, *, hit_flush: int = 64) -> None:
         for name, store in (("l1", l1), ("l2", l2)):
             if not isinstance(store, Store):
                 raise ConfigError(f"`{name}` must be a Store, got {type(store).__name__}")
         if l1 is l2:
             raise ConfigError("`l1` and `l2` must be different stores")
+        if isinstance(hit_flush, bool) or not isinstance(hit_flush, int) or hit_flush < 1:
+            raise ConfigError(f"`hit_flush` must be an int >= 1, got {hit_flush!r}")
         super().__init__(clock=l2.clock)
         self.l1, self.l2 = l1, l2
         self.stats: TieredStats = TieredStats()
         self.url = l2.url
         self._lock = threading.Lock()  # orders L1 writes against generation bumps
         self._generations = Generations()
+        self.hit_flush = hit_flush
+        self._hits: dict[str, int] = {}  # L1 hits not yet added to L2
+        self._hits_total = 0
+        self._hits_lock = threading.Lock()
 
     def _changed(self, key: str | None) -> None:
         """Mark `key` (every key when None) changed in L2; called with the lock held."""
@@ -76,6 +87,12 @@ class TieredStore(Store):
         record = self._l1("get", key)
         if isinstance(record, Record):
             self.stats.add("l1_hits")
+            with self._hits_lock:
+                self._hits[key] = self._hits.get(key, 0) + 1
+                self._hits_total += 1
+                due = self._hits_total >= self.hit_flush
+            if due:
+                self.flush_hits()
             return record
         seen = self._generations.of(key)
         try:
@@ -102,6 +119,7 @@ class TieredStore(Store):
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
+        self._drop_hits(record.key)
         seen = self._generations.of(record.key)
         stored = False
         try:
@@ -117,7 +135,33 @@ class TieredStore(Store):
                     self._l1("delete", record.key)
                 self._changed(record.key)
 
+    def flush_hits(self) -> int:
+        """Add the pending L1 hits to L2 now; how many were added (0 when L2 failed: they are dropped)."""
+        with self._hits_lock:
+            pending, self._hits, self._hits_total = self._hits, {}, 0
+        if not pending:
+            return 0
+        try:
+            self.l2.add_hits(pending)
+        except BackendError:
+            self.stats.add("l2_errors")
+            self.stats.add("errors")
+            return 0
+        return sum(pending.values())
+
+    def add_hits(self, counts: Mapping[str, int]) -> None:
+        self.l2.add_hits(counts)
+
+    def _drop_hits(self, key: str | None) -> None:
+        """Forget pending hits of `key` (of every key when None): its record was replaced or deleted."""
+        with self._hits_lock:
+            if key is None:
+                self._hits, self._hits_total = {}, 0
+            else:
+                self._hits_total -= self._hits.pop(key, 0)
+
     def delete(self, key: str) -> bool:
+        self._drop_hits(key)
         try:
             deleted = bool(self.l2.delete(key))
         finally:
@@ -147,6 +191,7 @@ class TieredStore(Store):
         self._local(None, "clear")
 
     def scan(self, where: Match | None = None) -> Iterator[Record]:
+        self.flush_hits()
         return self.l2.scan(where)
 
     def purge(self, where: Match) -> int:
@@ -158,6 +203,7 @@ class TieredStore(Store):
             self._local(None, "purge", where)
 
     def clear(self) -> int:
+        self._drop_hits(None)
         try:
             return self.l2.clear()
         finally:
@@ -173,6 +219,7 @@ class TieredStore(Store):
         return len(self.l2)
 
     def close(self) -> None:
+        self.flush_hits()
         with contextlib.suppress(BackendError):
             self.l1.close()
         self.l2.close()
