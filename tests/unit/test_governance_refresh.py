@@ -157,6 +157,38 @@ def test_old_answers_leave_service_before_the_job_runs_and_semantic_hits_follow_
     assert gov.semantic.lookup(chat("How do I reverse a list in Python?"), tenant="acme") is None
 
 
+def test_a_revision_switch_alone_stops_semantic_hits_on_old_answers(store: Store) -> None:
+    """Between the switch and the removal of old entries (or in a process that switched without a
+    refresh) a semantic lookup must not serve an old-revision answer: the revision is in the context key."""
+    gov = make_gov(store)
+    seed(gov, now=gov.exact.clock())
+    assert gov.semantic is not None
+    paraphrase = chat("what is the capital of france")
+    before = gov.semantic.lookup(paraphrase, tenant="acme")
+    assert before is not None
+
+    gov.exact.set_model_revision(MODEL, "r2", purge=False)  # no refresh: the old entries stay indexed
+
+    assert store.peek(before.response_key) is not None  # the old answer is still there...
+    assert gov.semantic.lookup(paraphrase, tenant="acme") is None  # ...and no longer found
+    gov.exact.set_model_revision(MODEL, "r1", purge=False)
+    back = gov.semantic.lookup(paraphrase, tenant="acme")
+    assert back is not None and back.response_key == before.response_key
+
+
+def test_governance_refuses_a_semantic_cache_with_other_revisions(store: Store) -> None:
+    exact = ExactCache(store, model_revisions={MODEL: "r1"})
+    semantic = SemanticCache(
+        embedder=EMB, index=FlatIndex(EMB.dim), model_revisions={MODEL: "r1"}  # a copy, not the mapping
+    )
+    with pytest.raises(ConfigError, match="model_revisions"):
+        Governance(exact, semantic=semantic)
+    shared = SemanticCache(embedder=EMB, index=FlatIndex(EMB.dim), model_revisions=exact.model_revisions)
+    assert Governance(exact, semantic=shared).semantic is shared
+    with pytest.raises(ConfigError, match="model_revisions"):
+        SemanticCache(embedder=EMB, index=FlatIndex(EMB.dim), model_revisions=[("m", "r")])  # type: ignore[arg-type]
+
+
 def test_upstream_failures_cache_nothing_and_are_counted(store: Store) -> None:
     gov = make_gov(store)
     seed(gov, now=gov.exact.clock())

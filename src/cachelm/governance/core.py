@@ -98,6 +98,14 @@ class Governance:
             raise ConfigError(f"`semantic` must be a SemanticCache or None, got {type(semantic).__name__}")
         if log is not None and not isinstance(log, RequestLog):
             raise ConfigError(f"`log` must be a RequestLog or None, got {type(log).__name__}")
+        if semantic is not None:  # one revision mapping for both caches: a switch moves both keys
+            if semantic.model_revisions is None:
+                semantic.model_revisions = exact.model_revisions
+            elif semantic.model_revisions is not exact.model_revisions:
+                raise ConfigError(
+                    "`semantic.model_revisions` must be the exact cache's own mapping "
+                    "(SemanticCache(model_revisions=exact.model_revisions)) or None"
+                )
         self.exact = exact
         self.semantic = semantic
         self.log = log if log is not None else RequestLog(exact.backend)

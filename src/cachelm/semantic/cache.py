@@ -116,7 +116,9 @@ class SemanticCache:
     `embedder` may be an `EmbeddingCache` (vectors cached in a store) or a bare `Embedder`.
     `tenant_secret` keys the tenant salt exactly as the exact cache does, so context keys of two tenants
     never collide. `region` chooses the decision rule's statistics unit: "tenant" (one certificate per
-    tenant) or "global".
+    tenant) or "global". `model_revisions` is the exact cache's own mapping (`ExactCache.model_revisions`,
+    read live): a model's revision is part of the context key, so once the exact cache switches a model
+    to a new revision, no lookup finds an entry that points at an old-revision answer.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class SemanticCache:
         tenant_secret: bytes = b"",
         region: str = "tenant",
         clock: Clock = wall_clock,
+        model_revisions: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(embedder, EmbeddingCache | Embedder):
             raise ConfigError(
@@ -142,6 +145,11 @@ class SemanticCache:
             raise ConfigError(f"`region` must be 'tenant' or 'global', got {region!r}")
         if not isinstance(tenant_secret, bytes):
             raise ConfigError(f"`tenant_secret` must be bytes, got {type(tenant_secret).__name__}")
+        if model_revisions is not None and not isinstance(model_revisions, Mapping):
+            raise ConfigError(
+                f"`model_revisions` must be a mapping or None, got {type(model_revisions).__name__}"
+            )
+        self.model_revisions = model_revisions
         self.embedder = embedder
         self.index = index
         self.rule: DecisionRule = rule if rule is not None else BoundedErrorPolicy()
@@ -161,6 +169,8 @@ class SemanticCache:
 
         The context key also digests the embedder's model id: vectors of different embedders (a new
         checkpoint, int8 vs float) live in different partitions of a persisted index and are never compared.
+        It digests the answering model's revision too (when `model_revisions` names one), as the exact
+        cache's response key does.
         """
         query = semantic_query(request, tenant_salt=tenant_salt(tenant, self._secret))
         if query is None:
@@ -168,6 +178,10 @@ class SemanticCache:
         digest = hashlib.sha256(
             b"semantic-embedder\x00" + self.embedder.model_id.encode() + b"\x00" + query.context_key.encode()
         )
+        model, revisions = request.get("model"), self.model_revisions
+        revision = revisions.get(model, "") if revisions and isinstance(model, str) else ""
+        if revision:  # an empty revision leaves the key as it was before revisions existed
+            digest.update(b"\x00revision\x00" + revision.encode())
         return SemanticQuery(text=query.text, context_key=digest.hexdigest())
 
     def _embed(self, text: str, tenant: str, request: Mapping[str, Any], user: str | None) -> np.ndarray:
