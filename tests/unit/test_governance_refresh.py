@@ -179,7 +179,9 @@ def test_a_revision_switch_alone_stops_semantic_hits_on_old_answers(store: Store
 def test_governance_refuses_a_semantic_cache_with_other_revisions(store: Store) -> None:
     exact = ExactCache(store, model_revisions={MODEL: "r1"})
     semantic = SemanticCache(
-        embedder=EMB, index=FlatIndex(EMB.dim), model_revisions={MODEL: "r1"}  # a copy, not the mapping
+        embedder=EMB,
+        index=FlatIndex(EMB.dim),
+        model_revisions={MODEL: "r1"},  # a copy, not the mapping
     )
     with pytest.raises(ConfigError, match="model_revisions"):
         Governance(exact, semantic=semantic)
@@ -187,6 +189,19 @@ def test_governance_refuses_a_semantic_cache_with_other_revisions(store: Store) 
     assert Governance(exact, semantic=shared).semantic is shared
     with pytest.raises(ConfigError, match="model_revisions"):
         SemanticCache(embedder=EMB, index=FlatIndex(EMB.dim), model_revisions=[("m", "r")])  # type: ignore[arg-type]
+
+
+def test_a_recompute_that_takes_a_tenant_is_told_whose_request_it_is(store: Store) -> None:
+    gov = make_gov(store)
+    seed(gov, now=gov.exact.clock(), tenant="acme")
+    seen: list[str] = []
+
+    def recompute(request: Mapping[str, Any], endpoint: str, *, tenant: str) -> dict[str, Any]:
+        seen.append(tenant)
+        return new_model(request, endpoint)
+
+    final = gov.refresh_on_model_change(MODEL, "r2", recompute=recompute, budget=2).result(timeout=30)
+    assert final.refreshed == 2 and seen == ["acme", "acme"]
 
 
 def test_upstream_failures_cache_nothing_and_are_counted(store: Store) -> None:

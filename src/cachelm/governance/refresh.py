@@ -20,12 +20,13 @@ Planning (synchronous, in `Governance.refresh_on_model_change`, before it return
 
 Running (a background thread, or `RefreshJob.run` in the caller's thread): planned entries are processed
 in value order. For each, if the new key already holds an answer (a live request recomputed it first) it
-is kept (``already_fresh``); otherwise ``recompute(request, endpoint)`` is called and, when it returns a
-complete cacheable answer, the answer, its logged request and its semantic entry are written under the new
-key, in that order. A failure anywhere (the upstream raised, answered an error, or a write failed) undoes
-that entry's writes and counts it as ``failed``: a half-written entry is never left behind, and an error
-body is never cached. `cancel` stops the job between entries (an entry in flight completes); the
-entries not reached are dropped. Serving goes on throughout: new requests simply miss until refreshed.
+is kept (``already_fresh``); otherwise ``recompute(request, endpoint)`` is called (with ``tenant=…`` too
+when it takes that keyword) and, when it returns a complete cacheable answer, the answer, its logged
+request and its semantic entry are written under the new key, in that order. A failure anywhere (the
+upstream raised, answered an error, or a write failed) undoes that entry's writes and counts it as
+``failed``: a half-written entry is never left behind, and an error body is never cached. `cancel` stops
+the job between entries (an entry in flight completes); the entries not reached are dropped. Serving
+goes on throughout: new requests simply miss until refreshed.
 
 Value of an entry (the default, `default_value`)::
 
@@ -53,6 +54,7 @@ until it expires or is purged.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import threading
@@ -74,7 +76,17 @@ UNPRICED_USD_PER_MTOK = 1.0
 BYTES_PER_TOKEN = 4
 MAX_ERRORS_KEPT = 20
 
-Recompute = Callable[[Mapping[str, Any], str], Mapping[str, Any]]  # (request, endpoint) → response
+# (request, endpoint) → response. A recompute that declares a `tenant` keyword is also told whose request
+# it recomputes (a local engine keys its KV prefix cache by tenant: an erasure must find those blocks).
+Recompute = Callable[..., Mapping[str, Any]]
+
+
+def _takes_tenant(recompute: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(recompute).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
+        return False
+    return any(p.name == "tenant" and p.kind != p.POSITIONAL_ONLY for p in parameters)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -297,6 +309,7 @@ class RefreshJob:
         self.gov = gov
         self.plan = plan
         self.recompute = recompute
+        self._with_tenant = _takes_tenant(recompute)
         self.exception: BaseException | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -407,7 +420,10 @@ class RefreshJob:
         if exact.backend.peek(key) is not None:
             gov.remember(logged.request, key, endpoint=logged.endpoint)  # log it, index it (best effort)
             return "already_fresh"
-        response = self.recompute(logged.request, logged.endpoint)
+        if self._with_tenant:
+            response = self.recompute(logged.request, logged.endpoint, tenant=logged.tenant)
+        else:
+            response = self.recompute(logged.request, logged.endpoint)
         if not cacheable_response(response, logged.endpoint):
             raise BackendError("the upstream returned an error or an incomplete answer")
         ttl = None if logged.expires is None else logged.expires - logged.created

@@ -5,6 +5,9 @@
 - ``GET  /admin/entries``      the entry browser: ``?tenant=&limit=`` → metadata of stored entries
 - ``POST /admin/purge``        ``{"tenant", "user", "tag", "model", "older_than"}`` → ``{"deleted": n}``
 - ``POST /admin/erase``        ``{"tenant", "user"?}``: right to erasure for one user, or a whole tenant
+- ``POST /admin/refresh``      ``{"model", "revision", "budget" | "budget_usd", "tenant"?}``: switch a model's
+                               revision, recompute its most valuable answers (`server.revisions`) → 202
+- ``GET  /admin/refresh``      the refresh job's progress, and the revisions in force
 - ``GET  /dashboard``          the dashboard page (static; it asks for the admin key and calls the API)
 
 Purges also drop the matching entries from every replica's L1 (pub/sub) and from the semantic index.
@@ -27,6 +30,7 @@ from cachelm.errors import BackendError, ConfigError
 from cachelm.governance.journal import REQUEST_TAG, is_log_key
 from cachelm.keys import semantic_query
 from cachelm.server.proxy import JSON
+from cachelm.server.revisions import RefreshBusy
 from cachelm.server.runtime import Runtime
 from cachelm.store.base import Match
 
@@ -229,6 +233,24 @@ def routes(runtime: Runtime) -> list[Route]:
         await runtime.invalidate(tenant=tenant, user=user)
         return _json(counts)
 
+    async def refresh(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        try:
+            progress = await runtime.revisions.refresh(await body_of(request))
+        except RefreshBusy as exc:
+            return _error(409, str(exc))
+        except (ConfigError, orjson.JSONDecodeError) as exc:
+            return _error(400, str(exc))
+        except BackendError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        return _json({"refresh": progress, "revisions": runtime.revisions.current}, 202)
+
+    async def refresh_progress(request: Request) -> Response:
+        if (denied := guard(request)) is not None:
+            return denied
+        return _json({"refresh": runtime.revisions.progress(), "revisions": runtime.revisions.current})
+
     page = resources.files("cachelm.server").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
     async def dashboard(request: Request) -> Response:
@@ -240,5 +262,7 @@ def routes(runtime: Runtime) -> list[Route]:
         Route("/admin/entries", entries, methods=["GET"]),
         Route("/admin/purge", purge, methods=["POST"]),
         Route("/admin/erase", erase, methods=["POST"]),
+        Route("/admin/refresh", refresh, methods=["POST"]),
+        Route("/admin/refresh", refresh_progress, methods=["GET"]),
         Route("/dashboard", dashboard, methods=["GET"]),
     ]

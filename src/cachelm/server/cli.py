@@ -38,6 +38,14 @@ def _port(text: str) -> int:
     return port
 
 
+def _model_revision(text: str) -> tuple[str, str]:
+    """An argparse type: ``MODEL=REVISION`` (the revision may be empty; the model may not)."""
+    model, sep, revision = text.partition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"`--model-revision` must be MODEL=REVISION, got {text!r}")
+    return model, revision
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachelm serve", description="OpenAI-compatible caching proxy.")
     p.add_argument("--host", default="127.0.0.1")
@@ -89,6 +97,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not keep the request behind each answer (then `cachelm refresh` can only drop entries)",
     )
+    p.add_argument(
+        "--model-revision",
+        type=_model_revision,
+        action="append",
+        default=[],
+        metavar="MODEL=REVISION",
+        help="the revision of a model answering behind the proxy (part of its answers' keys; repeatable)",
+    )
     p.add_argument("--hash-key", metavar="KEY", help="print the digest to put in a tenant config, and exit")
     return p
 
@@ -121,6 +137,7 @@ def config_from(args: argparse.Namespace) -> tuple[ServerConfig, TenantRegistry]
         access_log=not args.no_access_log,
         stream_usage=not args.no_stream_usage,
         request_log=not args.no_request_log,
+        model_revisions=tuple(args.model_revision),
     )
     return config, registry
 

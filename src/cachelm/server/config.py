@@ -38,6 +38,9 @@ class ServerConfig:
     # the most valuable entries after a model change instead of dropping them. Costs one record per answer.
     request_log: bool = True
     local_model: str = "smollm2"
+    # (model id, revision) pairs: a model's revision is part of its answers' keys (exact and semantic), so
+    # answers of an old revision are never served once the revision changes (`POST /admin/refresh`).
+    model_revisions: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.upstream != LOCAL_UPSTREAM and not self.upstream.startswith(("http://", "https://")):
@@ -52,5 +55,15 @@ class ServerConfig:
             raise ConfigError(f"`upstream_timeout_s` must be > 0, got {self.upstream_timeout_s!r}")
         if self.default_ttl is not None and self.default_ttl <= 0:
             raise ConfigError(f"`default_ttl` must be > 0 or None, got {self.default_ttl!r}")
+        models = [pair[0] for pair in self.model_revisions if isinstance(pair, tuple) and len(pair) == 2]
+        if len(models) != len(self.model_revisions) or not all(
+            isinstance(model, str) and model and isinstance(revision, str)
+            for model, revision in self.model_revisions
+        ):
+            raise ConfigError(
+                f"`model_revisions` must be (model, revision) string pairs, got {self.model_revisions!r}"
+            )
+        if len(set(models)) != len(models):
+            raise ConfigError(f"`model_revisions` names a model twice: {sorted(models)}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"`redis_url` must be a redis:// URL, got {self.redis_url!r}")

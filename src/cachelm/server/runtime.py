@@ -23,6 +23,7 @@ from cachelm.response.exact import ExactCache
 from cachelm.server.config import LOCAL_UPSTREAM, ServerConfig
 from cachelm.server.observability import AccessLog, ServerMetrics
 from cachelm.server.proxy import Proxy
+from cachelm.server.revisions import Revisions
 from cachelm.server.semantic_layer import SemanticLayer, SemanticSettings
 from cachelm.server.shared import Invalidator, RedisLocks, SharedConfig, connect
 from cachelm.server.tenants import TenantRegistry
@@ -116,7 +117,11 @@ class Runtime:
         self.records = _open_records(config)
         self.store, self.tiered = _with_l1(self.records, config.l1_entries)
         self.cache = ExactCache(
-            self.store, default_ttl=config.default_ttl, metrics=CacheMetrics(), key_secret=config.key_secret
+            self.store,
+            default_ttl=config.default_ttl,
+            metrics=CacheMetrics(),
+            key_secret=config.key_secret,
+            model_revisions=dict(config.model_revisions),
         )
         self.metrics = ServerMetrics(self.cache.metrics)
         self.access_log = AccessLog() if config.access_log else None
@@ -142,6 +147,8 @@ class Runtime:
         self.semantic = semantic
         if semantic is None and config.semantic:
             self.semantic = _semantic_layer(config, self.store)
+        if self.semantic is not None:  # a model's revision keys its semantic entries as its answers
+            self.semantic.use_revisions(self.cache.model_revisions)
         self.proxy = Proxy(
             cache=self.cache,
             upstream=self.upstream,
@@ -154,12 +161,15 @@ class Runtime:
             stream_usage=config.stream_usage,
             request_log=RequestLog(self.store) if config.request_log else None,
         )
+        self.revisions = Revisions(self)
+        self._reload: asyncio.Future[None] | None = None  # revisions re-read after a reconnect
         self.embeddings: Any = None
         self._models: tuple[float, dict[str, Any]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.revisions.load()  # shared mode: the revisions other replicas switched to
         if self.invalidator is not None:
             self.invalidator.start()
         log.info(
@@ -173,6 +183,7 @@ class Runtime:
         )
 
     async def aclose(self) -> None:
+        self.revisions.cancel()
         if self.access_log is not None:
             self.access_log.flush()
         if self.invalidator is not None:
@@ -187,6 +198,8 @@ class Runtime:
     # -- L1 coherence ----------------------------------------------------------------------------------
 
     def _drop_local(self, message: dict[str, object]) -> None:
+        if self.revisions.receive(message):
+            return
         tiered = self.tiered
         if tiered is None or message.get("origin") == self.origin:
             return  # our own writes already updated our L1
@@ -201,6 +214,8 @@ class Runtime:
     def _reset_local(self) -> None:
         if self.tiered is not None:
             self.tiered.clear_local()
+        # Revision switches announced while this replica was away are in the Redis hash.
+        self._reload = asyncio.ensure_future(self.revisions.load())
 
     async def invalidate(
         self, *, tenant: str | None = None, user: str | None = None, all: bool = False

@@ -105,9 +105,12 @@ class SemanticLayer:
         *,
         tenant_secret: bytes = b"",
         keyring: Keyring | None = None,
+        model_revisions: Mapping[str, str] | None = None,
     ) -> None:
-        """`keyring` seals the persisted in-process index (`settings.index_path`) at rest."""
+        """`keyring` seals the persisted in-process index (`settings.index_path`) at rest;
+        `model_revisions` is the exact cache's mapping (`SemanticCache`), shared by every δ's facade."""
         self.settings = settings
+        self.model_revisions = model_revisions
         embedder = _embedder(settings)
         self.threshold = _static_threshold(settings, embedder)
         self.embeddings = EmbeddingCache(store, embedder)
@@ -131,11 +134,19 @@ class SemanticLayer:
                     index=self.index,
                     rule=self._rule(delta),
                     tenant_secret=self._secret,
+                    model_revisions=self.model_revisions,
                 )
                 while len(self._caches) > MAX_DELTAS:
                     self._caches.popitem(last=False)
             self._caches.move_to_end(delta)
             return cache
+
+    def use_revisions(self, model_revisions: Mapping[str, str]) -> None:
+        """Key every facade by `model_revisions` (the exact cache's mapping) from now on."""
+        with self._lock:
+            self.model_revisions = model_revisions
+            for cache in self._caches.values():
+                cache.model_revisions = model_revisions
 
     def search(
         self, request: Mapping[str, Any], *, tenant: str, delta: float | None, user: str | None = None
