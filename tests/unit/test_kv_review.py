@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from cachelm.crypto import Keyring
 from cachelm.engine.engine import Engine, SamplingParams, build_prefix_cache
 from cachelm.engine.tiny import tiny_llama, tiny_tokenizer
+from cachelm.errors import BackendError
 from cachelm.keys import BlockHash, ModelFingerprint, tenant_salt
 from cachelm.kv.codecs import Int4Codec, Int8Codec, RawCodec, codec_for, from_bytes, to_bytes
 from cachelm.kv.layout import KVLayout
@@ -157,6 +160,29 @@ def test_a_demotion_onto_a_full_disk_is_dropped_and_counted(tmp_path: Path) -> N
     assert match.num_blocks == 1
     assert torch.equal(pc.load(match, device="cpu"), kv[:BS])
     pc.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_write_that_fails_on_a_full_disk_evicts_nothing(tmp_path: Path) -> None:
+    # Before, the tier evicted its victims first and then wrote: when the write failed, the victims were
+    # gone from the disk and, raised past, never handed down to the next tier.
+    disk = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    old, new = BlockHash(b"\x01" * 16), BlockHash(b"\x02" * 16)
+    owner = owner_tag(SALT)
+    disk.put(old, replace(RawCodec().encode(_kv(BS)), owner=owner))
+    disk.capacity_bytes = disk.used_bytes  # full: the next block needs `old` evicted
+    final = disk._path(new, owner)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.symlink_to("/dev/full")  # this thread's temporary file for `new`: writing it fails with ENOSPC
+    with pytest.raises(BackendError):
+        disk.put(new, replace(RawCodec().encode(_kv(BS, seed=1)), owner=owner))
+    kept = disk.get(old)
+    assert kept is not None and torch.equal(codec_for(kept).decode(kept, device="cpu"), _kv(BS))
+    assert new not in disk and len(disk) == 1 and not final.exists()
+    assert not tmp.is_symlink()  # the failed write's temporary file is gone
+    assert disk.put(new, replace(RawCodec().encode(_kv(BS, seed=1)), owner=owner)) != []  # room: evicts
+    assert new in disk and old not in disk
 
 
 # ---- identity ------------------------------------------------------------------------------------------

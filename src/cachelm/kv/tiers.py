@@ -151,8 +151,10 @@ class Tier(ABC):
             victims = self._victims(self.used_bytes + size - self.capacity_bytes, keep)
             if victims is None:
                 return [(block_hash, block)]
-            evicted = [self._evict(victim) for victim in victims]
+            # Write first: a write that fails (a full disk, Redis down) raises with nothing evicted.
+            # Evicting first lost the victims: gone from this tier, never handed to the next one.
             self._write(block_hash, block, stored)
+            evicted = [self._evict(victim) for victim in victims]
             self._adopt(block_hash, size, block.owner)
             return evicted
 
