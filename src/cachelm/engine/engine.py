@@ -235,8 +235,8 @@ class Engine:
         match = self.prefix_cache.match(token_ids, tenant_salt=tenant_salt)
         prefix = self.prefix_cache.load(match, device=self.device, out=out) if match.num_blocks else None
         cached = prefix.shape[0] if prefix is not None else 0
-        self.prefix_cache.stats.hit_tokens += cached
-        self.prefix_cache.stats.miss_tokens += len(token_ids) - cached
+        self.prefix_cache.stats.add("hit_tokens", cached)
+        self.prefix_cache.stats.add("miss_tokens", len(token_ids) - cached)
         return prefix
 
     def store(

@@ -58,16 +58,27 @@ def _encoded(codec: Codec, kv: torch.Tensor, owner: str) -> EncodedBlock:
 
 @dataclass(kw_only=True)
 class KVStats:
-    """Counters of one prefix cache (monotonic; read them, never reset them in place)."""
+    """Counters of one prefix cache (monotonic; read them, never reset them in place). Bumped through
+    `add` from the serving thread, the reader pool and the write-behind worker: ``+=`` on an attribute
+    is a read and a write, and two threads interleaving them lose counts."""
 
     lookups: int = 0
     hit_tokens: int = 0  # prompt tokens served from the cache
     miss_tokens: int = 0  # prompt tokens computed
-    stored_blocks: int = 0
+    stored_blocks: int = 0  # new blocks a tier took, or queued for a lower tier (which may yet refuse them)
     demoted_blocks: int = 0
     promoted_blocks: int = 0
     backend_errors: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)  # blocks read, by tier name
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def tier_hit(self, tier: str) -> None:
+        with self._lock:
+            self.tier_hits[tier] = self.tier_hits.get(tier, 0) + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +160,7 @@ class KVPrefixCache:
                 if tier_index is None:
                     break
             where.append(tier_index)
-        self.stats.lookups += 1
+        self.stats.add("lookups")
         return PrefixMatch(hashes=tuple(hashes), tiers=tuple(where), block_size=self.block_size)
 
     def _find(self, block_hash: BlockHash) -> int | None:
@@ -167,7 +178,7 @@ class KVPrefixCache:
                     if tier.probe([block_hash])[0]:
                         return index
                 except BackendError:
-                    self.stats.backend_errors += 1
+                    self.stats.add("backend_errors")
         return None
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -236,10 +247,10 @@ class KVPrefixCache:
         try:
             block = tier.get(block_hash) if pending is None else pending.result()
         except BackendError:
-            self.stats.backend_errors += 1
+            self.stats.add("backend_errors")
             return None
         if block is not None:
-            self.stats.tier_hits[tier.name] = self.stats.tier_hits.get(tier.name, 0) + 1
+            self.stats.tier_hit(tier.name)
         return block
 
     def _promote(
@@ -248,7 +259,7 @@ class KVPrefixCache:
         top = self.tiers[0]
         # Clone: the slice belongs to the caller's prefix buffer, which the model's cache will own.
         if self._put(0, block_hash, _encoded(top.codec, block.clone(), owner), keep=frozenset(keep)):
-            self.stats.promoted_blocks += 1
+            self.stats.add("promoted_blocks")
 
     def _touch_first_last(self, hashes: Sequence[BlockHash], tiers: Sequence[int] = ()) -> None:
         """Mark a prefix's blocks used, its last block first: its first blocks become the most recently
@@ -296,7 +307,7 @@ class KVPrefixCache:
             if self._find(block_hash) is not None:  # not refused or failed everywhere
                 new += 1
         self._touch_first_last(hashes)
-        self.stats.stored_blocks += new
+        self.stats.add("stored_blocks", new)
         return new
 
     def _put(
@@ -313,7 +324,7 @@ class KVPrefixCache:
         try:
             evicted = self.tiers[tier_index].put(block_hash, block, keep=keep)
         except BackendError:
-            self.stats.backend_errors += 1
+            self.stats.add("backend_errors")
             return False
         for victim_hash, data in evicted:
             if data is not None:
@@ -343,11 +354,11 @@ class KVPrefixCache:
                         decoded = codec_for(block).decode(block, device="cpu")
                         block = _encoded(tier.codec, decoded, block.owner)
                     if self._put(target, block_hash, block):
-                        self.stats.demoted_blocks += 1
+                        self.stats.add("demoted_blocks")
                 with self._inflight_lock:
                     self._inflight.pop(block_hash, None)
             except Exception:  # the worker must survive a bad block or a failing tier
-                self.stats.backend_errors += 1
+                self.stats.add("backend_errors")
             finally:
                 self._queue.task_done()
 
