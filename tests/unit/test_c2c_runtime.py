@@ -156,5 +156,6 @@ def test_bad_inputs_are_rejected(models: tuple[Any, Any]) -> None:
         alone.token_logprobs(PROMPTS, [0, 2], [[5], [6]])
     with pytest.raises(ConfigError, match="`suffixes`"):
         alone.token_logprobs(PROMPTS, [0], [[]])
-    with pytest.raises(ConfigError, match="`max_new_tokens`"):
-        alone.generate(PROMPTS, 0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ConfigError, match="`max_new_tokens`"):
+            alone.generate(PROMPTS, bad)  # type: ignore[arg-type]

@@ -490,7 +490,7 @@ class C2CPipeline:
         Sequences that produced EOS keep yielding EOS; the loop ends when all have (unless `stop_at_eos`
         is False, as for fixed-length latency probes), or after `max_new_tokens` steps.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
         if self.fuse_all:
             yield from self._generate_all(prompts, max_new_tokens, stop_at_eos)
