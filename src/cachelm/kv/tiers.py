@@ -142,7 +142,8 @@ class Tier(ABC):
         """Store `block` under `block_hash`; return the evicted blocks, least recently used first.
 
         Blocks in `keep` are never evicted for it: when only that would make room, `block` is refused
-        (returned as its own victim, nothing evicted)."""
+        (returned as its own victim, nothing evicted). `block` is written before its victims leave, so for
+        the moment of the write the tier holds one block beyond its budget."""
         with self._lock:
             if block_hash in self._sizes:
                 self._sizes.move_to_end(block_hash)

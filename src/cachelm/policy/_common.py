@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Iterable
 
 from cachelm.errors import ConfigError
 from cachelm.policy.base import Policy
@@ -35,11 +36,59 @@ def check_entry(key: object, size: object, cost: object) -> float:
 
 
 class VictimPeek:
-    """Optional capability: name the next victim without evicting it (TinyLFU admission compares with it)."""
+    """Optional capability: name victims without evicting them (TinyLFU admission compares a candidate with
+    every key its insert would evict)."""
 
     @abstractmethod
     def peek_victim(self) -> str | None:
         """The key the next eviction would remove, or None when nothing is tracked."""
+
+    @abstractmethod
+    def peek_victims(self, size: int) -> list[str]:
+        """The keys that inserting a new key of `size` bytes would evict now, in eviction order: exactly
+        what `insert` would return. Empty when it fits without evicting, or could never fit (`insert` refuses
+        it without evicting). O(victims) steps of the policy's own eviction order, never a walk over the
+        cache."""
+
+
+class Room:
+    """The room a new entry of `size` bytes needs in `policy`, counted down as victims are collected.
+
+    It mirrors `EvictingPolicy.insert` (evict while `full_for(size)`) ahead of time, so a peek names exactly
+    the keys an insert would evict.
+    """
+
+    __slots__ = ("entries", "nbytes", "victims")
+
+    def __init__(self, policy: Policy, size: int) -> None:
+        self.entries = self.nbytes = 0
+        if not policy.fits(size):
+            return  # refused without evicting anything
+        if policy.max_entries is not None:
+            self.entries = len(policy) - policy.max_entries + 1
+        if policy.max_bytes is not None:
+            self.nbytes = policy.total_bytes + size - policy.max_bytes
+        self.victims: list[str] = []
+
+    def short(self) -> bool:
+        """Whether more victims are needed."""
+        return self.entries > 0 or self.nbytes > 0
+
+    def take(self, key: str, size: int) -> bool:
+        """Collect `key` (of `size` bytes) as the next victim while room is short; False once it is not."""
+        if not self.short():
+            return False
+        self.victims.append(key)
+        self.entries -= 1
+        self.nbytes -= size
+        return True
+
+    def take_from(self, order: Iterable[tuple[str, int]]) -> list[str]:
+        """Collect victims from (key, size) pairs in eviction order until there is room; return them."""
+        for key, size in order:
+            if not self.take(key, size):
+                break
+        return self.victims
 
 
 class EvictingPolicy(Policy):

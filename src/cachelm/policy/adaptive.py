@@ -40,12 +40,13 @@ measure the quantity being optimised directly, for both experts on every sampled
 information, no exploration needed).
 
 **N** is `max_entries` when set; with only a byte bound it is learned as the entry count at the first
-eviction (the frequency heap is rebuilt once then, as `h` changes from "no decay" to 256 N).
+eviction, or at the first `peek_victims` that foresees one (the frequency heap is rebuilt once then, as `h`
+changes from "no decay" to 256 N).
 
-Complexity: insert, access and evict are O(log n) amortised (two lazy heaps); remove is O(1); the count
-history is a bounded FIFO dict, O(1) per operation. A sampled request (`sample_rate` of them) also costs one
-operation in each miniature, O(log n) on a cache `sample_rate` as large. Memory: about 120 bytes per
-remembered key, plus the miniatures (`sample_rate` × 2 of that).
+Complexity: insert, access and evict are O(log n) amortised (two lazy heaps), peeking at the k next victims
+O(k log n); remove is O(1); the count history is a bounded FIFO dict, O(1) per operation. A sampled request
+(`sample_rate` of them) also costs one operation in each miniature, O(log n) on a cache `sample_rate` as
+large. Memory: about 120 bytes per remembered key, plus the miniatures (`sample_rate` × 2 of that).
 
 Tenant and semantic-cluster features are not used: a prior that started a new key's count at its tenant's
 (or its conversation's) reuse ratio was measured on the chat traces and did not help (docs/BENCHMARKS.md,
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 
 from cachelm.clock import Clock, monotonic_clock
 from cachelm.errors import ConfigError
-from cachelm.policy._common import EvictingPolicy, VictimPeek, check_key
+from cachelm.policy._common import EvictingPolicy, Room, VictimPeek, check_key
 from cachelm.policy.gdsf import LazyHeap
 
 RECENCY, FREQUENCY = 0, 1
@@ -199,6 +200,19 @@ class _CostLRFU(EvictingPolicy, VictimPeek):
         """The key the followed expert would evict next."""
         top = self._heap(self.expert).peek()
         return None if top is None else top[1]
+
+    def peek_victims(self, size: int) -> list[str]:
+        """The keys the followed expert would evict to make room for a new key of `size` bytes.
+
+        The expert cannot change before those evictions (it is chosen in `_touch`, which runs after them), and
+        an eviction moves no other key in the expert's heap, so the heap's order is the eviction order — once
+        N is known: the first eviction re-keys the frequency heap, so a peek that foresees it learns N first.
+        """
+        room = Room(self, size)
+        if room.short() and not self._horizon:
+            self._learn_horizon()
+        self._heap(self.expert).visit_lowest(lambda key: room.take(key, self._sizes[key]))
+        return room.victims
 
     def expected_uses(self, key: str) -> float | None:
         """`key`'s decayed request count C(k) now (None when never seen or forgotten)."""

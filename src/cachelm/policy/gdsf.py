@@ -7,18 +7,19 @@ touched for a while age relative to newly touched ones. Cheap, large, rarely-hit
 
 Complexity: a binary heap with lazy deletion. A touch pushes a fresh ``(H, seq, key)`` tuple and leaves the
 old one stale; a pop skips stale tuples. Insert, access and eviction are O(log n) amortised; remove is O(1)
-(the tuple goes stale). The heap is rebuilt when stale tuples outnumber live ones (it stays O(n)).
+(the tuple goes stale); peeking at the k next victims is O(k log n) amortised. The heap is rebuilt when stale
+tuples outnumber live ones (it stays O(n)).
 Ties on `H` go to the key touched first (`seq`), which makes eviction order exact and testable.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cachelm.clock import Clock, monotonic_clock
-from cachelm.policy._common import EvictingPolicy, VictimPeek, check_key
+from cachelm.policy._common import EvictingPolicy, Room, VictimPeek, check_key
 
 
 @dataclass(slots=True)
@@ -57,6 +58,21 @@ class LazyHeap:
                 return priority, key
             heapq.heappop(heap)
         return None
+
+    def visit_lowest(self, visit: Callable[[str], bool]) -> None:
+        """Offer live keys to `visit`, lowest first (the order `pop` would take them), until it returns False.
+
+        The live tuples visited are popped and pushed back unchanged, so the heap's order is kept; stale
+        tuples met on the way are dropped for good, as a pop would drop them. O((v + s) log n) for v keys
+        visited and s stale tuples dropped: a stale tuple costs once, however often the heap is peeked.
+        """
+        popped: list[tuple[float, int, str]] = []
+        try:
+            while (top := self.peek()) is not None and visit(top[1]):
+                popped.append(heapq.heappop(self.heap))
+        finally:
+            for item in popped:
+                heapq.heappush(self.heap, item)
 
     def pop(self) -> tuple[float, str]:
         top = self.peek()
@@ -114,6 +130,12 @@ class GDSFPolicy(EvictingPolicy, VictimPeek):
     def peek_victim(self) -> str | None:
         top = self._heap.peek()
         return None if top is None else top[1]
+
+    def peek_victims(self, size: int) -> list[str]:
+        # An eviction raises `L` but no tracked key's priority: the heap's order is the eviction order.
+        room = Room(self, size)
+        self._heap.visit_lowest(lambda key: room.take(key, self._entries[key].size))
+        return room.victims
 
     def access(self, key: str) -> None:
         check_key(key)

@@ -3,9 +3,10 @@ cache eviction scheme", 2010).
 
 Buckets of equal frequency form a doubly linked list in increasing frequency; each bucket is an ordered dict
 of its keys, oldest first. A hit moves a key to the next bucket (created when missing, the old one unlinked
-when it empties), so insert, access, remove and each eviction are O(1). The victim is the least recently
-touched key of the lowest-frequency bucket. Frequencies count hits since the key was (re)inserted: an evicted
-key starts again at 1, as in the paper; there is no aging (use TinyLFU or the adaptive policy for that).
+when it empties), so insert, access, remove and each eviction are O(1), and peeking at the k next victims
+O(k). The victim is the least recently touched key of the lowest-frequency bucket. Frequencies count hits
+since the key was (re)inserted: an evicted key starts again at 1, as in the paper; there is no aging (use
+TinyLFU or the adaptive policy for that).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from cachelm.clock import Clock, monotonic_clock
-from cachelm.policy._common import EvictingPolicy, VictimPeek, check_key
+from cachelm.policy._common import EvictingPolicy, Room, VictimPeek, check_key
 
 
 class _Bucket:
@@ -91,6 +92,17 @@ class LFUPolicy(EvictingPolicy, VictimPeek):
         node = self._head.next
         return None if node is self._head else next(iter(node.keys))
 
+    def peek_victims(self, size: int) -> list[str]:
+        return Room(self, size).take_from((key, self._sizes[key]) for key in self._eviction_order())
+
+    def _eviction_order(self) -> Iterator[str]:
+        """Keys lowest frequency first, least recently touched first within one; lazy, O(1) per key (every
+        linked bucket holds a key)."""
+        node = self._head.next
+        while node is not self._head:
+            yield from node.keys
+            node = node.next
+
     def access(self, key: str) -> None:
         check_key(key)
         if key in self._bucket:
@@ -113,9 +125,4 @@ class LFUPolicy(EvictingPolicy, VictimPeek):
 
     def __iter__(self) -> Iterator[str]:
         """Keys in eviction order: lowest frequency first, least recently touched first within one."""
-        keys: list[str] = []
-        node = self._head.next
-        while node is not self._head:
-            keys.extend(node.keys)
-            node = node.next
-        return iter(keys)
+        return iter(list(self._eviction_order()))

@@ -1,7 +1,8 @@
 """LRU and FIFO: one ordered dict each, O(1) per operation.
 
 `OrderedDict.move_to_end` and `popitem(last=False)` are O(1) (a hash table over a doubly linked list), so
-insert, access, remove and each eviction cost O(1). Iteration yields keys in eviction order (victim first).
+insert, access, remove and each eviction cost O(1), and peeking at the k next victims O(k). Iteration yields
+keys in eviction order (victim first).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from cachelm.clock import Clock, monotonic_clock
-from cachelm.policy._common import EvictingPolicy, VictimPeek, check_key
+from cachelm.policy._common import EvictingPolicy, Room, VictimPeek, check_key
 
 
 class LRUPolicy(EvictingPolicy, VictimPeek):
@@ -41,6 +42,9 @@ class LRUPolicy(EvictingPolicy, VictimPeek):
 
     def peek_victim(self) -> str | None:
         return next(iter(self._sizes), None)
+
+    def peek_victims(self, size: int) -> list[str]:
+        return Room(self, size).take_from(self._sizes.items())  # oldest first, as `_evict` pops them
 
     def access(self, key: str) -> None:
         check_key(key)

@@ -113,8 +113,9 @@ class TinyLFUPolicy(Policy):
             return True
         candidate = self.sketch.estimate(key)
         if isinstance(self.inner, VictimPeek):
-            victim = self.inner.peek_victim()
-            return victim is None or candidate > self.sketch.estimate(victim)
+            # Every victim, not only the first: a large candidate displaces several (module docstring).
+            estimate = self.sketch.estimate
+            return all(candidate > estimate(victim) for victim in self.inner.peek_victims(size))
         return candidate >= self.min_frequency
 
     def _offer(self, key: str, size: int, cost: float) -> list[str]:
