@@ -133,7 +133,7 @@ class Revisions:
         """Switch a model's revision and start refreshing its answers; the job's first progress report.
 
         Raises `ConfigError` for a bad body or while another refresh runs (`RefreshBusy`), `BackendError`
-        when the store fails during planning (then the revision has switched in this process only)."""
+        when the store fails during planning (the revision has switched then; run it again to plan)."""
         model, revision, budget, tenant = parse_refresh(spec)
         if self.job is not None and self.job.progress.state in ("planned", "running"):
             raise RefreshBusy(f"a refresh of {self.job.plan.model!r} is still running")
@@ -141,12 +141,17 @@ class Revisions:
         semantic = runtime.semantic.default if runtime.semantic is not None else None
         gov = Governance(runtime.cache, semantic=semantic, log=runtime.proxy.request_log)
         recompute = self._recompute(asyncio.get_running_loop())
+        # Switch every replica first, then plan: planning deletes the old answers from the shared store,
+        # and a replica still keying by the old revision would serve them from its L1 meanwhile. A run for
+        # the revision already in force keeps unlogged answers (they may be new ones: `switched_at` None).
+        switched_at = None if self.current.get(model) == revision else runtime.cache.clock()
+        self._apply(model, revision)
+        await self._announce(model, revision)
         job = await asyncio.to_thread(
             gov.refresh_on_model_change, model, revision, recompute=recompute, budget=budget, tenant=tenant,
-            start=False,
+            switched_at=switched_at, start=False,
         )  # fmt: skip
         self.job = job
-        await self._announce(model, revision)
         job.start()
         return dataclasses.asdict(job.progress)
 
