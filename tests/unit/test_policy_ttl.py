@@ -76,3 +76,6 @@ def test_bad_arguments() -> None:
         TTLPolicy(ttl=0)
     with pytest.raises(ConfigError, match="inner"):
         TTLPolicy(LRUPolicy(max_entries=2), ttl=1, max_entries=3)
+    for bad in ("no", 1, None):
+        with pytest.raises(ConfigError, match="`sliding`"):
+            TTLPolicy(ttl=1, sliding=bad)  # type: ignore[arg-type]

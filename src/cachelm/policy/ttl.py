@@ -39,6 +39,8 @@ class TTLPolicy(Policy):
     ) -> None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
             raise ConfigError(f"`ttl` must be a finite number of seconds > 0, got {ttl!r}")
+        if not isinstance(sliding, bool):  # "no" is truthy: it would have meant sliding expiry
+            raise ConfigError(f"`sliding` must be a bool, got {sliding!r}")
         if inner is not None and not isinstance(inner, Policy):
             raise ConfigError(f"`inner` must be a Policy or None, got {type(inner).__name__}")
         if inner is None:
