@@ -54,6 +54,14 @@ def ask(proxy: ProxyThread, text: str) -> str:
     return str(raw.headers["x-cachelm-cache"])
 
 
+def upstream_calls_metric(proxy: ProxyThread) -> int:
+    text = httpx.get(proxy.url + "/metrics").text
+    line = next(
+        x for x in text.splitlines() if x.startswith('cachelm_server_upstream_calls_total{endpoint="chat')
+    )
+    return int(float(line.rsplit(" ", 1)[1]))
+
+
 def finished(proxy: ProxyThread, timeout: float = 20.0) -> dict[str, Any]:
     """The refresh job's final progress, polled over the admin API."""
     deadline = time.monotonic() + timeout
@@ -96,6 +104,7 @@ def test_refresh_switches_the_revision_and_recomputes_the_most_served_answer(
             2,
         )
         assert upstream.count(CHAT) == calls + 1  # the job's one recomputation
+        assert upstream_calls_metric(proxy) == calls + 1  # ...counted like any upstream call
 
         assert ask(proxy, QUESTIONS[0]) == "hit"  # refreshed under the new key: no upstream call
         assert upstream.count(CHAT) == calls + 1

@@ -21,6 +21,7 @@ served after the switch and leave with their TTL or a purge.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -161,11 +162,19 @@ class Revisions:
     def _recompute(self, loop: asyncio.AbstractEventLoop) -> Callable[..., Mapping[str, Any]]:
         """A recompute for the job's thread: one call of the proxy's upstream, on the server's loop."""
         upstream, timeout = self.runtime.upstream, self.runtime.config.upstream_timeout_s
+        calls = self.runtime.metrics.upstream_calls
 
         def recompute(request: Mapping[str, Any], endpoint: str, *, tenant: str) -> Mapping[str, Any]:
             body = orjson.dumps({k: v for k, v in request.items() if k not in NOT_SENT_UPSTREAM})
-            call = upstream.post(UPSTREAM_PATHS[endpoint], body, tenant=tenant)
-            status, raw = asyncio.run_coroutine_threadsafe(call, loop).result(timeout + 5)
+            calls.labels(endpoint).inc()
+            future = asyncio.run_coroutine_threadsafe(
+                upstream.post(UPSTREAM_PATHS[endpoint], body, tenant=tenant), loop
+            )
+            try:
+                status, raw = future.result(timeout + 5)
+            except concurrent.futures.TimeoutError:
+                future.cancel()  # the call must not outlive its entry
+                raise UpstreamError("upstream timed out", status=504) from None
             if status != 200:
                 raise UpstreamError(f"upstream answered {status}", status=502)
             answer = orjson.loads(raw)
