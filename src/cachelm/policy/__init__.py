@@ -8,7 +8,9 @@
 | `GDSFPolicy` | lowest ``L + freq × cost / size`` | O(log n) (lazy heap) |
 | `S3FIFOPolicy` | one-hit wonders in the small FIFO, then the main FIFO's CLOCK | O(1) amortised |
 | `AdaptiveCostPolicy` | two cost-aware experts; follows the one saving more in miniatures | O(log n) |
-| `TinyLFUPolicy` | wraps any policy: a window LRU, then refuses keys rarer than the victim | O(1) + inner |
+| `TinyLFUPolicy` | any policy behind a window LRU; refuses keys rarer per byte than victims | O(k) + inner |
+
+k: the keys an insert evicts (one when sizes are equal); TinyLFU estimates each victim's frequency.
 """
 
 from cachelm.policy.adaptive import AdaptiveCostPolicy

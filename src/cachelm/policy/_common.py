@@ -44,11 +44,11 @@ class VictimPeek:
         """The key the next eviction would remove, or None when nothing is tracked."""
 
     @abstractmethod
-    def peek_victims(self, size: int) -> list[str]:
-        """The keys that inserting a new key of `size` bytes would evict now, in eviction order: exactly
-        what `insert` would return. Empty when it fits without evicting, or could never fit (`insert` refuses
-        it without evicting). O(victims) steps of the policy's own eviction order, never a walk over the
-        cache."""
+    def peek_victims(self, size: int) -> list[tuple[str, int]]:
+        """(key, size) of each key that inserting a new key of `size` bytes would evict now, in eviction
+        order: the keys are exactly what `insert` would return. Empty when it fits without evicting, or could
+        never fit (`insert` refuses it without evicting). O(victims) steps of the policy's own eviction order,
+        never a walk over the cache."""
 
 
 class Room:
@@ -61,6 +61,7 @@ class Room:
     __slots__ = ("entries", "nbytes", "victims")
 
     def __init__(self, policy: Policy, size: int) -> None:
+        self.victims: list[tuple[str, int]] = []
         self.entries = self.nbytes = 0
         if not policy.fits(size):
             return  # refused without evicting anything
@@ -68,7 +69,6 @@ class Room:
             self.entries = len(policy) - policy.max_entries + 1
         if policy.max_bytes is not None:
             self.nbytes = policy.total_bytes + size - policy.max_bytes
-        self.victims: list[str] = []
 
     def short(self) -> bool:
         """Whether more victims are needed."""
@@ -78,12 +78,12 @@ class Room:
         """Collect `key` (of `size` bytes) as the next victim while room is short; False once it is not."""
         if not self.short():
             return False
-        self.victims.append(key)
+        self.victims.append((key, size))
         self.entries -= 1
         self.nbytes -= size
         return True
 
-    def take_from(self, order: Iterable[tuple[str, int]]) -> list[str]:
+    def take_from(self, order: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         """Collect victims from (key, size) pairs in eviction order until there is room; return them."""
         for key, size in order:
             if not self.take(key, size):

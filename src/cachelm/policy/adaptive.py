@@ -201,7 +201,7 @@ class _CostLRFU(EvictingPolicy, VictimPeek):
         top = self._heap(self.expert).peek()
         return None if top is None else top[1]
 
-    def peek_victims(self, size: int) -> list[str]:
+    def peek_victims(self, size: int) -> list[tuple[str, int]]:
         """The keys the followed expert would evict to make room for a new key of `size` bytes.
 
         The expert cannot change before those evictions (it is chosen in `_touch`, which runs after them), and

@@ -131,7 +131,7 @@ class GDSFPolicy(EvictingPolicy, VictimPeek):
         top = self._heap.peek()
         return None if top is None else top[1]
 
-    def peek_victims(self, size: int) -> list[str]:
+    def peek_victims(self, size: int) -> list[tuple[str, int]]:
         # An eviction raises `L` but no tracked key's priority: the heap's order is the eviction order.
         room = Room(self, size)
         self._heap.visit_lowest(lambda key: room.take(key, self._entries[key].size))

@@ -92,7 +92,7 @@ class LFUPolicy(EvictingPolicy, VictimPeek):
         node = self._head.next
         return None if node is self._head else next(iter(node.keys))
 
-    def peek_victims(self, size: int) -> list[str]:
+    def peek_victims(self, size: int) -> list[tuple[str, int]]:
         return Room(self, size).take_from((key, self._sizes[key]) for key in self._eviction_order())
 
     def _eviction_order(self) -> Iterator[str]:

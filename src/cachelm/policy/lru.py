@@ -43,7 +43,7 @@ class LRUPolicy(EvictingPolicy, VictimPeek):
     def peek_victim(self) -> str | None:
         return next(iter(self._sizes), None)
 
-    def peek_victims(self, size: int) -> list[str]:
+    def peek_victims(self, size: int) -> list[tuple[str, int]]:
         return Room(self, size).take_from(self._sizes.items())  # oldest first, as `_evict` pops them
 
     def access(self, key: str) -> None:
