@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachelm.c2c import pair
-from cachelm.c2c.checkpoint import FORMAT, LEGACY_FORMAT, model_fingerprint, read_metadata
+from cachelm.c2c.checkpoint import FORMAT, LEGACY_FORMAT, checkpoint_digest, model_fingerprint, read_metadata
 from cachelm.errors import CheckpointError, ConfigError
 from cachelm.kv.codecs import checksum
 from tests.unit.test_c2c_support import (
@@ -139,8 +139,27 @@ def test_saved_checkpoint_carries_the_checksum_of_its_stored_tensors(
     _saved(models, path)
     meta = read_metadata(path)
     assert meta["format"] == FORMAT
-    assert meta["xxh3_128"] == checksum(load_file(str(path)), "xxh3_128")
+    assert meta["xxh3_128"] == checkpoint_digest(load_file(str(path)), meta, "xxh3_128")
+    assert meta["xxh3_128"] != checksum(load_file(str(path)), "xxh3_128")  # the metadata is covered too
     pair.load_checkpoint(path, *models)  # verified on load
+
+
+@pytest.mark.parametrize("field", ["config", "train", "receiver_file_sha256"])
+def test_edited_metadata_is_a_checkpoint_error(models: tuple[Any, Any], tmp_path: Path, field: str) -> None:
+    path = tmp_path / "f.safetensors"
+    _saved(models, path)
+    value = read_metadata(path)[field]
+    # Edits that still parse and fit the models: they loaded silently before (the config one then fused
+    # with another token alignment than the one trained).
+    edited = {
+        "config": value.replace('"token_alignment": "mean"', '"token_alignment": "last"'),
+        "train": value.replace('"steps": 3', '"steps": 4'),
+        "receiver_file_sha256": "0" * 64,
+    }[field]
+    assert edited != value
+    _with_metadata(path, **{field: edited})
+    with pytest.raises(CheckpointError, match=r"f\.safetensors.*checksum"):
+        pair.load_checkpoint(path, *models)
 
 
 @pytest.mark.parametrize("tensor", ["gate_logits", "key_projectors.0.mlp.0.weight"])  # float32, bfloat16

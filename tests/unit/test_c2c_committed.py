@@ -32,14 +32,14 @@ def test_committed_checkpoint_is_legacy_format_and_passes_the_integrity_check(pa
     """The committed files predate checksums (format 1, never rewritten): they must keep loading."""
     from safetensors.torch import load_file
 
-    from cachelm.c2c.checkpoint import LEGACY_FORMAT, read_metadata, verify_tensors
+    from cachelm.c2c.checkpoint import LEGACY_FORMAT, read_metadata, verify_checksum
     from cachelm.c2c.config import FuserConfig
     from cachelm.c2c.fuser import C2CFuser
 
     meta = read_metadata(path)
     assert meta["format"] == LEGACY_FORMAT and "xxh3_128" not in meta
     stored = load_file(str(path))
-    verify_tensors(path, meta, stored)
+    verify_checksum(path, meta, stored)
     C2CFuser(FuserConfig.from_json(meta["config"])).load_state_dict({k: v.float() for k, v in stored.items()})
 
 

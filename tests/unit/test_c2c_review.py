@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from cachelm.c2c import pair
 from cachelm.c2c.align import align_causal, align_tokens, encode_with_offsets, sharer_position_ids
-from cachelm.c2c.checkpoint import read_metadata, save_fuser
+from cachelm.c2c.checkpoint import checkpoint_digest, read_metadata, save_fuser
 from cachelm.errors import CheckpointError, ConfigError
 from tests.unit.test_c2c_support import (
     randomize,
@@ -141,7 +141,8 @@ def models() -> tuple[Any, Any]:
 
 
 def _rewritten(models: tuple[Any, Any], path: Path, **changes: str | None) -> Path:
-    """A real checkpoint of `models`, saved again with metadata keys changed (None: removed)."""
+    """A real checkpoint of `models`, saved again with metadata keys changed (None: removed) and its
+    checksum recomputed (unless changed too), so the check under test is reached, not the checksum's."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -160,7 +161,10 @@ def _rewritten(models: tuple[Any, Any], path: Path, **changes: str | None) -> Pa
             meta.pop(key)
         else:
             meta[key] = value
-    save_file(load_file(str(original)), str(path), metadata=meta)
+    tensors = load_file(str(original))
+    if "xxh3_128" in meta and "xxh3_128" not in changes:
+        meta["xxh3_128"] = checkpoint_digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 

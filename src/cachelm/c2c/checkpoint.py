@@ -7,17 +7,20 @@ Metadata keys (all strings, as safetensors requires):
   receiver_file_sha256, sharer_file_sha256   SHA-256 of the GGUF/weights file when known (else "")
   train             free-form JSON about the training run (data, steps, loss)
   xxh3_128          XXH3-128 (hex) of the tensors' names, shapes, dtypes and bytes in name order
-                    (`cachelm.kv.codecs.checksum`, as KV blocks on disk; the key names the algorithm)
+                    (`cachelm.kv.codecs.checksum`, as KV blocks on disk; the key names the algorithm),
+                    and of every metadata field above (`checkpoint_digest`)
 
 A fingerprint identifies the *weights and tokenizer*, not a path: it hashes the architecture, the KV shape,
 the tokenizer vocabulary and a fixed sample of every parameter rounded to bfloat16 (so the same GGUF
 loaded as float32 on a CPU or bfloat16 on a GPU gives the same fingerprint). Loading a checkpoint into a
 different pair raises CheckpointError naming the side that differs.
 
-The checksum guards the tensor bytes against corruption (bit rot, a bad copy), not against an attacker, who
-could recompute it. Rule for a checkpoint without one: format 1 predates checksums and loads unverified (the
-committed checkpoints are format 1); a format-2 checkpoint without one is refused. A checksum that is present
-is always verified, in either format; a mismatch (damaged tensors or a garbled field) is a CheckpointError.
+The checksum guards the tensor bytes and the metadata against corruption (bit rot, a bad copy: a digit
+changed in the config's layer map would parse and fit, and fuse the wrong layers), not against an attacker,
+who could recompute it. Rule for a checkpoint without one: format 1 predates checksums and loads unverified
+(the committed checkpoints are format 1); a format-2 checkpoint without one is refused. A checksum that is
+present is always verified, in either format; a mismatch (damaged tensors or metadata, or a garbled field) is
+a CheckpointError.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from cachelm.kv.codecs import CHECKSUMS, checksum
 FORMAT = "cachelm-c2c-fuser/2"
 LEGACY_FORMAT = "cachelm-c2c-fuser/1"  # written before checksums: loads without one
 _SAMPLE = 256  # parameter values hashed per tensor: enough to tell models apart, cheap for large ones
+_COVERED = ("format", "config", "receiver", "sharer", "receiver_file_sha256", "sharer_file_sha256", "train")
 
 
 def model_fingerprint(model: Any, tokenizer: Any) -> str:
@@ -56,6 +60,16 @@ def model_fingerprint(model: Any, tokenizer: Any) -> str:
             h.update(str(tuple(param.shape)).encode())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def checkpoint_digest(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], algorithm: str = CHECKSUMS[0]
+) -> str:
+    """The checksum of a checkpoint: its tensors as stored and its metadata fields (absent ones as null).
+    The metadata is hashed as one more byte tensor, under a name no parameter can have."""
+    covered = json.dumps({key: meta.get(key) for key in _COVERED}, sort_keys=True).encode()
+    extra = torch.frombuffer(bytearray(covered), dtype=torch.uint8)
+    return checksum({**tensors, "\x00metadata": extra}, algorithm)
 
 
 def save_fuser(
@@ -83,8 +97,8 @@ def save_fuser(
         "receiver_file_sha256": receiver_file_sha256,
         "sharer_file_sha256": sharer_file_sha256,
         "train": json.dumps(train_info or {}, sort_keys=True),
-        CHECKSUMS[0]: checksum(tensors, CHECKSUMS[0]),
     }
+    metadata[CHECKSUMS[0]] = checkpoint_digest(tensors, metadata, CHECKSUMS[0])
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -123,16 +137,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def verify_tensors(path: str | Path, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Check `tensors` (as stored, before any dtype change) against every checksum in `meta`, the metadata
-    `read_metadata` returned for `path`; CheckpointError naming `path` on a mismatch. A format-1 checkpoint
-    carries none and passes unchecked (`read_metadata` refuses a format-2 one without).
+def verify_checksum(path: str | Path, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check `tensors` (as stored, before any dtype change) and `meta`, the metadata `read_metadata` returned
+    for `path`, against every checksum in `meta`; CheckpointError naming `path` on a mismatch. A format-1
+    checkpoint carries none and passes unchecked (`read_metadata` refuses a format-2 one without).
     """
     for algorithm in (a for a in CHECKSUMS if a in meta):
-        if checksum(tensors, algorithm) != meta[algorithm]:
+        if checkpoint_digest(tensors, meta, algorithm) != meta[algorithm]:
             raise CheckpointError(
                 f"fuser checkpoint {str(path)!r} failed its {algorithm} checksum: "
-                "its tensor bytes or the checksum field are damaged"
+                "its tensor bytes, its metadata or the checksum field are damaged"
             )
 
 
@@ -146,7 +160,7 @@ def load_fuser(
     """Rebuild the fuser stored at `path` (eval mode, float32) after checking it belongs to this pair.
 
     Raises CheckpointError when the stored receiver or sharer fingerprint differs from the one given, or the
-    tensors fail the checkpoint's checksum (`verify_tensors`).
+    tensors fail the checkpoint's checksum (`verify_checksum`).
     """
     from safetensors.torch import load_file
 
@@ -163,7 +177,7 @@ def load_fuser(
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed fuser config: {exc}") from exc
     fuser = C2CFuser(config)
     stored = load_file(str(path))
-    verify_tensors(path, meta, stored)
+    verify_checksum(path, meta, stored)
     state = {k: v.float() for k, v in stored.items()}
     try:
         fuser.load_state_dict(state)
