@@ -18,7 +18,9 @@ Contract:
   ``layer="tool"``): the function still runs and its result is returned.
 - Sync and async (``async def``) functions are both supported.
 
-The wrapper exposes ``cache_key(*args, **kwargs)``, ``invalidate(*args, **kwargs)`` and ``cache_clear()``.
+The wrapper exposes ``cache_key(*args, **kwargs)``, ``invalidate(*args, **kwargs)`` and ``cache_clear()``;
+on a method, ``obj.method.cache_key(x)`` and ``obj.method.invalidate(x)`` pass ``obj`` as ``self`` as a
+call does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import hashlib
 import inspect
 import json
 import math
-import types
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
@@ -110,7 +111,7 @@ class Memoized(Generic[P, R]):
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         # Decorating a method: bind like a function would, so `obj.method(x)` passes `obj` as `self`.
-        return self if instance is None else types.MethodType(self, instance)
+        return self if instance is None else BoundMemoized(self, instance)
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The store key of a call with these arguments."""
@@ -221,6 +222,34 @@ class Memoized(Generic[P, R]):
     def cache_clear(self) -> int:
         """Forget every cached result of this function; returns how many."""
         return self._store.purge(Match(tag=self.tag))
+
+
+class BoundMemoized(Generic[R]):
+    """A memoized method bound to an instance: calls, `cache_key` and `invalidate` all pass it first."""
+
+    def __init__(self, memoized: Memoized[..., R], instance: object) -> None:
+        functools.update_wrapper(self, memoized, updated=())  # not its __dict__: that is its state
+        self._memoized = memoized
+        self._instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R:
+        return self._memoized(self._instance, *args, **kwargs)
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+        """The store key of a call with these arguments on this instance."""
+        return self._memoized.cache_key(self._instance, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """Forget the cached result of a call with these arguments on this instance; True if there was one."""
+        return self._memoized.invalidate(self._instance, *args, **kwargs)
+
+    def cache_clear(self) -> int:
+        """Forget every cached result of the method, for every instance; returns how many."""
+        return self._memoized.cache_clear()
+
+    @property
+    def tag(self) -> str:
+        return self._memoized.tag
 
 
 def memoize(
