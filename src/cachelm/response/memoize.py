@@ -13,7 +13,8 @@ Contract:
   encodable value) to key such calls, and for methods, whose ``self`` is not encodable.
 - Results are stored as JSON, so they must be JSON values that read back equal (no tuples, no int dict
   keys); otherwise the call raises `ConfigError` after computing, naming the function.
-- Exceptions are never cached. Concurrent identical calls compute once (single-flight).
+- Exceptions are never cached. Concurrent identical calls compute once (single-flight); each caller
+  gets its own copy of the result, so one that mutates it changes no other caller's.
 - A failing store is a miss plus an ``errors`` counter (when given an `ExactCache`, its metrics under
   ``layer="tool"``): the function still runs and its result is returned.
 - Sync and async (``async def``) functions are both supported.
@@ -26,6 +27,7 @@ call does.
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import hashlib
 import inspect
@@ -137,12 +139,14 @@ class Memoized(Generic[P, R]):
             return cast(R, value)
 
         def compute() -> Any:
+            landed, value = self._read(key, count=False)
+            if landed:
+                return value
             result = self._fn(*args, **kwargs)
             self._write(key, result)
             return result
 
-        value, _shared = self._flights.do(key, compute)
-        return cast(R, value)
+        return cast(R, _own(*self._flights.do(key, compute)))
 
     async def _acall(self, key: str, args: Any, kwargs: Any) -> Any:
         found, value = self._read(key)
@@ -150,14 +154,18 @@ class Memoized(Generic[P, R]):
             return value
 
         async def compute() -> Any:
+            landed, value = self._read(key, count=False)
+            if landed:
+                return value
             result = await cast(Callable[..., Awaitable[Any]], self._fn)(*args, **kwargs)
             self._write(key, result)
             return result
 
-        value, _shared = await self._aflights.do(key, compute)
-        return value
+        return _own(*await self._aflights.do(key, compute))
 
-    def _read(self, key: str) -> tuple[bool, Any]:
+    def _read(self, key: str, *, count: bool = True) -> tuple[bool, Any]:
+        """``(found, value)``. Inside a flight `count` is False: the read that let the caller in counted
+        its miss, and this second one only catches a flight that landed between that miss and this one."""
         try:
             record = self._store.get(key)
         except BackendError:
@@ -170,9 +178,11 @@ class Memoized(Generic[P, R]):
                 self._count("error")
                 self._forget(key)
             else:
-                self._count("hit")
+                if count:
+                    self._count("hit")
                 return True, value
-        self._count("miss")
+        if count:
+            self._count("miss")
         return False, None
 
     def _forget(self, key: str) -> None:
@@ -222,6 +232,12 @@ class Memoized(Generic[P, R]):
     def cache_clear(self) -> int:
         """Forget every cached result of this function; returns how many."""
         return self._store.purge(Match(tag=self.tag))
+
+
+def _own(value: Any, shared: bool) -> Any:
+    # A follower of a flight gets its own copy: a caller may mutate what it is handed (a hit is a fresh
+    # decode each time, and the leader keeps the object its function returned).
+    return copy.deepcopy(value) if shared else value
 
 
 class BoundMemoized(Generic[R]):
