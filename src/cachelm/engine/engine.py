@@ -49,16 +49,31 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+        if not _is_int(self.max_new_tokens):
             raise ConfigError(f"`max_new_tokens` must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 10:
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 10:
             raise ConfigError(f"`temperature` must be in [0, 10], got {self.temperature!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"`top_p` must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"`top_k` must be an int >= 0, got {self.top_k!r}")
+        # The range torch.Generator.manual_seed takes: checked here, not at the first sampled token.
+        if self.seed is not None and (not _is_int(self.seed) or not -(1 << 63) <= self.seed < 1 << 64):
+            raise ConfigError(f"`seed` must be an int in [-2**63, 2**64), got {self.seed!r}")
+        stops = self.stop_token_ids
+        if not isinstance(stops, tuple | list) or not all(_is_int(t) and t >= 0 for t in stops):
+            raise ConfigError(f"`stop_token_ids` must be a tuple of token ids (ints >= 0), got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stops))  # a list is taken: frozen means hashable
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int, never meant as one
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Prefill:
