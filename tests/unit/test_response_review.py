@@ -5,13 +5,20 @@ Each test here failed before the fix it names in its docstring.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cachelm.errors import ConfigError
+from cachelm.response.langchain import LangChainCache
 from cachelm.response.memoize import memoize
 from cachelm.store.base import Record
 from cachelm.store.memory import MemoryStore
+from cachelm.store.sqlite import SQLiteStore
 
 # -- memoize ----------------------------------------------------------------------------------------------
 
@@ -111,3 +118,44 @@ def test_callers_served_by_one_flight_get_their_own_copy() -> None:
         t.join(10)
     assert results == [{"items": [1]}] * 4
     assert len({id(r) for r in results}) == 4 and len({id(r["items"]) for r in results}) == 4
+
+
+# -- the LangChain adapter --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"user": None}, "`user`"),
+        ({"tags": [1]}, "`tags`"),
+        ({"tags": [""]}, "`tags`"),
+        ({"ttl": -1}, "`ttl`"),
+        ({"ttl": float("inf")}, "`ttl`"),
+        ({"ttl": "60"}, "`ttl`"),
+    ],
+)
+def test_langchain_cache_checks_its_entry_options_up_front(options: dict[str, Any], name: str) -> None:
+    """`user`, `tags` and `ttl` were taken unchecked; every later `update` then failed inside
+    ExactCache.store, which the adapter logs and swallows: nothing was ever cached, and no error said so."""
+    with pytest.raises(ConfigError, match=name):
+        LangChainCache(MemoryStore(), **options)
+
+
+def test_a_foreign_entry_that_cannot_be_dropped_is_still_a_miss(tmp_path: Path) -> None:
+    """A lookup that found an entry it cannot decode dropped it with `ExactCache.invalidate`, an
+    administrative call that raises: a store that could read but not write failed the model call."""
+    path = tmp_path / "lc.db"
+    with SQLiteStore(path, busy_timeout_s=0.05) as store:
+        adapter = LangChainCache(store)
+        key = adapter.cache.key_for(adapter._request("p", "cfg"), endpoint="langchain")
+        store.put(Record(key=key, value=b'{"not": "generations"}', tags=frozenset({"langchain"})))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: reads work, deletes wait
+        try:
+            assert adapter.lookup("p", "cfg") is None
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert adapter.cache.metrics.count("errors", kind="decode") == 1
+        assert adapter.cache.metrics.count("errors", kind="backend") == 1
+        assert adapter.lookup("p", "cfg") is None and store.peek(key) is None  # dropped once it could be

@@ -15,7 +15,8 @@ Contract:
 - Entries carry the tag ``"langchain"`` and the model name when ``llm_string`` names one (``model`` or
   ``model_name``), so they can be invalidated by tag or model. `clear` removes this tenant's entries.
 - A store failure is a miss (lookup) or a skipped write (update), counted in the cache's metrics; a
-  generation that JSON cannot hold is not cached and logged, never raised into the model call.
+  generation that JSON cannot hold is not cached and logged, never raised into the model call. Bad
+  options (``tenant``, ``user``, ``tags``, ``ttl``) raise `ConfigError` when the adapter is made.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.messages import message_to_dict, messages_from_dict
 from langchain_core.outputs import ChatGeneration, Generation
 
-from cachelm.errors import ConfigError
+from cachelm.errors import BackendError, ConfigError
 from cachelm.response.exact import LAYER, ExactCache
-from cachelm.store.base import DEFAULT_TENANT, Match, Store
+from cachelm.store.base import DEFAULT_TENANT, Match, Store, check_ttl
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,15 @@ class LangChainCache(BaseCache):
             raise ConfigError(f"`cache` must be an ExactCache or a Store, got {type(cache).__name__}")
         if not isinstance(tenant, str) or not tenant:
             raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+        if not isinstance(user, str):
+            raise ConfigError(f"`user` must be a string, got {user!r}")
         if isinstance(tags, str):
             raise ConfigError(f"`tags` must be an iterable of strings, not a string: {tags!r}")
+        tags = tuple(tags)
+        if not all(isinstance(tag, str) and tag for tag in tags):
+            raise ConfigError(f"`tags` must be non-empty strings, got {tags!r}")
+        # Checked here: a bad option found by `update` would be logged and swallowed on every write.
+        check_ttl(ttl)
         self.cache = cache
         self.tenant = tenant
         self.user = user
@@ -112,7 +120,10 @@ class LangChainCache(BaseCache):
         except (ValueError, KeyError, TypeError):
             # Not ours (another writer under the same key space): a miss, and the entry is dropped.
             self.cache.metrics.error(LAYER, "decode")
-            self.cache.invalidate(hit.key)
+            try:
+                self.cache.invalidate(hit.key)
+            except BackendError:  # the entry stays and the next lookup tries again: still only a miss
+                self.cache.metrics.error(LAYER, "backend")
             return None
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
