@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cachelm.errors import ConfigError
 from cachelm.response.langchain import LangChainCache
 from cachelm.response.memoize import memoize
+from cachelm.semantic.embedder import HashingEmbedder
+from cachelm.semantic.embedding_cache import EmbeddingCache
 from cachelm.store.base import Record
 from cachelm.store.memory import MemoryStore
 from cachelm.store.sqlite import SQLiteStore
@@ -159,3 +162,27 @@ def test_a_foreign_entry_that_cannot_be_dropped_is_still_a_miss(tmp_path: Path) 
         assert adapter.cache.metrics.count("errors", kind="decode") == 1
         assert adapter.cache.metrics.count("errors", kind="backend") == 1
         assert adapter.lookup("p", "cfg") is None and store.peek(key) is None  # dropped once it could be
+
+
+# -- the embedding cache ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [float("inf"), "60", True, 0, -1])
+def test_embedding_cache_checks_its_ttl_as_every_cache_does(ttl: Any) -> None:
+    """The constructor's own check (``not ttl > 0``) let infinity and True through, and raised TypeError
+    for a string. With ``ttl=inf`` every embedding call with a miss then failed: the record it stored had
+    an infinite expiry, which `Record` refuses with a ConfigError the write path does not expect."""
+    with pytest.raises(ConfigError, match="`ttl`"):
+        EmbeddingCache(MemoryStore(), HashingEmbedder(dim=8), ttl=ttl)
+
+
+def test_a_corrupt_vector_is_a_miss_counted_as_an_error() -> None:
+    """A stored value that is not a vector of this embedder was a silent miss: nothing counted it, so a
+    store returning garbage looked like a cold cache."""
+    store = MemoryStore()
+    cache = EmbeddingCache(store, HashingEmbedder(dim=8))
+    store.put(Record(key=cache.key("hello"), value=b"\x00garbage", tags=frozenset({"embedding"})))
+    vector, hit = cache.embed("hello")
+    assert not hit and cache.stats.errors == 1 and cache.stats.misses == 1
+    assert np.array_equal(vector, HashingEmbedder(dim=8).embed(["hello"])[0])
+    assert cache.embed("hello")[1] and cache.stats.errors == 1  # rewritten, then served

@@ -11,8 +11,9 @@ embedded a text; pass the same tenant everywhere to share vectors deliberately.
 Values: the vector as little-endian float32 bytes, prefixed by its dimension (uint32). A value whose length
 or dimension does not match the embedder, or that holds NaN or infinity, is treated as a miss and overwritten.
 
-Failures: a store that raises `BackendError` turns into misses (counted in `stats.errors`); the vectors are
-still computed, so an embedding request never fails because of the cache.
+Failures: a store that raises `BackendError`, and a stored value that is no vector of this embedder, turn
+into misses (counted in `stats.errors`); the vectors are still computed, so an embedding request never fails
+because of the cache.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class EmbeddingBatch:
 class EmbeddingCacheStats:
     hits: int = 0
     misses: int = 0
-    errors: int = 0  # store failures turned into misses
+    errors: int = 0  # store failures and undecodable values turned into misses
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, *, hits: int = 0, misses: int = 0, errors: int = 0) -> None:
@@ -90,8 +91,7 @@ class EmbeddingCache:
             raise ConfigError(f"`store` must be a cachelm Store, got {type(store).__name__}")
         if not isinstance(embedder, Embedder):
             raise ConfigError(f"`embedder` must implement Embedder, got {type(embedder).__name__}")
-        if ttl is not None and not ttl > 0:
-            raise ConfigError(f"`ttl` must be None or > 0 seconds, got {ttl!r}")
+        check_ttl(ttl)
         self.store = store
         self.embedder = embedder
         self.ttl = ttl
@@ -144,6 +144,8 @@ class EmbeddingCache:
             vector = None if record is None else decode_vector(record.value, self.dim)
             if vector is not None:
                 found[key] = vector
+            elif record is not None:  # not a vector of this embedder: a miss, counted, then overwritten
+                errors += 1
         missing = {k: t for k, t in zip(keys, items, strict=True) if k not in found}
         if missing:
             computed = self.embedder.embed(list(missing.values()))  # (m, dim)
