@@ -116,3 +116,35 @@ def test_sampling_params_take_a_list_of_stop_ids_as_a_tuple() -> None:
     params = SamplingParams(stop_token_ids=[5, 7])  # type: ignore[arg-type]
     assert params.stop_token_ids == (5, 7)
     hash(params)  # frozen and hashable, as its type says
+
+
+def test_generate_refuses_params_that_are_not_sampling_params(llama: Any, tokenizer: Any) -> None:
+    engine = Engine(llama, tokenizer)
+    with pytest.raises(ConfigError, match="`params`"):  # an AttributeError on 'temperature' before
+        engine.generate("Hello", {"max_new_tokens": 3})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("prompt", "match"), [("", "`prompt`"), ([], "`prompt`"), ([1, 10**6], "`prompt`")])
+def test_stream_checks_its_prompt_when_called(llama: Any, tokenizer: Any, prompt: Any, match: str) -> None:
+    # Before, `stream` was a generator function: nothing was checked until the first token was asked for,
+    # so a caller that set the stream up (the proxy's local upstream) met a bad prompt mid-iteration, and an
+    # empty text prompt was reported as empty `token_ids`, an argument the caller never passed.
+    engine = Engine(llama, tokenizer)
+    with pytest.raises(ConfigError, match=match):
+        engine.stream(prompt)
+    with pytest.raises(ConfigError, match="`tenant_salt`"):
+        engine.stream("Hello", tenant_salt="acme")  # type: ignore[arg-type]
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tokenizer: Any) -> None:
+    engine = Engine(tiny_llama(max_position_embeddings=32), tokenizer)
+    with pytest.raises(ConfigError, match=r"`prompt` has 32 tokens.*context of 32"):
+        engine.generate(list(range(5, 37)))  # before: generated past the positions the model knows
+    assert len(engine.generate(list(range(5, 36)), SamplingParams(max_new_tokens=1)).token_ids) == 1
+
+
+def test_generation_stops_at_the_end_of_the_context(tokenizer: Any) -> None:
+    engine = Engine(tiny_llama(max_position_embeddings=32), tokenizer)
+    result = engine.generate(list(range(5, 25)), SamplingParams(max_new_tokens=30, stop_token_ids=()))
+    assert len(result.token_ids) == 12  # prompt + answer fill the 32 positions (before: 30 tokens)
+    assert result.finish_reason == "length"

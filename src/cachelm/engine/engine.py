@@ -3,7 +3,8 @@
     prompt (text | chat messages | token ids) ─► token ids
       ─► prefix cache match (longest cached prefix, ≤ len - 1 tokens) ─► load blocks into a fresh cache
       ─► prefill only the rest ─► sample token by token (greedy or seeded sampling), streaming each token
-      ─► stop on EOS / stop ids / max_new_tokens ─► store the new full blocks (prompt and generated)
+      ─► stop on EOS / stop ids / max_new_tokens / a full context ─► store the new full blocks (prompt and
+         generated)
 
 Reuse changes only *which* KV the prefill computes, never the result beyond float rounding: the tests in
 ``tests/unit/test_engine_*.py`` and ``tests/unit/test_kv_*.py`` compare every reuse path with recompute.
@@ -170,6 +171,8 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(int(i) for i in eos_ids if i is not None)
+        # Positions the model was trained for: past them RoPE models produce noise rather than an error.
+        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
@@ -284,7 +287,6 @@ class Engine:
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    @torch.inference_mode()
     def stream(
         self,
         prompt: Prompt,
@@ -296,16 +298,44 @@ class Engine:
         """Yield generated tokens one by one. New KV blocks are stored when the stream ends (or is closed),
         unless a decoding step failed (then the cache may hold some layers' KV of a token and not others').
 
-        `result`, when given, is filled in as the stream runs (token ids, text, timings, finish reason).
+        The arguments are checked and the prompt encoded when this is called (ConfigError), not at the
+        first token: a prompt must encode to at least one token and leave room in the model's context for
+        one generated token; the answer ends ("length") where the context is full. `result`, when given,
+        is filled in as the stream runs (token ids, text, timings, finish reason).
         """
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"`params` must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(tenant_salt, bytes):
+            raise ConfigError(f"`tenant_salt` must be bytes, got {type(tenant_salt).__name__}")
         started = time.perf_counter()
         token_ids = self.encode(prompt)
+        if not token_ids:
+            raise ConfigError(f"`prompt` encodes to no tokens: {prompt!r}")
+        if self.context is not None and len(token_ids) >= self.context:
+            raise ConfigError(
+                f"`prompt` has {len(token_ids)} tokens; the model has a context of {self.context} "
+                f"(at most {self.context - 1} prompt tokens, leaving room for one generated token)"
+            )
+        return self._decode(token_ids, params, tenant_salt, result, started)
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        tenant_salt: bytes,
+        result: GenerationResult | None,
+        started: float,
+    ) -> Iterator[TokenEvent]:
         state = self.prefill(token_ids, tenant_salt=tenant_salt)
         generator = None
         if params.temperature > 0 and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         stops = self.eos_token_ids | set(params.stop_token_ids)
+        # The answer's last token is sampled, never fed: prompt + answer fill the context at most.
+        room = self.context - len(token_ids) if self.context is not None else params.max_new_tokens
+        max_new_tokens = min(params.max_new_tokens, room)
         generated: list[int] = []
         text = ""
         logits = state.logits
@@ -317,7 +347,7 @@ class Engine:
         # under the prompt's hashes for every later request.
         consistent = True
         try:
-            for index in range(params.max_new_tokens):
+            for index in range(max_new_tokens):
                 token = self._sample(logits, params, generator)
                 generated.append(token)
                 if index == 0 and result is not None:
@@ -333,7 +363,7 @@ class Engine:
                 if result is not None:
                     result.token_ids, result.text = list(generated), text
                 yield TokenEvent(index=index, token_id=token, text=delta)
-                if index + 1 == params.max_new_tokens:
+                if index + 1 == max_new_tokens:
                     break
                 ids = torch.tensor([[token]], device=self.device)
                 consistent = False
