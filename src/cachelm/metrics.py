@@ -39,7 +39,12 @@ class Price:
     def __post_init__(self) -> None:
         for name in ("input", "output"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ConfigError(f"`{name}` price must be a finite number >= 0, got {value!r}")
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -112,10 +117,14 @@ class CacheMetrics:
         window: int = 4096,
         namespace: str = "cachelm",
     ) -> None:
-        if not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"`window` must be an int >= 1, got {window!r}")
         if prices is not None and not all(isinstance(p, Price) for p in prices.values()):
             raise ConfigError("`prices` values must be `Price` objects")
+        # A key is a model id or prefix: "" would be a prefix of every id, and a non-string would make
+        # `price` raise on the serving path.
+        if prices is not None and not all(isinstance(m, str) and m for m in prices):
+            raise ConfigError(f"`prices` keys must be non-empty model ids, got {list(prices)!r}")
         self._prices: dict[str, Price] = dict(DEFAULT_PRICES if prices is None else prices)
         self._price_of: dict[str, Price | None] = {}  # model id → resolved price (prefix lookup is O(table))
         # Label children are cached: `labels()` validates and locks on every call, a few µs on the hit path.

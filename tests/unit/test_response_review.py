@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cachelm.errors import ConfigError
+from cachelm.metrics import CacheMetrics, Price
 from cachelm.response.langchain import LangChainCache
 from cachelm.response.memoize import memoize
 from cachelm.semantic.embedder import HashingEmbedder
@@ -186,3 +187,26 @@ def test_a_corrupt_vector_is_a_miss_counted_as_an_error() -> None:
     assert not hit and cache.stats.errors == 1 and cache.stats.misses == 1
     assert np.array_equal(vector, HashingEmbedder(dim=8).embed(["hello"])[0])
     assert cache.embed("hello")[1] and cache.stats.errors == 1  # rewritten, then served
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+
+
+def test_a_price_table_key_must_be_a_model_id_or_prefix() -> None:
+    """`prices` keys were not checked (`set_price` checks its `model`): an empty key is a prefix of every
+    model id, so every unpriced model was priced by it, and a key that is no string made the first hit that
+    carried a usage raise TypeError from `str.startswith` on the serving path."""
+    price = Price(input=1.0, output=1.0)
+    for bad in ("", None, 7):
+        with pytest.raises(ConfigError, match="`prices`"):
+            CacheMetrics(prices={bad: price})  # type: ignore[dict-item]
+    metrics = CacheMetrics(prices={"gpt-4o": price})
+    metrics.hit("exact", model="llama-3", usage={"prompt_tokens": 10, "completion_tokens": 5})
+    assert metrics.count("cost_saved_usd") == 0.0 and metrics.count("tokens_saved") == 15
+
+
+@pytest.mark.parametrize("make", [lambda: Price(input=True, output=1.0), lambda: CacheMetrics(window=True)])
+def test_a_bool_is_no_number_for_metrics(make: Any) -> None:
+    """A bool passed the int checks of `Price` (True: a price of 1 USD) and of `window` (one observation)."""
+    with pytest.raises(ConfigError):
+        make()
