@@ -399,10 +399,19 @@ def cached(
         raise ConfigError(f"`cache` must be an ExactCache, got {type(cache).__name__}")
     if not isinstance(tenant, str) or not tenant:
         raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+    # Checked here, not left to ExactCache.store: there a bad value surfaces after the upstream call,
+    # whose paid answer is then lost (or, for a stream, silently never cached).
+    if not isinstance(user, str):
+        raise ConfigError(f"`user` must be a string, got {user!r}")
     if isinstance(tags, str):
         raise ConfigError(f"`tags` must be an iterable of strings, not a string: {tags!r}")
+    tags = tuple(tags)
+    if not all(isinstance(tag, str) and tag for tag in tags):
+        raise ConfigError(f"`tags` must be non-empty strings, got {tags!r}")
+    if not isinstance(allow_sampled, bool):
+        raise ConfigError(f"`allow_sampled` must be a bool, got {allow_sampled!r}")
     check_ttl(ttl)
     settings = _Settings(
-        cache=cache, tenant=tenant, user=user, tags=tuple(tags), ttl=ttl, allow_sampled=allow_sampled
+        cache=cache, tenant=tenant, user=user, tags=tags, ttl=ttl, allow_sampled=allow_sampled
     )
     return CachedClient(client, settings)
