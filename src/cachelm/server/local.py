@@ -6,10 +6,13 @@ queued on one worker thread; streaming pushes tokens from that thread to the eve
 The KV prefix cache is keyed by the caller's tenant, like every other layer, and `erase_tenant_kv` (called
 by ``/admin/erase``) deletes a tenant's KV blocks from every tier of it.
 
-OpenAI parameters honoured: ``max_tokens``/``max_completion_tokens`` (default 256, at most 2,048),
-``temperature``, ``top_p``, ``seed``, ``stop`` (strings, applied to the generated text). ``n > 1`` is
-refused with a 400 naming the parameter. ``/v1/embeddings`` is answered by a local `Embedder` (by default
-the packaged all-MiniLM-L6-v2, loaded on first use) under its own model id.
+OpenAI parameters honoured: ``max_tokens``/``max_completion_tokens`` (>= 1, default 256, at most 2,048),
+``temperature`` (0 to 2), ``top_p`` (0 to 1; 0 keeps only the most likely token), ``seed``, ``stop``
+(strings, applied to the generated text); chat content may be a list of text parts (joined with newlines).
+``n > 1`` and the fields that would change the answer but are not implemented (logprobs, logit_bias,
+penalties, tools, a response_format other than text, echo, best_of > 1, suffix) are refused with a 400
+naming the parameter, unless they hold their no-op value. ``/v1/embeddings`` is answered by a local
+`Embedder` (by default the packaged all-MiniLM-L6-v2, loaded on first use) under its own model id.
 """
 
 from __future__ import annotations
@@ -41,6 +44,68 @@ class RequestRefused(Exception):
         self.body = orjson.dumps(
             {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
         )
+
+
+# Fields that change the answer and that the engine does not implement, with the values that ask for
+# nothing: any other value is refused, so a client never takes an answer made without what it asked for.
+_NO_OPS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,),  # chat: a bool; completions: an int, and 0 still asks for the chosen tokens'
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
+
+def _is_no_op(value: Any, no_ops: tuple[Any, ...]) -> bool:
+    # 0 == False in Python: a bool only matches a bool, so completions' `logprobs: 0` is no `False`.
+    return value is None or any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in no_ops)
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, no_ops in _NO_OPS.items():
+        if not _is_no_op(body.get(name), no_ops):
+            raise RequestRefused(f"the local engine does not support `{name}`", param=name)
+
+
+def _number(body: dict[str, Any], name: str, default: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise RequestRefused(f"`{name}` must be a number in [0, {high:g}], got {value!r:.40}", param=name)
+    return float(value)
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins, as at OpenAI
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestRefused(f"`{name}` must be an integer >= 1, got {value!r:.40}", param=name)
+        return min(value, MAX_TOKENS)
+    return DEFAULT_MAX_TOKENS
+
+
+def _text_message(index: int, message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with a content given as parts turned into its text (chat templates render strings)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts: list[Any] = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+        raise RequestRefused(
+            f"the local engine reads only text parts of `messages[{index}].content`",
+            param=f"messages[{index}].content",
+        )
+    return {**message, "content": "\n".join(texts)}  # joined as vLLM joins them
 
 
 def _stops(body: dict[str, Any]) -> list[str]:
@@ -106,24 +171,23 @@ class LocalEngineUpstream:
                 status=404,
                 param="model",
             )
-        if (body.get("n") or 1) != 1:
+        if body.get("n") not in (None, 1):
             raise RequestRefused("the local engine supports only `n` = 1", param="n")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        _refuse_unsupported(body)
+        temperature = _number(body, "temperature", 1.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 1.0)
+        if top_p == 0:  # OpenAI takes 0: only the most likely token is left, which is greedy decoding
+            temperature, top_p = 0.0, 1.0
         try:
             return SamplingParams(
-                max_new_tokens=min(int(max_tokens), MAX_TOKENS),
-                temperature=float(
-                    body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0
-                ),
-                top_p=float(body.get("top_p") or 1.0),
-                seed=body.get("seed"),
+                max_new_tokens=_max_tokens(body), temperature=temperature, top_p=top_p, seed=body.get("seed")
             )
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise RequestRefused(str(exc)) from None
+        except ConfigError as exc:  # only `seed` is left unchecked here
+            raise RequestRefused(str(exc), param="seed") from None
 
     def _prompt(self, path: str, body: dict[str, Any]) -> Any:
         if path == "chat/completions":
-            return body["messages"]
+            return [_text_message(i, m) for i, m in enumerate(body["messages"])]
         if path == "completions":
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -144,8 +208,9 @@ class LocalEngineUpstream:
         salt = make_salt(tenant, self._secret)
         try:
             stream = self.engine.stream(prompt, params, tenant_salt=salt, result=result)
-        except ConfigError as exc:
-            raise RequestRefused(str(exc)) from None
+        except ConfigError as exc:  # the prompt: empty, or too long for the model's context
+            param = "messages" if path == "chat/completions" else "prompt"
+            raise RequestRefused(str(exc), param=param) from None
         for event in stream:
             text += event.text
             cut = min((text.find(s) for s in stops if s in text), default=-1)
