@@ -159,6 +159,30 @@ def test_content_parts_are_read_as_their_text(client: openai.OpenAI) -> None:
     assert refused.value.body["param"] == "messages[0].content"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("headers", [{}, BYPASS], ids=["miss", "bypass"])
+def test_a_failing_forward_pass_is_a_clear_500_and_leaves_the_engine_serving(
+    client: openai.OpenAI, headers: dict[str, str]
+) -> None:
+    # Before, a non-streaming request said only "internal error: RuntimeError" (the streamed one named
+    # the engine and its error).
+    body = chat(f"{len(headers)}: keys and values of every attention layer are stored in blocks of tokens.")
+    Faults.on = True
+    try:
+        with pytest.raises(
+            openai.InternalServerError, match="local engine failed: RuntimeError: CUDA out of"
+        ):
+            client.chat.completions.create(**body, extra_headers=headers)
+    finally:
+        Faults.on = False
+    first = client.chat.completions.create(**body, extra_headers=BYPASS)
+    again = client.chat.completions.create(**body, extra_headers=BYPASS)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    assert first.usage is not None and again.usage is not None
+    assert again.usage.prompt_tokens_details is not None and first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # the failed request stored nothing
+    assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
+
+
 def test_streamed_chunks_usage_and_finish_reasons_follow_the_protocol(client: openai.OpenAI) -> None:
     body = chat("A cache keeps the results of earlier work.", max_tokens=8)
     whole = client.chat.completions.create(**body, extra_headers=BYPASS)

@@ -300,6 +300,8 @@ class LocalEngineUpstream:
     # -- Upstream protocol -----------------------------------------------------------------------------
 
     async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]:
+        from cachelm.server.upstream import UpstreamError
+
         try:
             request = orjson.loads(body)
             if path == "embeddings":
@@ -310,6 +312,8 @@ class LocalEngineUpstream:
             )
         except RequestRefused as exc:
             return exc.status, exc.body
+        except Exception as exc:  # the engine failed (out of memory, …): named as a streamed request names it
+            raise UpstreamError(f"local engine failed: {type(exc).__name__}: {exc}", status=500) from exc
         return 200, orjson.dumps(answer)
 
     async def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]:
