@@ -171,6 +171,7 @@ def test_sampled_requests_are_neither_served_nor_stored_unless_allowed(cache: Ex
         {"choices": []},
         {"choices": [{"index": 0, "message": {"content": "cut"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "error"}]},
+        {"choices": [{"index": 0, "message": {"content": "partly"}, "finish_reason": "content_filter"}]},
         "not a dict",
     ],
 )

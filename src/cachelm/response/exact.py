@@ -59,6 +59,11 @@ class CachedResponse:
         return max(0.0, now - self.created)
 
 
+# Finish reasons of an answer that is not whole: still running (None), failed, or with content the
+# provider's filter omitted (a retry may get the whole answer; a cached one would repeat the omission).
+INCOMPLETE = (None, "error", "content_filter")
+
+
 def cacheable_response(response: Any, endpoint: str) -> bool:
     """True when `response` is a successful, complete answer of `endpoint` worth storing."""
     if not isinstance(response, Mapping) or response.get("error") is not None:
@@ -68,7 +73,7 @@ def cacheable_response(response: Any, endpoint: str) -> bool:
         return (
             isinstance(choices, list)
             and bool(choices)
-            and all(isinstance(c, Mapping) and c.get("finish_reason") not in (None, "error") for c in choices)
+            and all(isinstance(c, Mapping) and c.get("finish_reason") not in INCOMPLETE for c in choices)
         )
     if endpoint == "embeddings":
         data = response.get("data")
