@@ -57,6 +57,19 @@ def test_hashing_embedder_contract() -> None:
 
 
 # -- embedding cache ----------------------------------------------------------------------------------
+def test_a_text_with_a_lone_surrogate_is_a_config_error_and_stores_nothing() -> None:
+    # Before, UnicodeEncodeError from the key's hash or the n-gram hashing: no error naming the input.
+    store = MemoryStore()
+    cache = EmbeddingCache(store, EMB)
+    with pytest.raises(ConfigError, match=r"`texts\[1\]` must be valid Unicode"):
+        EMB.embed(["fine", "bad \ud800"])
+    with pytest.raises(ConfigError, match="valid Unicode"):
+        cache.embed_many(["fine", "bad \udfff"], tenant="t")
+    with pytest.raises(ConfigError, match="`tenant` must be valid Unicode"):
+        cache.embed("fine", tenant="t\ud800")
+    assert len(store) == 0
+
+
 def test_embedding_cache_batch_order_hits_and_recompute_equality() -> None:
     store = MemoryStore()
     cache = EmbeddingCache(store, EMB)

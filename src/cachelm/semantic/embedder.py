@@ -33,6 +33,7 @@ from cachelm.semantic.finetuned import (
     calibrated_threshold,
     read_checkpoint,
 )
+from cachelm.store.base import check_text
 
 Vectors = npt.NDArray[np.float32]  # (n, dim), rows of unit norm
 
@@ -60,6 +61,7 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     for i, text in enumerate(out):
         if not isinstance(text, str):
             raise ConfigError(f"`texts[{i}]` must be a str, got {type(text).__name__}")
+        check_text(f"texts[{i}]", text)  # a lone surrogate has no bytes to hash or tokenize
     return out
 
 

@@ -29,13 +29,15 @@ import numpy as np
 from cachelm.errors import BackendError, ConfigError
 from cachelm.keys import KEY_SCHEMA_VERSION
 from cachelm.semantic.embedder import Embedder, Vectors, check_texts
-from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_ttl
+from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_text, check_ttl
 
 _HEADER = struct.Struct("<I")  # dimension
 
 
 def embedding_key(text: str, *, model_id: str, tenant: str = DEFAULT_TENANT) -> str:
     """The store key (64 hex chars) of `text` embedded by `model_id` for `tenant`."""
+    check_text("text", text)
+    check_text("tenant", tenant)
     h = hashlib.sha256()
     for part in (b"embedding", str(KEY_SCHEMA_VERSION).encode(), tenant.encode(), model_id.encode()):
         h.update(len(part).to_bytes(8, "big"))

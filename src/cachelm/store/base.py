@@ -56,9 +56,9 @@ class Record:
         # Every backend stores these as UTF-8 (SQLite TEXT, Redis index names): a lone surrogate has no
         # UTF-8 form, and reaching a backend it failed there after a partial write (Redis) or raw.
         for name, text in (("tenant", self.tenant), ("user", self.user), ("model", self.model)):
-            _check_text(name, text)
+            check_text(name, text)
         for tag in self.tags:
-            _check_text("tags[]", tag)
+            check_text("tags[]", tag)
         # Infinity or NaN would be written as metadata JSON no reader parses (the record then reads as
         # corrupt) and cannot be a Redis expiry; "never expires" is `expires=None`.
         for name, when in (("created", self.created), ("expires", self.expires)):
@@ -133,10 +133,10 @@ def check_key(key: object) -> None:
     """Raise ConfigError unless `key` is a non-empty string with a UTF-8 form (what `Record.key` accepts)."""
     if not isinstance(key, str) or not key:
         raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
-    _check_text("key", key)
+    check_text("key", key)
 
 
-def _check_text(name: str, text: object) -> None:
+def check_text(name: str, text: object) -> None:
     """Raise ConfigError unless `text` is a str that UTF-8 can encode (no lone surrogates)."""
     if not isinstance(text, str):
         raise ConfigError(f"`{name}` must be a string, got {text!r}")
