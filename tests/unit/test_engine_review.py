@@ -148,3 +148,21 @@ def test_generation_stops_at_the_end_of_the_context(tokenizer: Any) -> None:
     result = engine.generate(list(range(5, 25)), SamplingParams(max_new_tokens=30, stop_token_ids=()))
     assert len(result.token_ids) == 12  # prompt + answer fill the 32 positions (before: 30 tokens)
     assert result.finish_reason == "length"
+
+
+def test_chat_messages_without_a_template_or_refused_by_it_are_config_errors(llama: Any) -> None:
+    # Before: transformers' ValueError (no template) or jinja's TemplateError, a 500 through the proxy.
+    messages = [{"role": "user", "content": "Hello"}]
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        Engine(llama, bare).generate(messages)
+    strict = tiny_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    engine = Engine(llama, strict)
+    with pytest.raises(ConfigError, match="refused the messages: no system role"):
+        engine.generate([{"role": "system", "content": "Be brief."}, *messages])
+    assert engine.generate(messages, SamplingParams(max_new_tokens=2)).token_ids  # the template still works

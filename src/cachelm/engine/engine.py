@@ -193,12 +193,22 @@ class Engine:
                 raise ConfigError(f"`prompt` token ids must be in [0, {vocab}), got {ids!r}")
             return ids
         if all(isinstance(m, Mapping) and "role" in m for m in prompt):
-            # Render then tokenise without special tokens: the template already contains them.
-            text = self.tokenizer.apply_chat_template(
-                list(prompt), tokenize=False, add_generation_prompt=True
-            )
-            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            return self._encode_chat(list(prompt))
         raise ConfigError(f"`prompt` must be text, chat messages or token ids, got {prompt!r}")
+
+    def _encode_chat(self, messages: list[Any]) -> list[int]:
+        """Chat messages rendered by the tokenizer's template, then tokenised without special tokens (the
+        template already holds them). A tokenizer without a template, or a template that refuses the
+        messages (its ``raise_exception``, say for a role it does not know), is a ConfigError."""
+        import jinja2
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("`prompt`: this model's tokenizer has no chat template; give it text instead")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"`prompt`: the chat template refused the messages: {exc}") from None
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     # ---- prefill -------------------------------------------------------------------------------------
     @torch.inference_mode()
