@@ -118,6 +118,29 @@ def test_a_streamed_miss_is_passed_through_recorded_and_stored(
     assert _content(replay) == _content(live) and upstream.count(CHAT_PATH) == 1
 
 
+@pytest.mark.parametrize("stream_usage", [True, False])
+def test_a_streamed_miss_stores_its_usage_without_showing_the_caller_an_unasked_chunk(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream, stream_usage: bool
+) -> None:
+    # Before, a stream whose caller did not ask for usage was stored without it: later hits had
+    # usage=None and credited no saved tokens.
+    client = cached(raw, cache, stream_usage=stream_usage)
+    request = ask(f"count my words please {stream_usage}")
+    live = list(client.chat.completions.create(**request, stream=True))
+    assert all(chunk.choices for chunk in live)  # no usage-only chunk for a caller that did not ask
+    sent = upstream.calls[-1].body.get("stream_options")
+    assert sent == ({"include_usage": True} if stream_usage else None)
+    hit = client.chat.completions.create(**request)
+    expected = chat_answer(request)["usage"]
+    assert (hit.usage.model_dump(exclude_none=True) if hit.usage else None) == (
+        expected if stream_usage else None
+    )
+    asked = list(
+        client.chat.completions.create(**ask("and mine"), stream=True, stream_options={"include_usage": True})
+    )
+    assert asked[-1].usage is not None and not asked[-1].choices  # a caller that asked still gets it
+
+
 @pytest.mark.parametrize("fault", ["cut=3", "truncate=3"])
 def test_a_cut_stream_is_never_cached(
     raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream, fault: str
@@ -296,6 +319,11 @@ async def test_async_client_hits_streams_and_coalesces(
     hit = await client.chat.completions.create(**ask("async stream"))
     assert hit.choices[0].message.content == _content(live)
     assert upstream.count(CHAT_PATH) == 2
+    assert all(chunk.choices for chunk in live)  # the usage chunk asked for the record is not shown...
+    assert (
+        hit.usage is not None
+        and hit.usage.total_tokens == chat_answer(ask("async stream"))["usage"]["total_tokens"]
+    )  # ...and the stored answer has its token counts
 
 
 async def test_async_cut_stream_is_not_cached(araw: openai.AsyncOpenAI, cache: ExactCache) -> None:

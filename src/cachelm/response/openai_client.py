@@ -12,7 +12,10 @@ request up first (embeddings never sample, so they are always cacheable):
 - miss, ``stream`` false: the upstream call (concurrent identical calls make one, see `ExactCache`), stored;
 - miss, ``stream=True``: the upstream stream passed through chunk by chunk while being recorded; the
   answer is stored only when the stream completed (every choice finished). A stream that breaks or that
-  the caller stops reading early is never cached. Streams are not coalesced across callers.
+  the caller stops reading early is never cached. Streams are not coalesced across callers. The upstream
+  is asked for its usage chunk (``stream_options.include_usage``) even when the caller did not ask, so the
+  stored answer carries its token counts (hits credit them as savings); the chunk is not passed to a
+  caller that did not ask for it. ``stream_usage=False`` turns this off for upstreams that refuse it.
 
 Sampled requests (temperature > 0 or absent) go straight upstream unless ``allow_sampled=True``. Fields
 passed in ``extra_body`` are part of the key (they change the answer); ``extra_headers``, ``extra_query``
@@ -78,6 +81,7 @@ class _Settings:
     tags: tuple[str, ...]
     ttl: float | None
     allow_sampled: bool
+    stream_usage: bool = True
 
 
 def _given(value: Any) -> bool:
@@ -129,6 +133,20 @@ def _include_usage(request: Mapping[str, Any]) -> bool:
     return isinstance(options, Mapping) and bool(options.get("include_usage"))
 
 
+def _with_usage(settings: _Settings, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(kwargs for the upstream, hide usage chunks)``: a recorded stream asks for the usage chunk so the
+    stored answer has token counts; the caller gets it only if it asked."""
+    if not settings.stream_usage or _include_usage(kwargs):
+        return kwargs, False
+    options = kwargs.get("stream_options")
+    options = dict(options) if isinstance(options, Mapping) else {}
+    return {**kwargs, "stream_options": {**options, "include_usage": True}}, True
+
+
+def _usage_only(chunk: Any) -> bool:
+    return not getattr(chunk, "choices", None) and getattr(chunk, "usage", None) is not None
+
+
 class _Recorder:
     """Collects the chunks of a live stream and stores the answer once it completed."""
 
@@ -163,10 +181,11 @@ class _Recorder:
 class RecordingStream(Generic[T]):
     """An SDK `Stream` passed through while recorded; iterate it like the original."""
 
-    def __init__(self, stream: Any, recorder: _Recorder) -> None:
+    def __init__(self, stream: Any, recorder: _Recorder, *, hide_usage: bool = False) -> None:
         self._stream = stream
         self._iterator: Iterator[T] = iter(stream)
         self._recorder = recorder
+        self._hide_usage = hide_usage  # the usage chunk was asked for the record only
 
     @property
     def response(self) -> Any:
@@ -176,13 +195,15 @@ class RecordingStream(Generic[T]):
         return self
 
     def __next__(self) -> T:
-        try:
-            chunk = next(self._iterator)
-        except StopIteration:
-            self._recorder.finish()
-            raise
-        self._recorder.add(chunk)
-        return chunk
+        while True:
+            try:
+                chunk = next(self._iterator)
+            except StopIteration:
+                self._recorder.finish()
+                raise
+            self._recorder.add(chunk)
+            if not (self._hide_usage and _usage_only(chunk)):
+                return chunk
 
     def close(self) -> None:
         self._stream.close()
@@ -197,10 +218,11 @@ class RecordingStream(Generic[T]):
 class AsyncRecordingStream(Generic[T]):
     """An SDK `AsyncStream` passed through while recorded; ``async for`` it like the original."""
 
-    def __init__(self, stream: Any, recorder: _Recorder) -> None:
+    def __init__(self, stream: Any, recorder: _Recorder, *, hide_usage: bool = False) -> None:
         self._stream = stream
         self._iterator: AsyncIterator[T] = stream.__aiter__()
         self._recorder = recorder
+        self._hide_usage = hide_usage
 
     @property
     def response(self) -> Any:
@@ -210,13 +232,15 @@ class AsyncRecordingStream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        try:
-            chunk = await self._iterator.__anext__()
-        except StopAsyncIteration:
-            self._recorder.finish()
-            raise
-        self._recorder.add(chunk)
-        return chunk
+        while True:
+            try:
+                chunk = await self._iterator.__anext__()
+            except StopAsyncIteration:
+                self._recorder.finish()
+                raise
+            self._recorder.add(chunk)
+            if not (self._hide_usage and _usage_only(chunk)):
+                return chunk
 
     async def close(self) -> None:
         await self._stream.close()
@@ -315,7 +339,10 @@ class _SyncCreate(_CachedCreate):
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
             if hit is not None:
                 return ReplayStream(_replay_chunks(endpoint, hit.response, request))
-            return RecordingStream[Any](self._resource.create(**kwargs), _Recorder(s, endpoint, request))
+            upstream_kwargs, hide = _with_usage(s, kwargs)
+            return RecordingStream[Any](
+                self._resource.create(**upstream_kwargs), _Recorder(s, endpoint, request), hide_usage=hide
+            )
         original: list[Any] = []
 
         def compute() -> dict[str, Any]:
@@ -338,8 +365,9 @@ class _AsyncCreate(_CachedCreate):
             hit = s.cache.lookup(request, tenant=s.tenant, endpoint=endpoint.name, allow_sampled=True)
             if hit is not None:
                 return AsyncReplayStream(_replay_chunks(endpoint, hit.response, request))
-            stream = await self._resource.create(**kwargs)
-            return AsyncRecordingStream[Any](stream, _Recorder(s, endpoint, request))
+            upstream_kwargs, hide = _with_usage(s, kwargs)
+            stream = await self._resource.create(**upstream_kwargs)
+            return AsyncRecordingStream[Any](stream, _Recorder(s, endpoint, request), hide_usage=hide)
         original: list[Any] = []
 
         async def acompute() -> dict[str, Any]:
@@ -389,8 +417,10 @@ def cached(
     tags: Iterable[str] = (),
     ttl: float | None = None,
     allow_sampled: bool = False,
+    stream_usage: bool = True,
 ) -> CachedClient:
-    """Wrap `client` so its chat and legacy completions are served from `cache` when possible."""
+    """Wrap `client` so its chat and legacy completions are served from `cache` when possible.
+    `stream_usage`: ask upstream streams for their usage chunk, to store token counts (module docstring)."""
     if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
         raise ConfigError(
             f"`client` must be an openai.OpenAI or openai.AsyncOpenAI, got {type(client).__name__}"
@@ -410,8 +440,11 @@ def cached(
         raise ConfigError(f"`tags` must be non-empty strings, got {tags!r}")
     if not isinstance(allow_sampled, bool):
         raise ConfigError(f"`allow_sampled` must be a bool, got {allow_sampled!r}")
+    if not isinstance(stream_usage, bool):
+        raise ConfigError(f"`stream_usage` must be a bool, got {stream_usage!r}")
     check_ttl(ttl)
     settings = _Settings(
-        cache=cache, tenant=tenant, user=user, tags=tags, ttl=ttl, allow_sampled=allow_sampled
-    )
+        cache=cache, tenant=tenant, user=user, tags=tags, ttl=ttl, allow_sampled=allow_sampled,
+        stream_usage=stream_usage,
+    )  # fmt: skip
     return CachedClient(client, settings)
