@@ -27,6 +27,19 @@ class ConfigError(CacheLMError, ValueError):
     """An argument or setting is invalid; the message names it in backticks and shows the bad value."""
 
 
+def check_text(name: str, text: object) -> None:
+    """Raise ConfigError unless `text` is a str that UTF-8 can encode (no lone surrogates): every store
+    writes text as UTF-8, and hashes and tokenizers need its bytes. Here, beside the error, so modules
+    that must not load the serving stack (the GPU training host) can use it."""
+    if not isinstance(text, str):
+        raise ConfigError(f"`{name}` must be a string, got {text!r}")
+    if not text.isascii():  # the common case costs one scan, no copy
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"`{name}` must be valid Unicode (no lone surrogates), got {text!r}") from None
+
+
 class BackendError(CacheLMError):
     """A backend (store, vector index, KV tier, upstream) failed to answer."""
 

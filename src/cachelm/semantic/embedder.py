@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from cachelm.errors import CheckpointError, ConfigError
+from cachelm.errors import CheckpointError, ConfigError, check_text
 from cachelm.semantic.finetuned import (
     DEFAULT_CHECKPOINT,
     CheckpointInfo,
@@ -33,7 +33,6 @@ from cachelm.semantic.finetuned import (
     calibrated_threshold,
     read_checkpoint,
 )
-from cachelm.store.base import check_text
 
 Vectors = npt.NDArray[np.float32]  # (n, dim), rows of unit norm
 

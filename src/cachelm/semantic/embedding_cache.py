@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cachelm.errors import BackendError, ConfigError
+from cachelm.errors import BackendError, ConfigError, check_text
 from cachelm.keys import KEY_SCHEMA_VERSION
 from cachelm.semantic.embedder import Embedder, Vectors, check_texts
-from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_text, check_ttl
+from cachelm.store.base import DEFAULT_TENANT, Match, Record, Store, check_ttl
 
 _HEADER = struct.Struct("<I")  # dimension
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import orjson
 
 from cachelm.clock import Clock, wall_clock
-from cachelm.errors import ConfigError
+from cachelm.errors import ConfigError, check_text
 
 DEFAULT_TENANT = "default"
 
@@ -134,17 +134,6 @@ def check_key(key: object) -> None:
     if not isinstance(key, str) or not key:
         raise ConfigError(f"`key` must be a non-empty string, got {key!r}")
     check_text("key", key)
-
-
-def check_text(name: str, text: object) -> None:
-    """Raise ConfigError unless `text` is a str that UTF-8 can encode (no lone surrogates)."""
-    if not isinstance(text, str):
-        raise ConfigError(f"`{name}` must be a string, got {text!r}")
-    if not text.isascii():  # the common case costs one scan, no copy
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            raise ConfigError(f"`{name}` must be valid Unicode (no lone surrogates), got {text!r}") from None
 
 
 class Generations:
