@@ -114,7 +114,10 @@ def test_a_streamed_miss_is_passed_through_recorded_and_stored(
     again = client.chat.completions.create(**ask("tell me more"))
     assert upstream.count(CHAT_PATH) == 1
     assert again.choices[0].message.content == _content(live)
-    replay = list(client.chat.completions.create(**ask("tell me more"), stream=True))
+    replayed = client.chat.completions.create(**ask("tell me more"), stream=True)
+    assert replayed.response.status_code == 200  # as on the SDK's own streams (AttributeError before)
+    assert replayed.response.headers["x-cachelm-cache"] == "hit"
+    replay = list(replayed)
     assert _content(replay) == _content(live) and upstream.count(CHAT_PATH) == 1
 
 

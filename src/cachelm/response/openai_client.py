@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+import httpx
 import openai
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -252,11 +253,18 @@ class AsyncRecordingStream(Generic[T]):
         await self.close()
 
 
+def _replayed_response() -> httpx.Response:
+    """What a replayed stream offers as its HTTP response (the SDK's streams have one: code reading its
+    status or headers must not break on a hit); ``x-cachelm-cache: hit`` says where the answer came from."""
+    return httpx.Response(200, headers={"content-type": "text/event-stream", "x-cachelm-cache": "hit"})
+
+
 class ReplayStream(Generic[T]):
     """A cached answer replayed as stream chunks, shaped like the SDK's `Stream`."""
 
     def __init__(self, chunks: Iterable[T]) -> None:
         self._chunks = iter(list(chunks))
+        self.response = _replayed_response()
 
     def __iter__(self) -> Iterator[T]:
         return self
@@ -279,6 +287,7 @@ class AsyncReplayStream(Generic[T]):
 
     def __init__(self, chunks: Iterable[T]) -> None:
         self._chunks = iter(list(chunks))
+        self.response = _replayed_response()
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self
