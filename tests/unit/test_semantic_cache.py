@@ -70,6 +70,17 @@ def test_a_text_with_a_lone_surrogate_is_a_config_error_and_stores_nothing() -> 
     assert len(store) == 0
 
 
+def test_embedding_cache_keeps_tags_given_as_a_generator_and_checks_refresh() -> None:
+    # Before, the check consumed a generator and the vectors were stored without the caller's tags
+    # (a purge by tag then missed them); refresh="no" was truthy.
+    store = MemoryStore()
+    cache = EmbeddingCache(store, EMB)
+    cache.embed_many(["a", "b"], tenant="t", tags=(tag for tag in ["project-x"]))
+    assert len(list(store.scan(Match(tag="project-x")))) == 2
+    with pytest.raises(ConfigError, match="`refresh`"):
+        cache.embed_many(["a"], tenant="t", refresh="no")  # type: ignore[arg-type]
+
+
 def test_embedding_cache_batch_order_hits_and_recompute_equality() -> None:
     store = MemoryStore()
     cache = EmbeddingCache(store, EMB)

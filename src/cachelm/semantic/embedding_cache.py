@@ -132,7 +132,12 @@ class EmbeddingCache:
         if not isinstance(user, str):
             raise ConfigError(f"`user` must be a string, got {type(user).__name__}")
         check_ttl(ttl)
-        if isinstance(tags, str) or not all(isinstance(tag, str) and tag for tag in tags):
+        if not isinstance(refresh, bool):  # "no" is truthy: it would recompute and overwrite everything
+            raise ConfigError(f"`refresh` must be a bool, got {refresh!r}")
+        if isinstance(tags, str):
+            raise ConfigError(f"`tags` must be a sequence of non-empty strings, got {tags!r}")
+        tags = tuple(tags)  # once: a generator checked here would reach the records empty
+        if not all(isinstance(tag, str) and tag for tag in tags):
             raise ConfigError(f"`tags` must be a sequence of non-empty strings, got {tags!r}")
         keys = [self.key(t, tenant=tenant) for t in items]
         found: dict[str, np.ndarray] = {}
