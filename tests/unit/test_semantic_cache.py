@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -79,6 +81,22 @@ def test_embedding_cache_keeps_tags_given_as_a_generator_and_checks_refresh() ->
     assert len(list(store.scan(Match(tag="project-x")))) == 2
     with pytest.raises(ConfigError, match="`refresh`"):
         cache.embed_many(["a"], tenant="t", refresh="no")  # type: ignore[arg-type]
+
+
+def test_embedding_cache_does_not_store_a_non_finite_vector() -> None:
+    # Before, a NaN vector (a model overflowing in float16) was stored, read back as a miss and stored
+    # again on every call: a write per call and a counter that never moved.
+    class Overflowing(HashingEmbedder):
+        def embed(self, texts: Any) -> Any:
+            vectors = super().embed(texts)
+            vectors[0, 0] = np.nan
+            return vectors
+
+    store = MemoryStore()
+    cache = EmbeddingCache(store, Overflowing(dim=128))
+    vector, hit = cache.embed("overflow", tenant="t")
+    assert not hit and np.isnan(vector[0])  # returned as the model gave it: the caller decides
+    assert len(store) == 0 and cache.stats.errors == 1
 
 
 def test_embedding_cache_batch_order_hits_and_recompute_equality() -> None:

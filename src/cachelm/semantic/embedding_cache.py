@@ -158,7 +158,10 @@ class EmbeddingCache:
             computed = self.embedder.embed(list(missing.values()))  # (m, dim)
             for (key, _text), vector in zip(missing.items(), computed, strict=True):
                 found[key] = vector
-                errors += self._put(key, tenant, user, vector, ttl=ttl, tags=tags)
+                if np.all(np.isfinite(vector)):
+                    errors += self._put(key, tenant, user, vector, ttl=ttl, tags=tags)
+                else:  # a failing model's output: returned as it came, never stored (it reads as a miss)
+                    errors += 1
         hits = tuple(k not in missing for k in keys)
         self.stats.add(hits=sum(hits), misses=len(hits) - sum(hits), errors=errors)
         vectors = np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
