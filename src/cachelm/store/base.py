@@ -161,6 +161,46 @@ class Generations:
         self._all += 1
 
 
+class PendingHits:
+    """Hit counts held in memory until a batch adds them to stored records (the SQLite store's own hits,
+    `TieredStore`'s L1 hits): a hit then costs no write. Thread-safe; `total` is what a batch would add."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, key: str, n: int = 1) -> int:
+        """Count `n` more hits of `key`; returns the hits it had pending before."""
+        with self._lock:
+            before = self._counts.get(key, 0)
+            self._counts[key] = before + n
+            self.total += n
+        return before
+
+    def of(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def drop(self, key: str | None = None) -> None:
+        """Forget the hits of `key` (of every key when None): they belong to a record replaced or deleted."""
+        with self._lock:
+            if key is None:
+                self._counts, self.total = {}, 0
+            else:
+                self.total -= self._counts.pop(key, 0)
+
+    def take(self) -> dict[str, int]:
+        """Everything pending, now no longer pending (the caller writes it)."""
+        with self._lock:
+            taken, self._counts, self.total = self._counts, {}, 0
+        return taken
+
+    def give_back(self, counts: Mapping[str, int]) -> None:
+        """Pend `counts` again (a batch that failed to write them)."""
+        for key, n in counts.items():
+            self.add(key, n)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Match:
     """A filter over record metadata; unset fields match anything. All set fields must match."""

@@ -48,7 +48,7 @@ from typing import Any
 
 from cachelm.clock import Clock, wall_clock
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Match, Record, Store, check_key, record_from_meta
+from cachelm.store.base import Match, PendingHits, Record, Store, check_key, record_from_meta
 
 SCHEMA_VERSION = 1
 _SCAN_BATCH = 512  # rows per scan query: bounded memory, and no read transaction held across a generator
@@ -164,9 +164,8 @@ class SQLiteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._write_lock = threading.RLock()
-        self._hits_lock = threading.Lock()
-        self._pending_hits: dict[str, int] = {}
-        self._pending_total = 0
+        self._pending = PendingHits()
+        self._flusher_lock = threading.Lock()
         self._closed = False
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -322,23 +321,21 @@ class SQLiteStore(Store):
 
     def _count_hits(self, key: str, n: int) -> int:
         """Add `n` pending hits to `key` (flushing when due); the hits that were pending before."""
-        with self._hits_lock:
-            pending = self._pending_hits.get(key, 0)
-            self._pending_hits[key] = pending + n
-            self._pending_total += n
-            due = self._pending_total >= self.settings.hit_flush_threshold
-            if self._flusher is None:
-                self._start_flusher()
-        if due:
+        before = self._pending.add(key, n)
+        if self._flusher is None:
+            with self._flusher_lock:
+                if self._flusher is None:
+                    self._start_flusher()
+        if self._pending.total >= self.settings.hit_flush_threshold:
             self.flush_hits(raise_errors=False)
-        return pending
+        return before
 
     def peek(self, key: str) -> Record | None:
         record = self._read(key, "peek")
         return None if record is None or record.expired(self.clock()) else self._with_pending(record)
 
     def _with_pending(self, record: Record) -> Record:
-        pending = self._pending_hits.get(record.key, 0)
+        pending = self._pending.of(record.key)
         return record.with_hits(record.hits + pending) if pending else record
 
     def scan(self, where: Match | None = None) -> Iterator[Record]:
@@ -430,11 +427,7 @@ class SQLiteStore(Store):
 
         with self._write_lock:
             self._write("put", steps)
-            self._drop_pending(record.key)  # hits counted on the replaced record must not move to the new one
-
-    def _drop_pending(self, key: str) -> None:
-        with self._hits_lock:
-            self._pending_total -= self._pending_hits.pop(key, 0)
+            self._pending.drop(record.key)  # hits counted on the replaced record must not move to the new one
 
     def delete(self, key: str) -> bool:
         check_key(key)
@@ -442,7 +435,7 @@ class SQLiteStore(Store):
             deleted = self._write(
                 "delete", lambda conn: conn.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount
             )
-            self._drop_pending(key)
+            self._pending.drop(key)
         return bool(deleted)
 
     def _delete_quietly(self, where_sql: str, params: list[Any], key: str | None) -> None:
@@ -452,7 +445,7 @@ class SQLiteStore(Store):
         with contextlib.suppress(BackendError), self._write_lock:
             deleted = self._write("delete", lambda conn: conn.execute(sql, params).rowcount)
             if deleted and key is not None:
-                self._drop_pending(key)
+                self._pending.drop(key)
 
     def purge(self, where: Match) -> int:
         if not isinstance(where, Match):
@@ -512,7 +505,7 @@ class SQLiteStore(Store):
     # -- hit counters ------------------------------------------------------------------------------------
 
     def _start_flusher(self) -> None:
-        """Start the background thread that flushes hits every `hit_flush_interval_s` (called locked)."""
+        """Start the background thread that flushes hits every `hit_flush_interval_s` (locked)."""
         # One daemon thread per store, started on the first hit: a timer per flush would open a new
         # per-thread connection each time. It holds only a weak reference, so an unclosed store can still
         # be collected; a daemon thread never blocks interpreter exit; `close` flushes what is left.
@@ -528,9 +521,7 @@ class SQLiteStore(Store):
     def flush_hits(self, *, raise_errors: bool = True) -> int:
         """Write the pending hit counts now; returns how many hits were written."""
         with self._write_lock:
-            with self._hits_lock:
-                pending, self._pending_hits = self._pending_hits, {}
-                self._pending_total = 0
+            pending = self._pending.take()
             if not pending:
                 return 0
             try:
@@ -542,10 +533,7 @@ class SQLiteStore(Store):
                     ),
                 )
             except BackendError:
-                with self._hits_lock:  # keep them for the next flush
-                    for key, n in pending.items():
-                        self._pending_hits[key] = self._pending_hits.get(key, 0) + n
-                        self._pending_total += n
+                self._pending.give_back(pending)  # for the next flush
                 if raise_errors:
                     raise
                 return 0
@@ -573,7 +561,7 @@ def _flush_loop(ref: weakref.ref[SQLiteStore], stop: threading.Event, interval: 
         store = ref()
         if store is None:
             return
-        if store._pending_total:
+        if store._pending.total:
             try:
                 store.flush_hits(raise_errors=False)
             except BackendError:  # closed between the check and the flush

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from cachelm.errors import BackendError, ConfigError
-from cachelm.store.base import Generations, Match, Record, Store, StoreStats
+from cachelm.store.base import Generations, Match, PendingHits, Record, Store, StoreStats
 
 
 @dataclass(kw_only=True)
@@ -64,9 +64,7 @@ class TieredStore(Store):
         self._lock = threading.Lock()  # orders L1 writes against generation bumps
         self._generations = Generations()
         self.hit_flush = hit_flush
-        self._hits: dict[str, int] = {}  # L1 hits not yet added to L2
-        self._hits_total = 0
-        self._hits_lock = threading.Lock()
+        self._hits = PendingHits()  # L1 hits not yet added to L2
 
     def _changed(self, key: str | None) -> None:
         """Mark `key` (every key when None) changed in L2; called with the lock held."""
@@ -87,11 +85,8 @@ class TieredStore(Store):
         record = self._l1("get", key)
         if isinstance(record, Record):
             self.stats.add("l1_hits")
-            with self._hits_lock:
-                self._hits[key] = self._hits.get(key, 0) + 1
-                self._hits_total += 1
-                due = self._hits_total >= self.hit_flush
-            if due:
+            self._hits.add(key)
+            if self._hits.total >= self.hit_flush:
                 self.flush_hits()
             return record
         seen = self._generations.of(key)
@@ -119,7 +114,7 @@ class TieredStore(Store):
     def put(self, record: Record) -> None:
         if not isinstance(record, Record):
             raise ConfigError(f"`record` must be a Record, got {type(record).__name__}")
-        self._drop_hits(record.key)
+        self._hits.drop(record.key)  # they were the old record's
         seen = self._generations.of(record.key)
         stored = False
         try:
@@ -137,8 +132,7 @@ class TieredStore(Store):
 
     def flush_hits(self) -> int:
         """Add the pending L1 hits to L2 now; how many were added (0 when L2 failed: they are dropped)."""
-        with self._hits_lock:
-            pending, self._hits, self._hits_total = self._hits, {}, 0
+        pending = self._hits.take()
         if not pending:
             return 0
         try:
@@ -152,16 +146,8 @@ class TieredStore(Store):
     def add_hits(self, counts: Mapping[str, int]) -> None:
         self.l2.add_hits(counts)
 
-    def _drop_hits(self, key: str | None) -> None:
-        """Forget pending hits of `key` (of every key when None): its record was replaced or deleted."""
-        with self._hits_lock:
-            if key is None:
-                self._hits, self._hits_total = {}, 0
-            else:
-                self._hits_total -= self._hits.pop(key, 0)
-
     def delete(self, key: str) -> bool:
-        self._drop_hits(key)
+        self._hits.drop(key)
         try:
             deleted = bool(self.l2.delete(key))
         finally:
@@ -203,7 +189,7 @@ class TieredStore(Store):
             self._local(None, "purge", where)
 
     def clear(self) -> int:
-        self._drop_hits(None)
+        self._hits.drop()
         try:
             return self.l2.clear()
         finally:
