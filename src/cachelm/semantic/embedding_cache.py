@@ -37,7 +37,12 @@ _HEADER = struct.Struct("<I")  # dimension
 def embedding_key(text: str, *, model_id: str, tenant: str = DEFAULT_TENANT) -> str:
     """The store key (64 hex chars) of `text` embedded by `model_id` for `tenant`."""
     check_text("text", text)
-    check_text("tenant", tenant)
+    check_tenant(tenant)
+    return _digest(text, model_id, tenant)
+
+
+def _digest(text: str, model_id: str, tenant: str) -> str:
+    """`embedding_key` of arguments already checked."""
     h = hashlib.sha256()
     for part in (b"embedding", str(KEY_SCHEMA_VERSION).encode(), tenant.encode(), model_id.encode()):
         h.update(len(part).to_bytes(8, "big"))
@@ -139,7 +144,7 @@ class EmbeddingCache:
         tags = tuple(tags)  # once: a generator checked here would reach the records empty
         if not all(isinstance(tag, str) and tag for tag in tags):
             raise ConfigError(f"`tags` must be a sequence of non-empty strings, got {tags!r}")
-        keys = [self.key(t, tenant=tenant) for t in items]
+        keys = [_digest(t, self.model_id, tenant) for t in items]  # both checked above
         found: dict[str, np.ndarray] = {}
         errors = 0
         for key in () if refresh else dict.fromkeys(keys):  # each distinct text read once
@@ -202,6 +207,7 @@ class EmbeddingCache:
 
 
 def check_tenant(tenant: str) -> None:
-    """ConfigError unless `tenant` is a non-empty string."""
+    """ConfigError unless `tenant` is a non-empty string with a UTF-8 form."""
     if not isinstance(tenant, str) or not tenant:
         raise ConfigError(f"`tenant` must be a non-empty string, got {tenant!r}")
+    check_text("tenant", tenant)

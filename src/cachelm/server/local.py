@@ -30,6 +30,7 @@ import orjson
 
 from cachelm.errors import ConfigError
 from cachelm.keys import tenant_salt as make_salt
+from cachelm.server.upstream import UpstreamError
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 2048
@@ -300,8 +301,6 @@ class LocalEngineUpstream:
     # -- Upstream protocol -----------------------------------------------------------------------------
 
     async def post(self, path: str, body: bytes, *, tenant: str = "default") -> tuple[int, bytes]:
-        from cachelm.server.upstream import UpstreamError
-
         try:
             request = orjson.loads(body)
             if path == "embeddings":
@@ -317,8 +316,6 @@ class LocalEngineUpstream:
         return 200, orjson.dumps(answer)
 
     async def stream(self, path: str, body: bytes, *, tenant: str = "default") -> AsyncIterator[bytes]:
-        from cachelm.server.upstream import UpstreamError
-
         request = orjson.loads(body)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, str | None, Any] | BaseException | None] = asyncio.Queue()

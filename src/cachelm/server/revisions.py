@@ -33,6 +33,7 @@ import orjson
 from cachelm.errors import BackendError, ConfigError
 from cachelm.governance.core import Governance
 from cachelm.governance.refresh import RefreshJob
+from cachelm.server.proxy import PATHS
 from cachelm.server.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -40,11 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cachelm.server")
 
-UPSTREAM_PATHS = {
-    "chat.completions": "chat/completions",
-    "completions": "completions",
-    "embeddings": "embeddings",
-}
+UPSTREAM_PATHS = {**PATHS, "embeddings": "embeddings"}
 REFRESH_FIELDS = {"model", "revision", "budget", "budget_usd", "tenant"}
 NOT_SENT_UPSTREAM = ("stream", "stream_options", "cache")  # a recomputation is one plain JSON answer
 
@@ -145,7 +142,8 @@ class Revisions:
         # Switch every replica first, then plan: planning deletes the old answers from the shared store,
         # and a replica still keying by the old revision would serve them from its L1 meanwhile. A run for
         # the revision already in force keeps unlogged answers (they may be new ones: `switched_at` None).
-        switched_at = None if self.current.get(model) == revision else runtime.cache.clock()
+        already = runtime.cache.model_revisions.get(model) == revision
+        switched_at = None if already else runtime.cache.clock()
         self._apply(model, revision)
         await self._announce(model, revision)
         job = await asyncio.to_thread(

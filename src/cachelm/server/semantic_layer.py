@@ -105,12 +105,10 @@ class SemanticLayer:
         *,
         tenant_secret: bytes = b"",
         keyring: Keyring | None = None,
-        model_revisions: Mapping[str, str] | None = None,
     ) -> None:
-        """`keyring` seals the persisted in-process index (`settings.index_path`) at rest;
-        `model_revisions` is the exact cache's mapping (`SemanticCache`), shared by every δ's facade."""
+        """`keyring` seals the persisted in-process index (`settings.index_path`) at rest."""
         self.settings = settings
-        self.model_revisions = model_revisions
+        self.model_revisions: Mapping[str, str] | None = None  # the exact cache's (`use_revisions`)
         embedder = _embedder(settings)
         self.threshold = _static_threshold(settings, embedder)
         self.embeddings = EmbeddingCache(store, embedder)
