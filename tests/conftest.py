@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.services import RedisServer
+from tests.upstream import OpenAIUpstream
 
 
 def _cuda_available() -> bool:
@@ -25,6 +26,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def upstream() -> Iterator[OpenAIUpstream]:
+    """A real OpenAI-protocol server on loopback (tests/upstream.py), one per test."""
+    server = OpenAIUpstream()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

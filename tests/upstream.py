@@ -10,12 +10,8 @@ thread, and clients (the `openai` SDK, httpx, the cachelm proxy) reach it over r
     assert upstream.count("/v1/chat/completions") == 1
     upstream.stop()
 
-or as a context manager (``with OpenAIUpstream() as base_url: ...``). A pytest fixture::
-
-    @pytest.fixture
-    def upstream() -> Iterator[OpenAIUpstream]:
-        with OpenAIUpstream() as server:
-            yield server
+or as a context manager (``with OpenAIUpstream() as base_url: ...``). Tests take the `upstream` fixture of
+tests/conftest.py (one server per test).
 
 Endpoints (all deterministic: the same request body always gets the same answer):
 

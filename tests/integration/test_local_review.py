@@ -91,8 +91,13 @@ def test_a_bad_prompt_is_a_400_streaming_or_not(client: openai.OpenAI, stream: b
 def test_sampling_parameters_are_checked_under_their_openai_names(
     client: openai.OpenAI, extra: dict[str, Any], param: str
 ) -> None:
+    assert_refused(client, chat(**extra), param)
+
+
+def assert_refused(client: openai.OpenAI, request: dict[str, Any], param: str) -> None:
+    """`request` is a 400 whose message and `param` name `param`."""
     with pytest.raises(openai.BadRequestError, match=f"`{param}`") as refused:
-        client.chat.completions.create(**chat(**extra), extra_headers=BYPASS)
+        client.chat.completions.create(**request, extra_headers=BYPASS)
     assert refused.value.body["param"] == param  # type: ignore[index]
 
 
@@ -123,9 +128,7 @@ def test_fields_that_would_change_the_answer_are_refused_not_ignored(
 ) -> None:
     # Before, each was dropped silently: a 200 without the logprobs, bias, penalties, tools or JSON mode
     # the client asked for.
-    with pytest.raises(openai.BadRequestError, match=f"`{param}`") as refused:
-        client.chat.completions.create(**chat(**extra), extra_headers=BYPASS)
-    assert refused.value.body["param"] == param  # type: ignore[index]
+    assert_refused(client, chat(**extra), param)
 
 
 @pytest.mark.parametrize(

@@ -431,3 +431,35 @@ def test_completion_replay_and_assembly() -> None:
         "choices": [{"index": 0, "text": "hello world", "logprobs": None, "finish_reason": "length"}],
     }  # fmt: skip
     assert assemble_completion(list(completion_chunks(answer))) == answer
+
+
+# -- entry options are checked before any upstream call (review) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"user": None}, "`user`"),
+        ({"tags": [1]}, "`tags`"),
+        ({"tags": [""]}, "`tags`"),
+        ({"allow_sampled": "no"}, "`allow_sampled`"),
+    ],
+)
+def test_cached_checks_its_entry_options_up_front(
+    raw: openai.OpenAI, cache: ExactCache, upstream: OpenAIUpstream, options: dict[str, Any], name: str
+) -> None:
+    """`user`, `tags` and `allow_sampled` were taken unchecked. A bad `user` or tag surfaced as a
+    ConfigError from ExactCache.store *after* the upstream call had been made and paid for, so its answer
+    was lost (and a streamed miss was silently never cached); ``allow_sampled="no"`` was truthy and cached
+    sampled answers."""
+    with pytest.raises(ConfigError, match=name):
+        cached(raw, cache, **options)
+    assert upstream.count(CHAT_PATH) == 0
+
+
+def test_valid_entry_options_store_the_answer_they_paid_for(raw: openai.OpenAI, cache: ExactCache) -> None:
+    """The good path beside the refusals above (passed before too)."""
+    client = cached(raw, cache, user="alice", tags=("faq",))
+    first = client.chat.completions.create(**ask("kept?"))
+    assert client.chat.completions.create(**ask("kept?")).to_dict() == first.to_dict()
+    assert cache.erase_user("default", "alice") == 1

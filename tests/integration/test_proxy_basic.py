@@ -23,14 +23,6 @@ ADMIN = "admin-secret-key"
 KEYS = {"acme": "acme-key-123456", "globex": "globex-key-123456"}
 
 
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
 def registry() -> TenantRegistry:
     return TenantRegistry.from_config(
         {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,6 @@ from tests.upstream import OpenAIUpstream
 
 ADMIN = "admin-secret-key-0123"
 KEY = "acme-key-0123456789"
-
-
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
 
 
 def ask(client: openai.OpenAI, text: str, user: str) -> str:

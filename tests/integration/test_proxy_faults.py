@@ -22,14 +22,6 @@ from tests.upstream import OpenAIUpstream, chat_answer
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=["aiohttp", "httpx"])
 def proxy(upstream: OpenAIUpstream, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyThread]:
     """The proxy with each HTTP upstream client: aiohttp (used when installed) and the httpx fallback."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,6 @@ from cachelm.server.config import ServerConfig
 from cachelm.server.testing import ProxyThread
 from cachelm.store.sqlite import SQLiteStore
 from tests.upstream import OpenAIUpstream
-
-
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("request_log", [True, False])

@@ -8,7 +8,6 @@ an upstream call: a request whose answer was refreshed hits without one, any oth
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,6 @@ QUESTIONS = [
     "How do I bake sourdough bread at home?",
     "Which planet is the largest one?",
 ]
-
-
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
 
 
 def registry() -> TenantRegistry:

@@ -83,14 +83,6 @@ class RedisProcess:
 
 
 @pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def redis_proc() -> Iterator[RedisProcess]:
     server = RedisProcess()
     server.start()

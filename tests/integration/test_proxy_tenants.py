@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,6 @@ from tests.upstream import OpenAIUpstream
 
 KEYS = {name: f"{name}-key-0123456789" for name in ("acme", "globex", "initech", "warmup")}
 ECHO = re.compile(r"^Echo from [^:]+: (.*)$")
-
-
-@pytest.fixture
-def upstream() -> Iterator[OpenAIUpstream]:
-    server = OpenAIUpstream()
-    server.start()
-    yield server
-    server.stop()
 
 
 def registry() -> TenantRegistry:

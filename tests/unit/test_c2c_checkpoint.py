@@ -17,6 +17,7 @@ from tests.unit.test_c2c_support import (
     randomize,
     receiver_model,
     receiver_tokenizer,
+    rewrite_metadata,
     sharer_model,
     sharer_tokenizer,
 )
@@ -105,22 +106,6 @@ def test_fingerprint_ignores_dtype_but_sees_weights_and_tokenizer() -> None:
 # -- the tensor checksum: damaged bytes fail at load, legacy (format 1) files load unverified -------------
 
 
-def _with_metadata(path: Path, **changes: str | None) -> Path:
-    """Save `path` again, tensors unchanged, with metadata keys changed (None: removed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key)
-        else:
-            meta[key] = value
-    save_file(load_file(str(path)), str(path), metadata=meta)
-    return path
-
-
 def _flip_byte(path: Path, tensor: str) -> None:
     """Flip the low bit of one byte in the middle of `tensor`'s data region (the header stays valid)."""
     data = bytearray(path.read_bytes())
@@ -157,7 +142,7 @@ def test_edited_metadata_is_a_checkpoint_error(models: tuple[Any, Any], tmp_path
         "receiver_file_sha256": "0" * 64,
     }[field]
     assert edited != value
-    _with_metadata(path, **{field: edited})
+    rewrite_metadata(path, **{field: edited})
     with pytest.raises(CheckpointError, match=r"f\.safetensors.*checksum"):
         pair.load_checkpoint(path, *models)
 
@@ -182,7 +167,7 @@ def test_a_garbled_checksum_field_is_a_checkpoint_error(
 ) -> None:
     path = tmp_path / "f.safetensors"
     _saved(models, path)
-    _with_metadata(path, format=format_tag, xxh3_128=garbled)
+    rewrite_metadata(path, format=format_tag, xxh3_128=garbled)
     with pytest.raises(CheckpointError, match=r"f\.safetensors.*xxh3_128 checksum"):
         pair.load_checkpoint(path, *models)
 
@@ -192,7 +177,7 @@ def test_a_current_checkpoint_without_its_checksum_is_refused(
 ) -> None:
     path = tmp_path / "f.safetensors"
     _saved(models, path)
-    _with_metadata(path, xxh3_128=None)
+    rewrite_metadata(path, xxh3_128=None)
     with pytest.raises(CheckpointError, match="lacks a checksum"):  # stripping it must not skip the check
         read_metadata(path)
 
@@ -200,7 +185,7 @@ def test_a_current_checkpoint_without_its_checksum_is_refused(
 def test_a_legacy_checkpoint_without_a_checksum_loads(models: tuple[Any, Any], tmp_path: Path) -> None:
     path = tmp_path / "f.safetensors"
     fuser = _saved(models, path)
-    _with_metadata(path, format=LEGACY_FORMAT, xxh3_128=None)  # as written before checksums
+    rewrite_metadata(path, format=LEGACY_FORMAT, xxh3_128=None)  # as written before checksums
     loaded = pair.load_checkpoint(path, *models)
     for (name, a), b in zip(fuser.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

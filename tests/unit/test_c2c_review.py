@@ -18,12 +18,13 @@ from transformers import PreTrainedTokenizerFast
 
 from cachelm.c2c import pair
 from cachelm.c2c.align import align_causal, align_tokens, encode_with_offsets, sharer_position_ids
-from cachelm.c2c.checkpoint import checkpoint_digest, read_metadata, save_fuser
+from cachelm.c2c.checkpoint import read_metadata, save_fuser
 from cachelm.errors import CheckpointError, ConfigError
 from tests.unit.test_c2c_support import (
     randomize,
     receiver_model,
     receiver_tokenizer,
+    rewrite_metadata,
     sharer_model,
     sharer_tokenizer,
 )
@@ -143,29 +144,14 @@ def models() -> tuple[Any, Any]:
 def _rewritten(models: tuple[Any, Any], path: Path, **changes: str | None) -> Path:
     """A real checkpoint of `models`, saved again with metadata keys changed (None: removed) and its
     checksum recomputed (unless changed too), so the check under test is reached, not the checksum's."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     receiver, sharer = models
-    original = path.with_name("original.safetensors")
     save_fuser(
         pair.new_fuser(receiver, sharer, hidden_dim=16),
-        original,
+        path,
         receiver_fingerprint=receiver.fingerprint,
         sharer_fingerprint=sharer.fingerprint,
     )
-    with safe_open(str(original), framework="pt") as f:
-        meta = dict(f.metadata())
-    for key, value in changes.items():
-        if value is None:
-            meta.pop(key)
-        else:
-            meta[key] = value
-    tensors = load_file(str(original))
-    if "xxh3_128" in meta and "xxh3_128" not in changes:
-        meta["xxh3_128"] = checkpoint_digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return rewrite_metadata(path, resign=True, **changes)
 
 
 def _config_with(models: tuple[Any, Any], **fields: Any) -> str:

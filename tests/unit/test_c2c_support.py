@@ -8,6 +8,7 @@ BOS token), so the two split the same text differently.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,3 +110,26 @@ def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> Non
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale / max(1, p.shape[-1]) ** 0.5)
+
+
+def rewrite_metadata(path: Path, *, resign: bool = False, **changes: str | None) -> Path:
+    """Save the checkpoint at `path` again, tensors unchanged, with metadata keys changed (None: removed).
+    `resign`: recompute its checksum too (unless `changes` set it), so a check other than the checksum's
+    is reached."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from cachelm.c2c.checkpoint import checkpoint_digest
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    tensors = load_file(str(path))
+    if resign and "xxh3_128" in meta and "xxh3_128" not in changes:
+        meta["xxh3_128"] = checkpoint_digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    return path

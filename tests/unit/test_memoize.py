@@ -196,8 +196,9 @@ def test_invalidate_and_cache_clear(store: Store) -> None:
     assert len(store) == 1  # `other` kept its entry
 
 
-def test_methods_use_a_key_function() -> None:
-    store = MemoryStore()
+def regional_tools(store: Store) -> Any:
+    """A class whose memoized method is keyed by its instance's region (a method needs a key function:
+    `self` is not encodable); `calls` counts real computations."""
 
     class Tools:
         def __init__(self, region: str) -> None:
@@ -209,9 +210,31 @@ def test_methods_use_a_key_function() -> None:
             self.calls += 1
             return [f"{self.region}:{q}"]
 
+    return Tools
+
+
+def test_methods_use_a_key_function() -> None:
+    Tools = regional_tools(MemoryStore())
     eu, us = Tools("eu"), Tools("us")
     assert eu.search("x") == ["eu:x"] and eu.search("x") == ["eu:x"] and eu.calls == 1
     assert us.search("x") == ["us:x"]
+
+
+def four_callers_of_one_flight(slow: Any, release: threading.Event) -> list[Any]:
+    """What four threads calling ``slow(1)`` at once got: the first computes (blocked until `release`),
+    released once the other three wait on its flight."""
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(slow(1))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    key = slow.cache_key(1)
+    deadline = time.monotonic() + 10
+    while slow._flights.waiting(key) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    release.set()
+    for t in threads:
+        t.join(10)
+    return results
 
 
 def test_concurrent_identical_calls_compute_once() -> None:
@@ -225,18 +248,7 @@ def test_concurrent_identical_calls_compute_once() -> None:
         release.wait(10)
         return x + 1
 
-    results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(slow(1))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    key = slow.cache_key(1)
-    deadline = time.monotonic() + 10
-    while slow._flights.waiting(key) < 3 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    release.set()
-    for t in threads:
-        t.join(10)
-    assert results == [2, 2, 2, 2] and calls == [1]
+    assert four_callers_of_one_flight(slow, release) == [2, 2, 2, 2] and calls == [1]
 
 
 async def test_async_functions(store: Store) -> None:

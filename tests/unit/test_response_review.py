@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from cachelm.semantic.embedding_cache import EmbeddingCache
 from cachelm.store.base import Record
 from cachelm.store.memory import MemoryStore
 from cachelm.store.sqlite import SQLiteStore
+from tests.unit.test_memoize import four_callers_of_one_flight, regional_tools
 
 # -- memoize ----------------------------------------------------------------------------------------------
 
@@ -30,18 +30,7 @@ from cachelm.store.sqlite import SQLiteStore
 def test_a_bound_method_keys_invalidates_and_clears_with_its_instance() -> None:
     """`obj.method.invalidate(x)` reached the unbound wrapper (a method object forwards attributes to its
     function), so the key function was called without `self`: a TypeError, and nothing invalidated."""
-    store = MemoryStore()
-
-    class Tools:
-        def __init__(self, region: str) -> None:
-            self.region = region
-            self.calls = 0
-
-        @memoize(store, key=lambda self, q: [self.region, q])
-        def search(self, q: str) -> list[str]:
-            self.calls += 1
-            return [f"{self.region}:{q}"]
-
+    Tools = regional_tools(MemoryStore())
     eu, us = Tools("eu"), Tools("us")
     eu.search("x"), us.search("x")
     assert eu.search.cache_key("x") != us.search.cache_key("x")
@@ -109,17 +98,7 @@ def test_callers_served_by_one_flight_get_their_own_copy() -> None:
         release.wait(10)
         return {"items": [x]}
 
-    results: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=lambda: results.append(slow(1))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    key = slow.cache_key(1)
-    deadline = time.monotonic() + 10
-    while slow._flights.waiting(key) < 3 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    release.set()
-    for t in threads:
-        t.join(10)
+    results = four_callers_of_one_flight(slow, release)
     assert results == [{"items": [1]}] * 4
     assert len({id(r) for r in results}) == 4 and len({id(r["items"]) for r in results}) == 4
 
